@@ -1,0 +1,1 @@
+"""One module per ``rlmem`` subcommand: ``add_parser(subparsers)`` registers it, ``run(args)`` runs it."""

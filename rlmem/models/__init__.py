@@ -1,0 +1,1 @@
+"""Model helpers: tiny local models for tests and CPU runs, and model loading."""
