@@ -1,0 +1,1 @@
+"""Rollout engines. ``reference`` is the torch engine (ground truth, CPU default)."""

@@ -1,0 +1,109 @@
+"""Per-layer KV caches that are physically compacted at each eviction round.
+
+Each layer holds ``K, V: [B, Hkv, C, d]`` where row ``i`` uses slots ``[0, length[l][i])`` in
+position order; capacity ``C`` follows the longest row (grown in chunks, shrunk after rounds), so
+evicted entries really free memory. Positions are not stored: RoPE was applied with the true
+position before a key entered the cache (DESIGN.md section 1, "Positions keep counting").
+The last ``w`` post-RoPE queries of every layer are kept for scoring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CompactingKVCache:
+    def __init__(self, num_layers: int, batch: int, window: int, chunk: int = 64):
+        self.num_layers = num_layers
+        self.batch = batch
+        self.window = max(window, 1)
+        self.chunk = chunk
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.queries: list[torch.Tensor | None] = [None] * num_layers   # [B, Hq, w, d], oldest first
+        self.lengths = torch.zeros(num_layers, batch, dtype=torch.long)
+        self.peak = torch.zeros(batch, dtype=torch.long)   # max entries any layer held, per row
+
+    # ------------------------------------------------------------------ writes
+    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
+        """Store a right-padded prompt block (``[B, H, P, d]``) whose row ``i`` has ``lens[i]`` tokens."""
+        bsz, hkv, p, d = k.shape
+        cap = p + self.chunk
+        self.keys[layer] = k.new_zeros(bsz, hkv, cap, d)
+        self.values[layer] = v.new_zeros(bsz, hkv, cap, d)
+        self.keys[layer][:, :, :p] = k
+        self.values[layer][:, :, :p] = v
+        self.lengths[layer] = lens.cpu()
+        # last w queries of each row: positions lens[i]-w .. lens[i]-1 (fewer if the prompt is short)
+        w = self.window
+        idx = (lens.to(q.device)[:, None] - w + torch.arange(w, device=q.device)[None, :]).clamp_min(0)
+        self.queries[layer] = torch.gather(q, 2, idx[:, None, :, None].expand(bsz, q.shape[1], w, q.shape[-1]))
+        self._update_peak(layer)
+
+    def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one token per row (``[B, H, 1, d]``) at each row's own length."""
+        lens = self.lengths[layer]
+        need = int(lens.max()) + 1
+        if need > self.keys[layer].shape[2]:
+            self._resize(layer, need + self.chunk)
+        rows = torch.arange(self.batch, device=k.device)
+        slot = lens.to(k.device)
+        self.keys[layer][rows, :, slot] = k[:, :, 0]
+        self.values[layer][rows, :, slot] = v[:, :, 0]
+        self.lengths[layer] = lens + 1
+        self.queries[layer] = torch.cat([self.queries[layer][:, :, 1:], q], dim=2)
+        self._update_peak(layer)
+
+    def compact(self, layer: int, row: int, keep_slots: list[int]) -> None:
+        """Move the surviving entries of ``row`` to the front, in order; the rest is evicted."""
+        idx = torch.tensor(keep_slots, dtype=torch.long, device=self.keys[layer].device)
+        n = len(keep_slots)
+        self.keys[layer][row, :, :n] = self.keys[layer][row, :, idx]
+        self.values[layer][row, :, :n] = self.values[layer][row, :, idx]
+        self.lengths[layer, row] = n
+
+    def shrink(self) -> None:
+        """Release capacity no row needs any more (called after a round)."""
+        for layer in range(self.num_layers):
+            need = int(self.lengths[layer].max()) + self.chunk
+            if need < self.keys[layer].shape[2]:
+                self._resize(layer, need)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch (finished sequences leave the batch)."""
+        for layer in range(self.num_layers):
+            dev = self.keys[layer].device
+            r = rows.to(dev)
+            need = int(self.lengths[layer, rows].max()) + self.chunk
+            self.keys[layer] = self.keys[layer][r, :, :need].contiguous()
+            self.values[layer] = self.values[layer][r, :, :need].contiguous()
+            self.queries[layer] = self.queries[layer][r]
+        self.lengths = self.lengths[:, rows]
+        self.peak = self.peak[rows]
+        self.batch = len(rows)
+
+    # ------------------------------------------------------------------ reads
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``K, V [B, Hkv, Lmax, d]`` and ``valid [B, Lmax]`` for attention over the cache."""
+        lens = self.lengths[layer]
+        lmax = int(lens.max())
+        k = self.keys[layer][:, :, :lmax]
+        v = self.values[layer][:, :, :lmax]
+        valid = torch.arange(lmax)[None, :] < lens[:, None]
+        return k, v, valid.to(k.device)
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (physical capacity, not just the used slots)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    # ------------------------------------------------------------------ internals
+    def _resize(self, layer: int, cap: int) -> None:
+        for store in (self.keys, self.values):
+            old = store[layer]
+            new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+            keep = min(cap, old.shape[2])
+            new[:, :, :keep] = old[:, :, :keep]
+            store[layer] = new
+
+    def _update_peak(self, layer: int) -> None:
+        self.peak = torch.maximum(self.peak, self.lengths[layer])
