@@ -77,7 +77,14 @@ def visibility_mask(ea_layer: torch.Tensor, seq_lens: torch.Tensor) -> torch.Ten
     return mask | pad_row
 
 
+_COMPILED_FLEX = None
+
+
 def _flex_attention(query, key, value, ea_layer, seq_lens, scaling):
+    """FlexAttention with the replay ``mask_mod``; compiled to Triton on CUDA, eager (forward only) on CPU."""
+    global _COMPILED_FLEX
+    import warnings
+
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -85,8 +92,15 @@ def _flex_attention(query, key, value, ea_layer, seq_lens, scaling):
         return visible | ((q_idx >= seq_lens[b]) & (kv_idx == q_idx))
 
     bsz, _, n, _ = query.shape
+    if query.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        block_mask = create_block_mask(mask_mod, bsz, None, n, n, device=query.device, _compile=True)
+        return _COMPILED_FLEX(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
     block_mask = create_block_mask(mask_mod, bsz, None, n, n, device=query.device)
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    with warnings.catch_warnings():   # the unfused CPU path is only used to check the mask semantics
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
 def _replay_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlmem_replay=None, **kwargs):

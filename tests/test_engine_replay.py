@@ -1,0 +1,179 @@
+"""Rollout/replay parity: the torch engine's log-probs (tokens and evictions) equal the replay's."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from rlmem.engine.reference import ReferenceEngine
+from rlmem.engine.sampling import SamplingParams
+from rlmem.eviction.policy import EvictionConfig
+from rlmem.eviction.record import NEVER, evicted_at, read_jsonl, write_jsonl
+from rlmem.replay import replay_forward, rollout_logprobs
+
+PROMPTS = ["Solve 12+7.", "a much longer prompt that is longer than delta", "x"]   # 11, 47, 1 tokens
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+def model(request, tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=request.param)
+
+
+def max_diffs(model, records, kernel="sdpa"):
+    with torch.no_grad():
+        out = replay_forward(model, records, kernel=kernel)
+    old = rollout_logprobs(records, model.config.num_hidden_layers, dtype=out.token_logprobs.dtype)
+    dt = (out.token_logprobs - old.token_logprobs)[out.token_mask].abs().max().item()
+    de = (out.eviction_logprobs - old.eviction_logprobs)[out.round_mask].abs().max().item() if out.round_mask.any() else 0.0
+    return dt, de
+
+
+@pytest.mark.parametrize("protect_recent", [0, 1])
+@pytest.mark.parametrize("transform", ["log", "linear"])
+def test_rollout_replay_parity(model, tok, protect_recent, transform):
+    tol = 1e-9 if model.dtype == torch.float64 else 1e-4
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4, protect_recent=protect_recent,
+                         score_transform=transform, tau=0.7)
+    engine = ReferenceEngine(model, tok, seed=3)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    assert len(prompts[1]) > cfg.delta
+    records = engine.generate(prompts, SamplingParams(temperature=0.9, top_k=20, max_new_tokens=70), cfg)
+    assert all(r.num_rounds >= 2 for r in records)
+    assert records[1].eviction.rounds[0].t == len(prompts[1])    # first round right after a long prefill
+    dt, de = max_diffs(model, records)
+    assert dt < tol and de < tol
+
+
+def test_plain_causal_mask_does_not_match(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=0).generate([tok(PROMPTS[0]).input_ids], SamplingParams(max_new_tokens=60), cfg)
+    old = records[0].logprobs
+    records[0].eviction = None                      # replay as if nothing had been evicted
+    with torch.no_grad():
+        out = replay_forward(model, records)
+    diff = (out.token_logprobs[0, : len(old)] - torch.tensor(old, dtype=torch.float64)).abs().max().item()
+    assert diff > 1e-2
+
+
+def test_full_cache_replay_equals_plain_hf_forward(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    records = ReferenceEngine(model, tok, seed=0).generate([tok(PROMPTS[0]).input_ids], SamplingParams(max_new_tokens=20))
+    r = records[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([r.prompt_ids + r.completion_ids])).logits[0], -1)
+        out = replay_forward(model, records)
+    p = len(r.prompt_ids)
+    want = ref[p - 1: p - 1 + len(r.completion_ids)].gather(-1, torch.tensor(r.completion_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(out.token_logprobs[0], want, atol=1e-10)
+    assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), want, atol=1e-10)
+
+
+def test_flex_attention_forward_equals_dense(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=1).generate([tok(p).input_ids for p in PROMPTS], SamplingParams(max_new_tokens=40), cfg)
+    with torch.no_grad():
+        dense = replay_forward(model, records, kernel="sdpa")
+        flex = replay_forward(model, records, kernel="flex")
+    assert torch.allclose(dense.token_logprobs, flex.token_logprobs, atol=1e-4)
+    assert torch.allclose(dense.eviction_logprobs, flex.eviction_logprobs, atol=1e-4)
+
+
+def test_gradients_reach_every_layer(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=2).generate([tok(p).input_ids for p in PROMPTS[:2]], SamplingParams(max_new_tokens=40), cfg)
+    out = replay_forward(model, records)
+    out.eviction_logprobs[out.round_mask].sum().backward()   # eviction term alone
+    for i, layer in enumerate(model.model.layers):
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0, f"layer {i}"
+    model.zero_grad()
+    out = replay_forward(model, records, compute_eviction=False)
+    out.token_logprobs[out.token_mask].sum().backward()       # token term alone
+    for i, layer in enumerate(model.model.layers):
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0, f"layer {i}"
+
+
+def test_peak_cache_stays_at_steady_state_while_full_cache_grows(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=32, eps=0.5, block_size=8, window=4)
+    engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])
+    prompt = [tok("count: ").input_ids]
+    for n_new in (200, 400):
+        rec = engine.generate(prompt, SamplingParams(max_new_tokens=n_new), cfg)[0]
+        ngc_bytes = engine.last_stats.peak_cache_bytes
+        full = engine.generate(prompt, SamplingParams(max_new_tokens=n_new), None)[0]
+        assert full.extra["peak_kv"] == len(prompt[0]) + n_new - 1           # grows linearly
+        assert abs(rec.extra["peak_kv"] - cfg.delta / cfg.eps) <= cfg.block_size   # δ/ε within one block
+        assert ngc_bytes < engine.last_stats.peak_cache_bytes                      # memory really freed
+
+
+def test_evicted_at_and_record_roundtrip(tok, tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=0).generate([tok(PROMPTS[0]).input_ids], SamplingParams(max_new_tokens=50), cfg)
+    write_jsonl(tmp_path / "r.jsonl", records)
+    back = read_jsonl(tmp_path / "r.jsonl")
+    assert back[0].to_dict() == records[0].to_dict()
+    ea = evicted_at(back[0], 2)
+    r0 = back[0].eviction.rounds[0]
+    # at the first round (t=16, 4 blocks, keep 2: one sampled + the protected newest) 8 keys go
+    assert int((ea[0] == r0.t).sum()) == 8 and int((ea[0, 12:16] == NEVER).sum()) >= 0
+    assert set(ea.unique().tolist()) <= {NEVER} | {r.t for r in back[0].eviction.rounds}
+
+
+def test_engine_stop_conditions_and_seeding(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine = ReferenceEngine(model, tok, seed=0)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    a = engine.generate(prompts, SamplingParams(max_new_tokens=30, seed=7))
+    b = engine.generate(prompts, SamplingParams(max_new_tokens=30, seed=7))
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert all(len(r.completion_ids) <= 30 for r in a)
+    # EOS: make EOS the only likely token
+    eos_engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[a[0].completion_ids[2]])
+    r = eos_engine.generate([prompts[0]], SamplingParams(max_new_tokens=30, seed=7))[0]
+    assert r.extra["finish_reason"] == "eos" and r.completion_ids[-1] == a[0].completion_ids[2]
+    # stop strings end the completion (kept in it)
+    ascii_at = [i for i, t in enumerate(a[0].completion_ids) if tok.decode([t]).isascii() and tok.decode([t]).strip()]
+    stop = tok.decode([a[0].completion_ids[ascii_at[0]]])
+    r = engine.generate([prompts[0]], SamplingParams(max_new_tokens=30, seed=7, stop=[stop]))[0]
+    assert r.extra["finish_reason"] == "stop" and tok.decode(r.completion_ids).endswith(stop)
+    assert r.completion_ids == a[0].completion_ids[: ascii_at[0] + 1]
+
+
+def test_eval_mode_evictions_are_deterministic(tok, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    engine = ReferenceEngine(model, tok, seed=0)
+    prompt = [tok(PROMPTS[0]).input_ids]
+    r1 = engine.generate(prompt, SamplingParams(max_new_tokens=50, seed=1), cfg, greedy_evictions=True)[0]
+    r2 = engine.generate(prompt, SamplingParams(max_new_tokens=50, seed=1), cfg, greedy_evictions=True)[0]
+    assert r1.to_dict() == r2.to_dict()
+    assert max_diffs(model, [r1])[1] < 1e-4
+
+
+def test_llama_style_model_parity(tmp_path, tok):
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=0).generate([tok(p).input_ids for p in PROMPTS], SamplingParams(max_new_tokens=50), cfg)
+    dt, de = max_diffs(model, records)
+    assert dt < 1e-9 and de < 1e-9
+
+
+def test_model_without_rope_is_rejected(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=1))
+    with pytest.raises(ValueError, match="rotary|RoPE|decoder"):
+        ReferenceEngine(model, tok)
