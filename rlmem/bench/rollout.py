@@ -1,0 +1,84 @@
+"""Rollout throughput: the NGC engine vs the same engine with a full cache vs HF ``generate``.
+
+All three run in one process on the same model and batch, so the printed ratios are comparable
+even though absolute tokens/s vary between machines and runs (benchmark on an idle machine).
+EOS is disabled so every configuration generates exactly the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local HF model dir (default: a fresh tiny 2-layer Qwen2)")
+    p.add_argument("--batch", type=int, default=32, help="prompts generated together")
+    p.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024], help="completion lengths to measure")
+    p.add_argument("--delta", type=int, default=64)
+    p.add_argument("--eps", type=float, default=0.5)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1, help="best of N timings per configuration")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def _time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlmem.engine.reference import ReferenceEngine
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.eviction.policy import EvictionConfig
+    from rlmem.models.tiny import make_tiny_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="rlmem-bench-"), layers=2, hidden=256)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = EvictionConfig(delta=args.delta, eps=args.eps, block_size=args.block_size, window=args.window)
+    prompts = [tok(f"Using the numbers {i} {i + 7} {2 * i + 3}, create an equation that equals {i + 40}.").input_ids
+               for i in range(args.batch)]
+    engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=8), cfg)   # warm-up
+
+    # HF generate baseline: left padding, sampling, no early stop
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+
+    print(f"rlmem bench rollout: batch {args.batch}, model {model_dir}, {torch.get_num_threads()} threads, "
+          f"NGC delta={cfg.delta} eps={cfg.eps} block={cfg.block_size} window={cfg.window} "
+          f"(steady-state cache delta/eps = {cfg.delta / cfg.eps:.0f} entries)")
+    header = f"{'new tokens':>10} {'config':<18} {'tokens/s':>10} {'vs HF':>7} {'vs full':>8} {'peak KV (entries)':>18} {'peak cache MiB':>15}"
+    print(header)
+    print("-" * len(header))
+    for n_new in args.new_tokens:
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=n_new, seed=0)
+        total = args.batch * n_new
+        res = {}
+        t = _time(lambda: model.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+                                         max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id),
+                  args.repeats)
+        res["HF generate"] = (total / t, width + n_new - 1, None)
+        for name, ev in (("engine full cache", None), ("engine NGC", cfg)):
+            recs = []
+            t = _time(lambda: recs.append(engine.generate(prompts, sampling, ev)), args.repeats)
+            peaks = [r.extra["peak_kv"] for r in recs[-1]]
+            res[name] = (total / t, max(peaks), engine.last_stats.peak_cache_bytes / 2**20)
+        hf, full = res["HF generate"][0], res["engine full cache"][0]
+        for name, (tps, peak, mib) in res.items():
+            mib_s = f"{mib:15.2f}" if mib is not None else f"{'-':>15}"
+            print(f"{n_new:>10} {name:<18} {tps:>10.0f} {tps / hf:>6.2f}x {tps / full:>7.2f}x {peak:>18} {mib_s}")
+    return 0

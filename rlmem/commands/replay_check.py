@@ -1,0 +1,75 @@
+"""``rlmem replay-check``: replay records and report the largest rollout-vs-replay log-prob differences."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("replay-check", help="replay records; exit 1 if log-probs differ beyond tolerance")
+    p.add_argument("records", help="rollout records (JSONL)")
+    p.add_argument("--model", required=True, help="the model that produced the records")
+    p.add_argument("--kernel", choices=["sdpa", "flex"], default="sdpa")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tol", type=float, default=None,
+                   help="max allowed |rollout - replay| log-prob difference (default 1e-4 fp32, 1e-9 fp64, 5e-2 bf16)")
+    p.set_defaults(func=run)
+
+
+def check_records(model, records, *, kernel: str = "sdpa", batch_size: int = 8, progress: bool = True) -> dict:
+    """Replay ``records`` in batches; return the max token / eviction differences and where they occur."""
+    import torch
+    from tqdm import tqdm
+
+    from rlmem.replay import replay_forward, rollout_logprobs
+
+    worst = {"token": 0.0, "eviction": 0.0, "token_at": None, "eviction_at": None, "tokens": 0, "decisions": 0}
+    n_layers = model.config.num_hidden_layers
+    starts = range(0, len(records), batch_size)
+    for start in tqdm(starts, desc="replay", unit="batch", disable=not progress):
+        chunk = records[start: start + batch_size]
+        with torch.no_grad():
+            out = replay_forward(model, chunk, kernel=kernel)
+        old = rollout_logprobs(chunk, n_layers, dtype=out.token_logprobs.dtype)
+        dt = (out.token_logprobs - old.token_logprobs).abs().masked_fill(~out.token_mask, 0)
+        de = (out.eviction_logprobs - old.eviction_logprobs).abs().masked_fill(~out.round_mask[..., None], 0)
+        worst["tokens"] += int(out.token_mask.sum())
+        worst["decisions"] += int(out.round_mask.sum()) * n_layers
+        if dt.numel() and dt.max().item() > worst["token"]:
+            i, t = divmod(int(dt.argmax()), dt.shape[1])
+            worst["token"], worst["token_at"] = dt.max().item(), f"record {start + i}, completion token {t}"
+        if de.numel() and de.max().item() > worst["eviction"]:
+            i, rest = divmod(int(de.argmax()), de.shape[1] * de.shape[2])
+            r, l = divmod(rest, de.shape[2])
+            worst["eviction"], worst["eviction_at"] = de.max().item(), f"record {start + i}, round {r}, layer {l}"
+    return worst
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlmem.commands._common import load_model
+    from rlmem.eviction.record import RecordError, read_jsonl
+
+    try:
+        records = read_jsonl(args.records)
+    except (RecordError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not records:
+        raise SystemExit(f"error: {args.records}: no records")
+    model, _ = load_model(args.model, args.dtype)
+    vocab = model.config.vocab_size
+    for i, r in enumerate(records):
+        if max(r.prompt_ids + r.completion_ids) >= vocab:
+            raise SystemExit(f"error: {args.records}: record {i} has token ids >= the model's vocab size {vocab}")
+    tol = args.tol if args.tol is not None else {"float32": 1e-4, "float64": 1e-9, "bfloat16": 5e-2}[args.dtype]
+    try:
+        w = check_records(model, records, kernel=args.kernel, batch_size=args.batch_size)
+    except RecordError as e:
+        raise SystemExit(f"error: {args.records}: {e}") from None
+    print(f"replayed {len(records)} records ({w['tokens']} tokens, {w['decisions']} layer eviction decisions) "
+          f"with kernel={args.kernel}, dtype={args.dtype}")
+    print(f"max |token log-prob diff|    = {w['token']:.3e}" + (f"  ({w['token_at']})" if w["token_at"] else ""))
+    print(f"max |eviction log-prob diff| = {w['eviction']:.3e}" + (f"  ({w['eviction_at']})" if w["eviction_at"] else ""))
+    ok = w["token"] <= tol and w["eviction"] <= tol
+    print(f"{'OK' if ok else 'MISMATCH'}: tolerance {tol:g}")
+    return 0 if ok else 1
