@@ -19,11 +19,8 @@ import torch
 
 from rlmem.eviction.policy import block_logits, eligible_logits, key_scores, pad_orders, plackett_luce_logprob
 from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at
-from rlmem.models.interface import (
-    attention_implementation, check_supported, decoder, lm_head, num_layers, register_attention,
-)
+from rlmem.models.interface import check_supported, decoder, install, lm_head, num_layers, register_attention
 
-ATTENTION_NAME = "rlmem_replay"
 Kernel = Literal["sdpa", "flex"]
 
 
@@ -103,10 +100,7 @@ def _flex_attention(query, key, value, ea_layer, seq_lens, scaling):
         return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
-def _replay_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlmem_replay=None, **kwargs):
-    state: _ReplayState = rlmem_replay
-    if state is None:
-        raise RuntimeError("rlmem_replay attention called without replay state")
+def _replay_attention(module, query, key, value, attention_mask, *, state: _ReplayState, scaling=None, **kwargs):
     layer = module.layer_idx
     batch = state.batch
     ea = batch.evicted_at[:, layer]
@@ -122,7 +116,7 @@ def _replay_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-register_attention(ATTENTION_NAME, _replay_attention)
+register_attention("rlmem_replay", _replay_attention)
 
 
 def _eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, rec: RolloutRecord, layer: int,
@@ -168,9 +162,9 @@ def replay_forward(model: torch.nn.Module, records: list[RolloutRecord], *, kern
     device = next(model.parameters()).device
     batch = ReplayBatch.from_records(records, n_layers, pad_id, device)
     state = _ReplayState(batch, kernel, compute_eviction)
-    with attention_implementation(model, ATTENTION_NAME):
-        hidden = decoder(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                use_cache=False, rlmem_replay=state).last_hidden_state
+    install(model)   # stays installed: gradient-checkpointed backward re-enters the same attention
+    hidden = decoder(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                            use_cache=False, rlmem_replay=state).last_hidden_state
     # logits only at the positions that predict completion tokens: p-1 .. n-2
     bsz = len(records)
     tc = max(len(r.completion_ids) for r in records)

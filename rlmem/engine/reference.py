@@ -21,11 +21,7 @@ from rlmem.engine.cache import CompactingKVCache
 from rlmem.engine.sampling import SamplingParams, sample_tokens
 from rlmem.eviction.policy import EvictionConfig, decide, is_round
 from rlmem.eviction.record import EvictionRound, EvictionTrace, LayerEviction, RolloutRecord
-from rlmem.models.interface import (
-    attention_implementation, check_supported, decoder, lm_head, register_attention,
-)
-
-ATTENTION_NAME = "rlmem_engine"
+from rlmem.models.interface import check_supported, decoder, install, lm_head, register_attention
 
 
 @dataclass
@@ -36,11 +32,8 @@ class _StepState:
     prefill_lens: torch.Tensor | None = None   # set during prefill
 
 
-def _engine_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlmem_engine=None, **kwargs):
+def _engine_attention(module, query, key, value, attention_mask, *, state: _StepState, scaling=None, **kwargs):
     """Attention over the compacted per-layer cache. query ``[B, Hq, q, d]``, key/value ``[B, Hkv, q, d]``."""
-    state: _StepState = rlmem_engine
-    if state is None:
-        raise RuntimeError("rlmem_engine attention called without engine state")
     layer = module.layer_idx
     cache = state.cache
     if state.prefill_lens is not None:
@@ -59,7 +52,7 @@ def _engine_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-register_attention(ATTENTION_NAME, _engine_attention)
+register_attention("rlmem_engine", _engine_attention)
 
 
 @dataclass
@@ -215,8 +208,8 @@ class ReferenceEngine:
 
     # ------------------------------------------------------------------ internals
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, state: _StepState) -> torch.Tensor:
-        with attention_implementation(self.model, ATTENTION_NAME):
-            out = decoder(self.model)(input_ids=ids, position_ids=pos, use_cache=False, rlmem_engine=state)
+        install(self.model)
+        out = decoder(self.model)(input_ids=ids, position_ids=pos, use_cache=False, rlmem_engine=state)
         return out.last_hidden_state
 
     def _finish_reason(self, completion: list[int], sampling: SamplingParams) -> str:

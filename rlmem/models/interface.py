@@ -1,36 +1,57 @@
 """How rlmem plugs into HF causal LMs: custom attention functions, the RoPE check, decoder/head split.
 
-rlmem never edits modeling code. The engine and the replay each register an attention function
-with HF's ``AttentionInterface``; the model is switched to it for one forward pass and receives
-rlmem's per-call state through the forward's ``**kwargs`` (which HF passes down to attention).
+rlmem never edits modeling code. It registers one attention function with HF's
+``AttentionInterface`` and installs it on the model; the engine and the replay pass their per-call
+state through the forward's ``**kwargs`` (which HF passes down to attention), and the function
+routes each call to the right handler.
 The model receives post-RoPE queries and keys there, which is exactly what NGC scoring needs.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 
-def register_attention(name: str, fn: Callable) -> None:
-    AttentionInterface.register(name, fn)
+ATTENTION_NAME = "rlmem"
+_HANDLERS: dict[str, Callable] = {}
 
 
-@contextlib.contextmanager
-def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Switch every attention module of ``model`` to the registered function ``name`` for a block."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = name
-        yield
-    finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
+def register_attention(kwarg: str, fn: Callable) -> None:
+    """Route attention calls that carry ``kwarg`` (e.g. ``rlmem_replay=state``) to ``fn``."""
+    _HANDLERS[kwarg] = fn
+
+
+def _dispatch_attention(module, query, key, value, attention_mask, **kwargs):
+    """rlmem's one attention function: the engine or the replay when their state is in the
+    forward's kwargs, HF's SDPA attention otherwise (so an installed model still works normally).
+
+    It stays installed: with gradient checkpointing, backward re-runs the layers with the same
+    kwargs after the forward returned, and must reach the same masked attention again.
+    """
+    for name, fn in _HANDLERS.items():
+        state = kwargs.pop(name, None)
+        if state is not None:
+            return fn(module, query, key, value, attention_mask, state=state, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, _dispatch_attention)
+# HF builds masks for a model's attention implementation; ours are SDPA masks for ordinary calls
+# (padding, causality) and are ignored when the engine or the replay builds its own.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Switch every attention module of ``model`` to rlmem's dispatcher (idempotent)."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and cfg._attn_implementation != ATTENTION_NAME:
+            cfg._attn_implementation = ATTENTION_NAME
 
 
 def check_supported(model: torch.nn.Module) -> None:

@@ -1,0 +1,227 @@
+"""NGC losses (DESIGN.md section 1, "Losses (Dr. GRPO)"): group advantages, token loss, eviction loss.
+
+Token choices and eviction choices are both actions of one policy, trained from one advantage per
+rollout. Everything here is a plain function on tensors so the learner, tests and outside tools
+share it.
+
+**Global denominators.** Every loss is a *sum* of per-rollout contributions divided by a batch-wide
+normaliser (number of sequences, or number of tokens for ``token_mean``). Passing the normaliser of
+the full batch (``num_sequences=`` / ``num_tokens=``) to each micro-batch and each data-parallel rank
+makes their losses add up exactly to the full-batch loss, so gradient accumulation plus a sum over
+ranks gives exactly the full-batch gradient. ``seq_mean`` and the eviction loss only need the
+global number of sequences; ``token_mean`` needs the global token count as well.
+
+**On-policy vs clipped.** Without ``clip_eps`` the per-action term is ``logπ · A`` whose gradient is
+the plain policy gradient ``A ∇logπ`` (one on-policy update per batch, DESIGN.md default). With
+``clip_eps`` it is the PPO surrogate ``min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A)`` with
+``ρ = exp(logπ - logπ_old)`` (DAPO-style asymmetric when ``clip_eps_high`` is given); at ``ρ = 1``
+both have the same gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Aggregation = Literal["constant", "token_mean", "seq_mean"]
+AGGREGATIONS = ("constant", "token_mean", "seq_mean")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss options shared by every step. ``max_len`` is Dr. GRPO's constant normaliser (the
+    maximum completion length, e.g. ``max_new_tokens``); required for ``aggregation="constant"``."""
+
+    aggregation: Aggregation = "constant"
+    max_len: int | None = None
+    mem_coef: float = 1.0
+    clip_eps: float | None = None
+    clip_eps_high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss.aggregation: must be one of {AGGREGATIONS} (got {self.aggregation!r})")
+        if self.aggregation == "constant" and (self.max_len is None or self.max_len < 1):
+            raise ValueError(f"loss.max_len: aggregation 'constant' (Dr. GRPO) needs a positive max_len, "
+                             f"the maximum completion length (got {self.max_len!r})")
+        for name in ("clip_eps", "clip_eps_high"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"loss.{name}: must be > 0 or null (got {v!r})")
+        if self.clip_eps is None and self.clip_eps_high is not None:
+            raise ValueError("loss.clip_eps_high: set only together with loss.clip_eps")
+        if self.mem_coef < 0:
+            raise ValueError(f"loss.mem_coef: must be >= 0 (got {self.mem_coef!r})")
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale_by_std: bool = False, eps: float = 1e-6) -> Tensor:
+    """``A_i = r_i − mean_group(r)`` over consecutive groups of ``group_size`` rollouts.
+
+    Dr. GRPO drops GRPO's std division (it biases towards too-easy/too-hard prompts);
+    ``scale_by_std`` restores it with the unbiased group std (as TRL), ``A / (std + eps)``.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards: expected a 1-D tensor, got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards: {rewards.numel()} rollouts are not a whole number of groups of "
+                         f"group_size={group_size} (rollouts of one prompt must be consecutive)")
+    r = rewards.view(-1, group_size).to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def _surrogate(logprobs: Tensor, old_logprobs: Tensor | None, adv: Tensor, valid: Tensor,
+               clip_eps: float | None, clip_eps_high: float | None) -> tuple[Tensor, dict[str, float]]:
+    """Per-action objective (to maximise) and ratio statistics over ``valid`` actions.
+
+    ``adv`` is broadcast to ``logprobs``. Invalid entries are zeroed (and their ``old`` values, which
+    may be padding, never reach a ratio that could overflow).
+    """
+    n = int(valid.sum())
+    stats: dict[str, float] = {"count": float(n)}
+    if old_logprobs is None:
+        if clip_eps is not None:
+            raise ValueError("clipping needs old_logprobs")
+        return torch.where(valid, logprobs * adv, torch.zeros_like(logprobs)), stats
+    log_ratio = torch.where(valid, logprobs - old_logprobs.to(logprobs.dtype), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    with torch.no_grad():
+        r = ratio[valid]
+        stats["ratio_mean"] = float(r.mean()) if n else 1.0
+        stats["ratio_min"] = float(r.min()) if n else 1.0
+        stats["ratio_max"] = float(r.max()) if n else 1.0
+        # k3 estimator of KL(old || new) (Schulman), for monitoring only.
+        stats["approx_kl"] = float(((ratio - 1) - log_ratio)[valid].mean()) if n else 0.0
+    if clip_eps is None:
+        return torch.where(valid, logprobs * adv, torch.zeros_like(logprobs)), stats
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi) * adv
+    term = torch.minimum(unclipped, clipped)
+    with torch.no_grad():
+        # The clipped branch is active (zero gradient) where it is strictly smaller.
+        active = (clipped < unclipped) & valid
+        stats["clip_frac"] = float(active.sum()) / n if n else 0.0
+        stats["clip_frac_low"] = float((active & (ratio < 1.0 - clip_eps)).sum()) / n if n else 0.0
+        stats["clip_frac_high"] = float((active & (ratio > 1.0 + hi)).sum()) / n if n else 0.0
+    return torch.where(valid, term, torch.zeros_like(term)), stats
+
+
+def token_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    mask: Tensor,
+    advantages: Tensor,
+    *,
+    aggregation: Aggregation = "constant",
+    max_len: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    clip_eps: float | None = None,
+    clip_eps_high: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Token policy-gradient loss over ``logprobs [B, T]`` (completion tokens), ``mask [B, T]``.
+
+    - ``constant`` (Dr. GRPO): ``−(1/S) Σ_i Σ_t term_{i,t} / max_len``; the normaliser is a constant,
+      not the sequence length, so long and short rollouts get the same per-token weight.
+    - ``token_mean``: ``−Σ_{i,t} term / N_tok`` (DAPO).
+    - ``seq_mean``: ``−(1/S) Σ_i mean_t term_{i,t}`` (original GRPO; empty sequences add 0).
+
+    ``S = num_sequences`` (default ``B``) and ``N_tok = num_tokens`` (default ``mask.sum()``) are the
+    *global* denominators when this call is one micro-batch / rank of a larger batch (module docstring).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation: must be one of {AGGREGATIONS} (got {aggregation!r})")
+    if logprobs.shape != mask.shape:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not match logprobs {tuple(logprobs.shape)}")
+    mask = mask.bool()
+    term, stats = _surrogate(logprobs, old_logprobs, advantages.to(logprobs.dtype)[:, None], mask,
+                             clip_eps, clip_eps_high)
+    s = logprobs.shape[0] if num_sequences is None else num_sequences
+    if aggregation == "constant":
+        if max_len is None or max_len < 1:
+            raise ValueError("max_len: aggregation 'constant' needs the constant normaliser (max completion length)")
+        loss = -term.sum() / (s * max_len)
+    elif aggregation == "token_mean":
+        n = int(mask.sum()) if num_tokens is None else num_tokens
+        loss = -term.sum() / max(n, 1)
+    else:
+        lengths = mask.sum(dim=1).clamp_min(1).to(term.dtype)
+        loss = -(term.sum(dim=1) / lengths).sum() / s
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def eviction_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    round_mask: Tensor,
+    advantages: Tensor,
+    *,
+    num_sequences: int | None = None,
+    clip_eps: float | None = None,
+    clip_eps_high: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Eviction loss over Plackett-Luce log-probs ``[B, R, L]`` with ``round_mask [B, R]``.
+
+    For each rollout and layer, the mean over that rollout's rounds of the term; averaged over the
+    ``S = num_sequences`` rollouts (default ``B``); summed over layers (DESIGN.md section 1). A rollout
+    without rounds (it ended before its first round) contributes 0 but still counts in ``S``, so
+    the eviction and token losses weigh each rollout by the same ``1/S``.
+    """
+    if logprobs.dim() != 3 or logprobs.shape[:2] != round_mask.shape:
+        raise ValueError(f"round_mask: shape {tuple(round_mask.shape)} does not match eviction logprobs "
+                         f"{tuple(logprobs.shape)} ([B, R, L] vs [B, R])")
+    valid = round_mask.bool()[:, :, None].expand_as(logprobs)
+    term, stats = _surrogate(logprobs, old_logprobs, advantages.to(logprobs.dtype)[:, None, None], valid,
+                             clip_eps, clip_eps_high)
+    rounds = round_mask.sum(dim=1).clamp_min(1).to(term.dtype)            # [B]
+    per_layer = term.sum(dim=1) / rounds[:, None]                          # [B, L]
+    s = logprobs.shape[0] if num_sequences is None else num_sequences
+    loss = -per_layer.sum() / s
+    stats["loss"] = float(loss.detach())
+    return loss, stats
+
+
+def ngc_loss(
+    token_logprobs: Tensor,
+    old_token_logprobs: Tensor | None,
+    token_mask: Tensor,
+    eviction_logprobs: Tensor | None,
+    old_eviction_logprobs: Tensor | None,
+    round_mask: Tensor | None,
+    advantages: Tensor,
+    cfg: LossConfig,
+    *,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Total NGC loss = token loss + ``mem_coef`` × eviction loss (KL coefficient 0).
+
+    ``eviction_logprobs=None`` (or ``R = 0``, or ``mem_coef = 0``) leaves only the token loss.
+    Stats keys: ``loss``, ``loss/token``, ``loss/eviction``, and ``token/…`` / ``eviction/…`` ratio and
+    clip statistics (``count`` is the number of actions they are over).
+    """
+    tl, ts = token_loss(token_logprobs, old_token_logprobs, token_mask, advantages,
+                        aggregation=cfg.aggregation, max_len=cfg.max_len, num_sequences=num_sequences,
+                        num_tokens=num_tokens, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
+    stats = {f"token/{k}": v for k, v in ts.items() if k != "loss"}
+    stats["loss/token"] = ts["loss"]
+    total = tl
+    if eviction_logprobs is not None and eviction_logprobs.numel() > 0 and cfg.mem_coef > 0:
+        el, es = eviction_loss(eviction_logprobs, old_eviction_logprobs, round_mask, advantages,
+                               num_sequences=num_sequences, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high)
+        total = tl + cfg.mem_coef * el
+        stats.update({f"eviction/{k}": v for k, v in es.items() if k != "loss"})
+        stats["loss/eviction"] = es["loss"]
+    else:
+        stats["loss/eviction"] = 0.0
+        stats["eviction/count"] = 0.0
+    stats["loss"] = float(total.detach())
+    return total, stats

@@ -1,0 +1,77 @@
+"""Which eviction rate ε each group of a step trains at: curriculum staircase or interoception.
+
+Both are pure functions of ``(config, seed, step)``, so a resumed run reproduces them exactly from
+the step number alone (no state to checkpoint beyond the step).
+
+Curriculum (DESIGN.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``Δ`` steps per stage; during the
+last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, reaching it exactly at
+the stage boundary; after K stages it stays at ρ_K. ε = 1 − ρ.
+
+Interoception: one ε per group drawn uniformly from ``eps_choices``; the tag
+``<eviction_rate>{percent}%</eviction_rate>`` is appended to that group's prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rlmem.train.config import CurriculumConfig, EvictionSection, InteroceptionConfig
+
+
+def retention_at(step: int, rates: Sequence[float], steps_per_stage: int, blend_fraction: float = 0.6) -> float:
+    """ρ at ``step`` (0-based) of the staircase-with-blend."""
+    if not rates:
+        raise ValueError("retention_rates must not be empty")
+    if steps_per_stage < 1:
+        raise ValueError("steps_per_stage must be >= 1")
+    if not 0.0 <= blend_fraction <= 1.0:
+        raise ValueError("blend_fraction must be in [0, 1]")
+    stage, within = divmod(max(0, int(step)), steps_per_stage)
+    if stage >= len(rates) - 1:
+        return float(rates[-1])
+    lo, hi = float(rates[stage]), float(rates[stage + 1])
+    blend_start = (1.0 - blend_fraction) * steps_per_stage
+    if blend_fraction == 0.0 or within < blend_start:
+        return lo
+    frac = (within - blend_start) / (blend_fraction * steps_per_stage)
+    return lo + frac * (hi - lo)
+
+
+def curriculum_eps(step: int, cfg: CurriculumConfig) -> float:
+    """ε = 1 − ρ at ``step``, rounded to 1e-9 so that ρ = 0.75 gives exactly ε = 0.25."""
+    rho = retention_at(step, cfg.retention_rates, cfg.steps_per_stage, cfg.blend_fraction)
+    return min(1.0, max(0.0, round(1.0 - rho, 9)))
+
+
+def interoception_eps(choices: Sequence[float], num_groups: int, seed: int, step: int) -> list[float]:
+    """One ε per group, uniform over ``choices``; deterministic in ``(seed, step)``."""
+    if not choices:
+        raise ValueError("eps_choices must not be empty")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 0x1A7E])  # 0x1A7E: stream tag
+    idx = rng.integers(0, len(choices), size=num_groups)
+    return [float(choices[i]) for i in idx]
+
+
+def interoception_tag(eps: float) -> str:
+    """``<eviction_rate>50%</eviction_rate>`` for ε = 0.5 (``37.5%`` for 0.375)."""
+    return f"<eviction_rate>{round(eps * 100, 6):g}%</eviction_rate>"
+
+
+def with_interoception_tag(prompt: str, eps: float, sep: str = "\n") -> str:
+    """The user prompt with the rate tag appended (before any chat template is applied)."""
+    return f"{prompt}{sep}{interoception_tag(eps)}"
+
+
+def group_eps(eviction: EvictionSection, num_groups: int, step: int, seed: int) -> list[float]:
+    """The ε of each of the ``num_groups`` groups of ``step``: what the driver hands to rollouts.
+
+    Interoception if enabled, else the curriculum if enabled, else the fixed ``eviction.eps``.
+    """
+    intro: InteroceptionConfig = eviction.interoception
+    if intro.enabled:
+        return interoception_eps(intro.eps_choices, num_groups, seed, step)
+    if eviction.curriculum.enabled:
+        return [curriculum_eps(step, eviction.curriculum)] * num_groups
+    return [float(eviction.eps)] * num_groups

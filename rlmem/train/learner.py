@@ -1,0 +1,417 @@
+"""The DeepSpeed learner: replay rollout records, NGC loss, one optimizer step per (mini)batch.
+
+A plain class, used in-process (tests, single-process runs) and inside a Ray actor (one instance
+per data-parallel rank; the actor wrapper and driver live elsewhere)::
+
+    learner = Learner(LearnerConfig(model_path=..., max_len=256), rank=r, world_size=n, master_port=p)
+    metrics = learner.train_step(records, advantages, global_num_sequences=G)   # on every rank
+    for name, tensor in learner.named_parameters_for_sync(): ...                # on every rank
+    learner.save_checkpoint(dir, client_state) / learner.load_checkpoint(dir) -> client_state
+    learner.export_hf(dir)
+
+**Exact full-batch gradient.** Each rank gets its share of the global batch. Every micro-batch
+loss uses the *global* denominators (``global_num_sequences``, and the global completion-token
+count for ``token_mean``, all-reduced here), so the sum of all micro-batch losses over all ranks
+is the full-batch loss (rlmem.loss). DeepSpeed runs with ``gradient_accumulation_steps = 1`` and
+the accumulation boundary set by hand (so ``engine.backward`` does not divide by a step count),
+and its data-parallel all-reduce *averages* gradients, so each micro-batch loss is multiplied by
+``world_size`` before ``engine.backward``. The result is the gradient of the full-batch loss,
+whatever the micro-batch size and number of ranks (tested).
+
+**Collectives.** ``train_step``, ``named_parameters_for_sync``, ``save_checkpoint`` /
+``load_checkpoint`` and ``export_hf`` are collective: every rank calls them, in the same order.
+ZeRO 2/3 reduce gradients on every backward, so ranks with fewer micro-batches run zero-weight
+padding micro-batches to match the busiest rank; a rank may not get zero records.
+
+**Mini-batches / PPO epochs.** With ``mini_batches = M`` each rank splits its records into ``M``
+contiguous parts (one optimizer step each, global denominator ``global_num_sequences / M``),
+repeated ``ppo_epochs`` times. The "old" log-probabilities of the clipped surrogate are the
+records' rollout log-probs (the behaviour policy), for tokens and evictions alike; reusing a batch
+without ``clip_eps`` is refused.
+
+**Metrics** (identical on all ranks, all-reduced): ``loss``, ``loss/token``, ``loss/eviction`` (mean
+over the optimizer steps of the global mini-batch loss), ``grad_norm`` (last step, before
+clipping), ``lr`` (the lr the last step used), ratio / clip statistics, ``replay/max_abs_logprob_diff``
+and ``replay/max_abs_eviction_logprob_diff`` (replay vs the records' rollout values, measured on the
+passes before this call's first optimizer step: the whole batch when ``mini_batches = 1``),
+token counts and per-phase seconds (slowest rank).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+from rlmem.eviction.record import RolloutRecord
+from rlmem.loss import LossConfig, ngc_loss
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class LearnerConfig:
+    """Everything one learner rank needs. Names follow ``rlmem.train.config`` where they overlap."""
+
+    model_path: str
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    zero_stage: Literal[0, 2, 3] = 0
+    micro_batch_size: int = 1                 # sequences per forward/backward
+    # optimizer (AdamW, DESIGN.md paper settings)
+    lr: float = 5e-6
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    schedule: Literal["constant", "warmup", "warmup_cosine"] = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None            # optimizer steps; needed by warmup_cosine
+    min_lr_ratio: float = 0.0
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False           # ZeRO offload of optimizer states to CPU (untested here)
+    # loss (rlmem.loss.LossConfig)
+    aggregation: Literal["constant", "token_mean", "seq_mean"] = "constant"
+    max_len: int | None = None                # Dr. GRPO constant: the max completion length
+    mem_coef: float = 1.0
+    clip_eps: float | None = None
+    clip_eps_high: float | None = None
+    mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
+    ppo_epochs: int = 1
+    replay_kernel: Literal["sdpa", "flex"] = "sdpa"
+    compute_eviction: bool = True             # False: token loss only (eviction actions not trained)
+    seed: int = 0
+    ds_config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"learner.dtype: must be one of {tuple(DTYPES)} (got {self.dtype!r})")
+        if self.zero_stage not in (0, 2, 3):
+            raise ValueError(f"learner.zero_stage: must be 0, 2 or 3 (got {self.zero_stage!r})")
+        if self.dtype == "float64" and self.zero_stage != 0:
+            # ZeRO keeps fp32 master partitions: fp64 weights would silently be updated in fp32.
+            raise ValueError("learner.dtype: float64 needs learner.zero_stage 0 (ZeRO masters are fp32)")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"learner.micro_batch_size: must be >= 1 (got {self.micro_batch_size})")
+        if self.mini_batches < 1 or self.ppo_epochs < 1:
+            raise ValueError("learner.mini_batches and learner.ppo_epochs must be >= 1")
+        if (self.mini_batches > 1 or self.ppo_epochs > 1) and self.clip_eps is None:
+            raise ValueError("learner.clip_eps: must be set when a batch is reused (mini_batches > 1 or "
+                             "ppo_epochs > 1); the unclipped loss is only valid on-policy")
+        if self.schedule not in ("constant", "warmup", "warmup_cosine"):
+            raise ValueError(f"learner.schedule: must be constant, warmup or warmup_cosine (got {self.schedule!r})")
+        if self.schedule == "warmup_cosine" and not self.total_steps:
+            raise ValueError("learner.total_steps: needed by schedule warmup_cosine")
+        if self.replay_kernel not in ("sdpa", "flex"):
+            raise ValueError(f"learner.replay_kernel: must be sdpa or flex (got {self.replay_kernel!r})")
+        self.loss_config()  # validates aggregation / max_len / clip values
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(aggregation=self.aggregation, max_len=self.max_len, mem_coef=self.mem_coef,
+                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` for optimizer step ``step`` (0-based)."""
+        if self.schedule == "constant":
+            return 1.0
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.schedule == "warmup" or step < self.warmup_steps:
+            return warm
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     local_rank: int | None = None) -> None:
+    """Initialise torch.distributed (gloo) through DeepSpeed, from explicit arguments."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, not rank {rank} of {world_size}")
+        return
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                      MASTER_PORT=str(master_port), LOCAL_RANK=str(rank if local_rank is None else local_rank),
+                      LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(world_size)))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    backend = "nccl" if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank,
+                               world_size=world_size, verbose=False)
+
+
+class _ReplayLoss(torch.nn.Module):
+    """What DeepSpeed wraps: the HF policy plus a forward that replays records and returns the loss.
+
+    Going through ``engine(...)`` lets DeepSpeed run its backward prologue (ZeRO bookkeeping) and
+    ZeRO-3 parameter gathering around the replay.
+    """
+
+    def __init__(self, policy: torch.nn.Module, cfg: LearnerConfig):
+        super().__init__()
+        self.policy = policy
+        self.cfg = cfg
+        self.loss_cfg = cfg.loss_config()
+
+    def forward(self, records: list[RolloutRecord], advantages: torch.Tensor, weight: float,
+                num_sequences: int, num_tokens: int | None):
+        from rlmem.replay import replay_forward, rollout_logprobs
+
+        out = replay_forward(self.policy, records, kernel=self.cfg.replay_kernel,
+                             compute_eviction=self.cfg.compute_eviction)
+        dev = out.token_logprobs.device
+        old = rollout_logprobs(records, self.policy.config.num_hidden_layers, device=dev,
+                               dtype=out.token_logprobs.dtype)
+        old_tok, old_ev = old.token_logprobs, old.eviction_logprobs
+        ev_lp = out.eviction_logprobs if self.cfg.compute_eviction else None
+        loss, stats = ngc_loss(out.token_logprobs, old_tok, out.token_mask.to(dev), ev_lp, old_ev,
+                               out.round_mask.to(dev) if ev_lp is not None else None,
+                               advantages.to(dev), self.loss_cfg, num_sequences=num_sequences,
+                               num_tokens=num_tokens)
+        with torch.no_grad():
+            m = out.token_mask.to(dev)
+            d = (out.token_logprobs.detach() - old_tok).abs()[m]
+            stats["replay/max_abs_logprob_diff"] = float(d.max()) if d.numel() else 0.0
+            stats["replay/sum_abs_logprob_diff"] = float(d.double().sum())
+            if ev_lp is not None and ev_lp.numel():
+                rm = out.round_mask.to(dev)[:, :, None].expand_as(ev_lp)
+                de = (ev_lp.detach() - old_ev).abs()[rm]
+                stats["replay/max_abs_eviction_logprob_diff"] = float(de.max()) if de.numel() else 0.0
+            else:
+                stats["replay/max_abs_eviction_logprob_diff"] = 0.0
+        return loss * weight, stats
+
+
+# Stats summed over micro-batches and ranks, stats averaged weighted by their action counts, maxima.
+_SUM_KEYS = ("loss", "loss/token", "loss/eviction", "replay/sum_abs_logprob_diff")
+_WEIGHTED = {"token": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high"),
+             "eviction": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high")}
+_MAX_KEYS = ("replay/max_abs_logprob_diff", "replay/max_abs_eviction_logprob_diff")
+
+
+class Learner:
+    """One data-parallel rank: an HF causal LM under DeepSpeed ZeRO 0/2/3 with AdamW (module docstring)."""
+
+    def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, local_rank: int | None = None):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        if cfg.dtype == "float64" and world_size != 1:
+            # DeepSpeed's gradient all-reduce rejects fp64 (not a supported accelerator dtype).
+            raise ValueError("learner.dtype: float64 is for single-process parity checks (world_size 1)")
+        init_distributed(rank, world_size, master_addr, master_port, local_rank)
+        torch.manual_seed(cfg.seed)
+        dtype = DTYPES[cfg.dtype]
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        policy.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = _ReplayLoss(policy, cfg)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+        # Stage 0 fp32/fp64: DeepSpeed clips but does not report the norm, so we clip ourselves.
+        self._manual_clip = cfg.zero_stage == 0 and cfg.dtype != "bfloat16"
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,    # accumulation boundary set by hand (module docstring)
+            "gradient_clipping": 0.0 if (self._manual_clip or not cfg.grad_clip) else cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        if cfg.dtype == "bfloat16":
+            ds_config["bf16"] = {"enabled": True}
+        if cfg.offload_optimizer:
+            ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+        ds_config.update(cfg.ds_config_overrides)
+        self.ds_config = ds_config
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        if cfg.dtype == "float64":
+            self.engine.enable_backward_allreduce = False   # one rank: nothing to reduce, and fp64 is refused
+        self.engine.train()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The HF model (parameters partitioned under ZeRO 3)."""
+        return self.engine.module.policy
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    def _allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def train_step(self, records: list[RolloutRecord], advantages: list[float] | torch.Tensor, *,
+                   global_num_sequences: int) -> dict[str, float]:
+        """Replay ``records`` (this rank's share), backprop the NGC loss, step (collective).
+
+        ``advantages[i]`` belongs to ``records[i]``; ``global_num_sequences`` is the number of
+        rollouts over all ranks (the loss's ``1/G``).
+        """
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        n = len(records)
+        adv = torch.as_tensor(advantages, dtype=torch.float64 if cfg.dtype == "float64" else torch.float32)
+        if adv.shape != (n,):
+            raise ValueError(f"advantages: {tuple(adv.shape)} values for {n} records")
+        if n == 0:
+            raise ValueError("train_step: this rank got no records; give every rank at least one")
+        m = cfg.mini_batches
+        if n % m or global_num_sequences % m:
+            raise ValueError(f"mini_batches={m} must divide this rank's {n} records and the "
+                             f"global_num_sequences={global_num_sequences}")
+        per_mini = n // m
+        minis = [list(range(i * per_mini, (i + 1) * per_mini)) for i in range(m)]
+
+        sums: dict[str, float] = {}
+        maxima = {k: 0.0 for k in _MAX_KEYS}
+        timings = {"time/replay_forward": 0.0, "time/backward": 0.0, "time/optimizer": 0.0}
+        tokens = {"tokens/replayed": 0.0, "tokens/completion": 0.0}
+        grad_norm, lr, steps = 0.0, 0.0, 0
+        for _ in range(cfg.ppo_epochs):
+            for idx in minis:
+                first_pass = steps == 0
+                mb = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
+                # Same number of backward passes on every rank (ZeRO reduces on each one), and the
+                # global completion-token count for token_mean.
+                local_tok = sum(len(records[i].completion_ids) for i in idx)
+                n_micro = int(self._allreduce(torch.tensor([float(len(mb))]), "max")[0])
+                num_tokens = int(self._allreduce(torch.tensor([float(local_tok)]))[0]) \
+                    if cfg.aggregation == "token_mean" else None
+                num_seq = global_num_sequences // m
+                for j in range(n_micro):
+                    real = j < len(mb)
+                    sel = mb[j] if real else mb[0]
+                    recs = [records[i] for i in sel]
+                    self.engine.set_gradient_accumulation_boundary(j == n_micro - 1)
+                    t0 = time.perf_counter()
+                    # Global denominators sum micro-batches to the full loss; × world_size undoes
+                    # DeepSpeed's averaging over ranks; padding micro-batches carry weight 0.
+                    loss, st = self.engine(recs, adv[sel], float(self.world_size) if real else 0.0,
+                                           num_seq, num_tokens)
+                    t1 = time.perf_counter()
+                    self.engine.backward(loss)
+                    timings["time/replay_forward"] += t1 - t0
+                    timings["time/backward"] += time.perf_counter() - t1
+                    if not real:
+                        continue
+                    self._accumulate(sums, st)
+                    tokens["tokens/replayed"] += sum(r.seq_len for r in recs)
+                    tokens["tokens/completion"] += sum(len(r.completion_ids) for r in recs)
+                    if first_pass:
+                        for k in _MAX_KEYS:
+                            maxima[k] = max(maxima[k], st.get(k, 0.0))
+                t0 = time.perf_counter()
+                lr = float(self.engine.get_lr()[0])
+                if self._manual_clip:
+                    params = [p for p in self.engine.module.parameters() if p.grad is not None]
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        params, cfg.grad_clip if cfg.grad_clip else float("inf")))
+                self.engine.step()
+                if not self._manual_clip:
+                    gn = self.engine.get_global_grad_norm()
+                    grad_norm = float(gn) if gn is not None else float("nan")
+                timings["time/optimizer"] += time.perf_counter() - t0
+                steps += 1
+        timings["time/train_step"] = time.perf_counter() - t_start
+        return self._metrics(sums, maxima, timings, tokens, grad_norm, lr, steps)
+
+    @staticmethod
+    def _accumulate(sums: dict[str, float], st: dict[str, float]) -> None:
+        for k in _SUM_KEYS:
+            sums[k] = sums.get(k, 0.0) + st.get(k, 0.0)
+        for kind, keys in _WEIGHTED.items():
+            c = st.get(f"{kind}/count", 0.0)
+            sums[f"{kind}/count"] = sums.get(f"{kind}/count", 0.0) + c
+            for k in keys:
+                sums[f"{kind}/{k}"] = sums.get(f"{kind}/{k}", 0.0) + c * st.get(f"{kind}/{k}", 0.0)
+
+    def _metrics(self, sums, maxima, timings, tokens, grad_norm, lr, steps) -> dict[str, float]:
+        keys = sorted(sums) + sorted(tokens)
+        s = self._allreduce(torch.tensor([sums[k] for k in sorted(sums)] + [tokens[k] for k in sorted(tokens)],
+                                         dtype=torch.float64))
+        tot = dict(zip(keys, s.tolist()))
+        mx_keys = list(_MAX_KEYS) + sorted(timings)
+        mx = self._allreduce(torch.tensor([maxima[k] for k in _MAX_KEYS] + [timings[k] for k in sorted(timings)],
+                                          dtype=torch.float64), "max")
+        out: dict[str, float] = dict(zip(mx_keys, mx.tolist()))
+        for k in ("loss", "loss/token", "loss/eviction"):
+            out[k] = tot[k] / steps          # each optimizer step's global mini-batch loss, averaged
+        for kind, ks in _WEIGHTED.items():
+            c = tot[f"{kind}/count"]
+            out[f"{kind}/actions"] = c
+            for k in ks:
+                out[f"{kind}/{k}"] = tot[f"{kind}/{k}"] / c if c else 0.0
+        out["replay/mean_abs_logprob_diff"] = tot["replay/sum_abs_logprob_diff"] / max(tot["token/count"], 1.0)
+        out.update({k: tot[k] for k in tokens})
+        out.update(grad_norm=grad_norm, lr=lr, optimizer_steps=float(steps), global_step=float(self.global_step))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(HF name, full tensor)`` for every parameter, in the training dtype (collective).
+
+        Under ZeRO 3 each parameter is gathered and a copy is yielded; otherwise the live
+        (detached) weight is yielded: copy it before the next optimizer step.
+        """
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            for name, p in self.policy.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.data.detach().clone()
+                yield name, full
+        else:
+            for name, p in self.policy.named_parameters():
+                yield name, p.detach()
+
+    def state_dict_for_export(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() if self.cfg.zero_stage != 3 else t for name, t in self.named_parameters_for_sync()}
+
+    def export_hf(self, out_dir: str | os.PathLike) -> Path:
+        """Write an HF ``save_pretrained`` directory (weights, config, tokenizer); rank 0 writes (collective)."""
+        out = Path(out_dir)
+        state = self.state_dict_for_export()
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.policy.save_pretrained(out, state_dict=state)
+            self.tokenizer.save_pretrained(out)
+        self._barrier()
+        return out
+
+    def save_checkpoint(self, ckpt_dir: str | os.PathLike, client_state: dict | None = None) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, lr schedule) plus ``client_state`` (collective)."""
+        self.engine.save_checkpoint(str(ckpt_dir), tag="engine", client_state=dict(client_state or {}))
+        self._barrier()
+
+    def load_checkpoint(self, ckpt_dir: str | os.PathLike) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; return its ``client_state`` (collective)."""
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag="engine")
+        if path is None:
+            raise FileNotFoundError(f"no learner checkpoint in {ckpt_dir}")
+        return dict(client_state or {})
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            dist.barrier()

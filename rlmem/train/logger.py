@@ -1,0 +1,471 @@
+"""Run logging: ``metrics.jsonl``, Weights & Biases, a console progress bar, sample tables, pictures.
+
+The local files are the source of truth and are always written; W&B is a mirror that must never
+block or kill a run. Mode ``auto`` is online when ``WANDB_API_KEY`` is set and offline otherwise
+(``WANDB_MODE`` in the environment wins); an online start that fails falls back to offline; any
+later W&B error is reported once and W&B is switched off for the rest of the run.
+
+Files under ``<output_dir>``: ``metrics.jsonl`` (one object per step, non-finite numbers as null),
+``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``figures/*.png``, ``wandb/``.
+On resume from step S the logger drops ``metrics.jsonl`` lines with ``step >= S`` (written after
+the checkpoint by the run that crashed) and reopens the same W&B run id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("rlmem.train.logger")
+
+# Keys every step should carry (the driver's contract; a missing one is reported once).
+REQUIRED_METRICS = ("reward/mean", "eviction/peak_kv_mean", "replay/max_abs_logprob_diff")
+
+# (metric key, short label) shown in the one-line console summary, when present.
+SUMMARY_KEYS = (
+    ("reward/mean", "reward"), ("accuracy/mean", "acc"), ("response_length/mean", "len"),
+    ("eviction/eps", "eps"), ("eviction/peak_kv_mean", "peakKV"), ("eviction/peak_kv_reduction", "kv÷"),
+    ("loss/token", "L_tok"), ("loss/eviction", "L_evict"), ("optim/grad_norm", "|g|"),
+    ("replay/max_abs_logprob_diff", "Δlogp"), ("perf/tokens_per_s", "tok/s"), ("time/step_s", "s/step"),
+)
+
+
+def new_run_id() -> str:
+    """An 8-character id in W&B's alphabet; made here so it exists even when W&B is off."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resolve_wandb_mode(mode: str, env: dict[str, str] | None = None) -> str:
+    """``auto`` -> ``$WANDB_MODE`` if set, else online with ``WANDB_API_KEY``, else offline."""
+    env = os.environ if env is None else env
+    if mode != "auto":
+        return mode
+    env_mode = env.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    if env_mode == "dryrun":
+        return "offline"
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
+def to_jsonable(x: Any) -> Any:
+    """Tensors/NumPy to Python numbers and lists; NaN and ±inf to None (strict JSON)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        x = x.tolist()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+class RunLogger:
+    """One per run, in the driver process. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        total_steps: int,
+        wandb_project: str = "rlmem",
+        wandb_entity: str | None = None,
+        wandb_mode: str = "auto",
+        run_name: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        start_step: int = 0,
+        progress_bar: bool = True,
+        sample_table_size: int = 8,
+        mask_image_every: int = 10,
+        stream=None,
+    ):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.figures_dir = self.output_dir / "figures"
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.samples_path = self.output_dir / "samples.jsonl"
+        self.eval_path = self.output_dir / "eval.jsonl"
+        self.total_steps = total_steps
+        self.run_id = run_id or new_run_id()
+        self.sample_table_size = sample_table_size
+        self.mask_image_every = mask_image_every
+        self.stream = stream if stream is not None else sys.stdout
+        self._warned: set[str] = set()
+        self._t_last = time.monotonic()
+        self._bar = None
+        _truncate_jsonl(self.metrics_path, start_step)
+        self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self._wandb = None
+        if self.wandb_mode != "disabled":
+            self._wandb = self._init_wandb(dict(project=wandb_project, entity=wandb_entity, name=run_name,
+                                                group=group, tags=list(tags) or None, config=config))
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr, leave=True)
+
+    @classmethod
+    def from_config(cls, cfg, *, run_id: str | None = None, start_step: int = 0, **kw) -> "RunLogger":
+        """Build from a :class:`~rlmem.train.config.RunConfig` (the resolved config goes to W&B)."""
+        w = cfg.logging.wandb
+        return cls(cfg.output_dir, total_steps=cfg.trainer.total_steps, wandb_project=w.project,
+                   wandb_entity=w.entity, wandb_mode=w.mode, run_name=w.run_name, group=w.group, tags=w.tags,
+                   config=cfg.model_dump(mode="json"), run_id=run_id, start_step=start_step,
+                   progress_bar=cfg.logging.progress_bar, sample_table_size=cfg.logging.sample_table_size,
+                   mask_image_every=cfg.logging.mask_image_every, **kw)
+
+    # -- W&B plumbing ---------------------------------------------------------------------------
+
+    @property
+    def wandb_active(self) -> bool:
+        return self._wandb is not None
+
+    def _init_wandb(self, kwargs: dict[str, Any]):
+        try:
+            import wandb
+        except Exception as e:  # noqa: BLE001 - a broken install must not stop training
+            self._warn("import", f"W&B unavailable ({e!r}); logging to {self.metrics_path} only")
+            return None
+        modes = [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else [])
+        for mode in modes:
+            try:
+                return wandb.init(id=self.run_id, resume="allow", dir=str(self.output_dir), mode=mode,
+                                  settings=wandb.Settings(init_timeout=90, console="off", silent=True),
+                                  reinit="create_new", **kwargs)
+            except Exception as e:  # noqa: BLE001
+                nxt = "; retrying offline" if mode == "online" else f"; logging to {self.metrics_path} only"
+                self._warn(f"init-{mode}", f"W&B {mode} start failed ({e!r}){nxt}")
+        return None
+
+    def _wb(self, what: str, fn, *args, **kwargs) -> None:
+        if self._wandb is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._warn("wandb", f"W&B {what} failed ({e!r}); continuing without W&B")
+            self._disable_wandb()
+
+    def _disable_wandb(self) -> None:
+        run, self._wandb = self._wandb, None
+        try:
+            run.finish(quiet=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning(msg)
+        self._print(f"[rlmem] warning: {msg}")
+
+    def _print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    # -- per-step metrics -----------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append ``{"step": step, **metrics}`` to metrics.jsonl, mirror to W&B, advance the bar.
+
+        ``step`` is the 0-based index of the step just finished (so after it, ``step + 1`` steps are
+        done: the ``TrainerState.step`` of a checkpoint taken now).
+        """
+        now = time.monotonic()
+        row = {"step": int(step), **{k: to_jsonable(v) for k, v in metrics.items()}, "time/wall": time.time()}
+        missing = [k for k in REQUIRED_METRICS if k not in row]
+        if missing:
+            self._warn("missing", f"step metrics lack {missing} (expected every step)")
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self._wandb is not None:
+            self._wb("log", self._wandb.log, numeric, step=int(step))
+        if self._bar is not None:
+            self._bar.n = min(int(step) + 1, self.total_steps)
+            self._bar.refresh()
+        self._print(summary_line(step, self.total_steps, row, now - self._t_last))
+        self._t_last = now
+        return row
+
+    # -- sample rollouts ------------------------------------------------------------------------
+
+    def log_samples(self, step: int, records: Sequence[Any], texts: Sequence[str],
+                    prompts: Sequence[str] | None = None, num_layers: int | None = None) -> list[dict[str, Any]]:
+        """A table of up to ``sample_table_size`` rollouts with their eviction stats.
+
+        ``records`` are :class:`~rlmem.eviction.record.RolloutRecord` or their dicts, ``texts`` the
+        decoded completions (same order), ``prompts`` the decoded prompts. Written to samples.jsonl
+        and as a W&B table.
+        """
+        rows = []
+        for i, (rec, text) in enumerate(zip(records, texts)):
+            if i >= self.sample_table_size:
+                break
+            rows.append({"step": int(step), "prompt": prompts[i] if prompts is not None else None,
+                         "completion": text, **record_stats(rec, num_layers)})
+        if not rows:
+            return rows
+        with open(self.samples_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(to_jsonable(r), allow_nan=False) + "\n")
+        if self._wandb is not None:
+            def _table():
+                import wandb
+
+                cols = list(rows[0])
+                table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+                self._wandb.log({"samples": table}, step=int(step))
+            self._wb("table", _table)
+        return rows
+
+    # -- pictures -------------------------------------------------------------------------------
+
+    def should_log_mask(self, step: int) -> bool:
+        return self.mask_image_every > 0 and step % self.mask_image_every == 0
+
+    def log_mask_image(self, evicted_at, prompt_len: int, step: int, title: str | None = None) -> Path:
+        """Draw the per-layer replay mask of one rollout to ``figures/mask_step_{step:06d}.png`` and W&B."""
+        path = self.figures_dir / f"mask_step_{int(step):06d}.png"
+        plot_replay_mask(evicted_at, prompt_len, path, title=title or f"replay mask, step {step}")
+        self._log_image("eviction/replay_mask", path, step)
+        return path
+
+    def log_eval(self, step: int, results: list[dict[str, Any]]) -> Path:
+        """Append eval results (one dict per ε) to eval.jsonl; plot accuracy vs compression."""
+        with open(self.eval_path, "a") as f:
+            for r in results:
+                f.write(json.dumps(to_jsonable({"step": int(step), **r}), allow_nan=False) + "\n")
+        path = self.figures_dir / f"accuracy_vs_compression_step_{int(step):06d}.png"
+        plot_accuracy_vs_compression(results, path, title=f"accuracy vs compression, step {step}")
+        if self._wandb is not None:
+            flat = {f"eval/eps_{r['eps']:g}/{k}": v for r in results for k, v in r.items()
+                    if k != "eps" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wb("log", self._wandb.log, to_jsonable(flat), step=int(step))
+        self._log_image("eval/accuracy_vs_compression", path, step)
+        return path
+
+    def _log_image(self, key: str, path: Path, step: int) -> None:
+        if self._wandb is None:
+            return
+
+        def _img():
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path))}, step=int(step))
+        self._wb("image", _img)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb is not None:
+            self._wb("finish", self._wandb.finish)
+            self._wandb = None
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (pure; tested on their own)
+
+
+def summary_line(step: int, total: int, row: dict[str, Any], dt: float | None = None) -> str:
+    parts = [f"step {int(step) + 1}/{total}"]
+    for key, label in SUMMARY_KEYS:
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{label} {_fmt(v)}")
+    if dt is not None and "time/step_s" not in row:
+        parts.append(f"{dt:.1f}s")
+    return " | ".join(parts)
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or (1e-3 <= abs(v) < 1e5):
+        return f"{v:.4g}"
+    return f"{v:.2e}"
+
+
+def record_stats(rec: Any, num_layers: int | None = None) -> dict[str, Any]:
+    """Reward, length and eviction stats of one rollout record (object or dict)."""
+    from rlmem.eviction.record import RolloutRecord
+
+    if not isinstance(rec, RolloutRecord):
+        rec = RolloutRecord.from_dict(rec)
+    cfg = rec.eviction_config
+    return {"reward": rec.reward, "prompt_tokens": len(rec.prompt_ids), "completion_tokens": len(rec.completion_ids),
+            "eps": cfg.eps if cfg is not None else 0.0, "rounds": rec.num_rounds,
+            "peak_kv": peak_kv(rec, num_layers)}
+
+
+def peak_kv(rec: Any, num_layers: int | None = None) -> int:
+    """Largest number of cache entries any layer holds (just before a round, or at the end).
+
+    Uses ``rec.extra["peak_kv"]`` when the engine reported it.
+    """
+    from rlmem.eviction.record import evicted_at
+
+    if "peak_kv" in rec.extra and isinstance(rec.extra["peak_kv"], (int, float)):
+        return int(rec.extra["peak_kv"])
+    n = rec.seq_len
+    if rec.num_rounds == 0:
+        return n
+    ev = evicted_at(rec, num_layers)
+    times = [r.t for r in rec.eviction.rounds] + [n]
+    pos = _arange(n)
+    best = 0
+    for t in times:
+        alive = ((pos[None, :] < t) & (ev >= t)).sum(dim=1)   # before round t, keys < t not yet evicted
+        best = max(best, int(alive.max()))
+    return best
+
+
+def _arange(n: int):
+    import torch
+
+    return torch.arange(n)
+
+
+def replay_mask_codes(evicted_at, max_side: int = 512):
+    """``[L, q, k]`` uint8 picture codes: 0 = future (k > q), 1 = evicted, 2 = visible.
+
+    Visible iff ``k <= q < evicted_at[k]`` (DESIGN.md section 1). Long sequences are subsampled
+    evenly to at most ``max_side`` queries and keys so that 28 layers × 1.3k tokens stay cheap.
+    """
+    import numpy as np
+
+    ev = np.asarray(evicted_at.cpu() if hasattr(evicted_at, "cpu") else evicted_at, dtype=np.float64)
+    if ev.ndim != 2:
+        raise ValueError(f"evicted_at must be [layers, seq_len], got shape {ev.shape}")
+    n = ev.shape[1]
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_side)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    q = idx[:, None]
+    k = idx[None, :]
+    causal = k <= q
+    alive = q[None] < ev[:, idx][:, None, :]
+    codes = np.where(causal[None], np.where(alive, 2, 1), 0).astype(np.uint8)
+    return codes, idx
+
+
+def plot_replay_mask(evicted_at, prompt_len: int, path: str | os.PathLike, title: str = "replay mask") -> Path:
+    """One panel per layer: which keys (x) each query (y) attends to in the replay."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    codes, idx = replay_mask_codes(evicted_at)
+    layers = codes.shape[0]
+    cols = min(4, layers)
+    rows = -(-layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.6), squeeze=False)
+    cmap = ListedColormap(["#ffffff", "#f4a582", "#2166ac"])
+    n = int(idx[-1]) + 1 if len(idx) else 0
+    for l in range(rows * cols):
+        ax = axes[l // cols][l % cols]
+        if l >= layers:
+            ax.axis("off")
+            continue
+        ax.imshow(codes[l], cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
+                  extent=(-0.5, n - 0.5, n - 0.5, -0.5), aspect="auto")
+        if 0 < prompt_len < n:
+            ax.axvline(prompt_len - 0.5, color="k", lw=0.6, ls="--")
+            ax.axhline(prompt_len - 0.5, color="k", lw=0.6, ls="--")
+        visible_last = int((codes[l, -1] == 2).sum()) if len(idx) else 0
+        ax.set_title(f"layer {l} (last query sees {visible_last}/{len(idx)})", fontsize=8)
+        ax.set_xlabel("key position", fontsize=7)
+        ax.set_ylabel("query position", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}  (blue: visible, orange: evicted, dashed: end of prompt)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.PathLike,
+                                 title: str = "accuracy vs compression") -> Path:
+    """Accuracy (every ``pass@k`` key, else ``accuracy``) against peak-KV reduction, one point per ε.
+
+    Each result: ``{"eps", "peak_kv_reduction", "pass@1": .., "pass@1_stderr": .., ...}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in results for k in r if k.startswith("pass@") and not k.endswith("_stderr")}) or ["accuracy"]
+    pts = sorted(results, key=lambda r: r.get("peak_kv_reduction") or 1.0)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for key in keys:
+        xs = [r.get("peak_kv_reduction") or 1.0 for r in pts if r.get(key) is not None]
+        ys = [r[key] for r in pts if r.get(key) is not None]
+        errs = [r.get(f"{key}_stderr", r.get("stderr")) or 0.0 for r in pts if r.get(key) is not None]
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=key)
+        for r, x, y in zip([r for r in pts if r.get(key) is not None], xs, ys):
+            ax.annotate(f"ε={r.get('eps', 0):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("average peak-KV reduction (×)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Keep only rows with ``step < start_step`` (atomically); a fresh run (0) starts an empty file."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", -1)) < start_step:
+                kept.append(line)
+        except (ValueError, AttributeError, TypeError):
+            continue   # a torn last line from a crash
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of ``<output_dir>/metrics.jsonl``."""
+    p = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+

@@ -1,0 +1,197 @@
+"""RunLogger: metrics.jsonl, offline W&B, W&B failures, sample table, replay-mask picture."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from rlmem.eviction.record import NEVER, RolloutRecord
+from rlmem.train.logger import (
+    RunLogger, peak_kv, plot_accuracy_vs_compression, read_metrics, replay_mask_codes, resolve_wandb_mode,
+    summary_line,
+)
+
+STEP = {"reward/mean": 0.25, "eviction/peak_kv_mean": 12.5, "replay/max_abs_logprob_diff": 3e-6}
+
+
+def _logger(tmp_path, **kw):
+    kw.setdefault("wandb_mode", "disabled")
+    return RunLogger(tmp_path / "run", total_steps=4, progress_bar=False, stream=io.StringIO(), **kw)
+
+
+def _record() -> RolloutRecord:
+    # prompt 4 + 6 completion tokens; δ=4, b=2, ε=0.5: rounds at t=4 (evict keys 0,1) and t=8
+    # (6 alive keys, 3 blocks, keep eligible block 1 = keys 4,5 + protected 6,7; evict 2,3).
+    layers4 = [{"num_blocks": 2, "kept": [], "logprob": 0.0}] * 2
+    layers8 = [{"num_blocks": 3, "kept": [1], "logprob": -0.7}] * 2
+    return RolloutRecord.from_dict({
+        "prompt_ids": [1, 2, 3, 4], "completion_ids": [5, 6, 7, 8, 9, 10], "logprobs": [-1.0] * 6,
+        "temperature": 0.9, "reward": 1.0,
+        "eviction": {"delta": 4, "eps": 0.5, "block_size": 2, "window": 2, "protect_recent": 1,
+                     "score_transform": "log", "tau": 1.0,
+                     "rounds": [{"t": 4, "layers": layers4}, {"t": 8, "layers": layers8}]}})
+
+
+def test_metrics_jsonl_rows(tmp_path):
+    with _logger(tmp_path) as lg:
+        lg.log(0, {**STEP, "loss/token": torch.tensor(0.5), "loss/eviction": float("nan")})
+        lg.log(1, {**STEP, "reward/mean": 0.75})
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["reward/mean"] == 0.25 and rows[1]["reward/mean"] == 0.75
+    assert rows[0]["loss/token"] == 0.5 and rows[0]["loss/eviction"] is None   # strict JSON
+    assert rows[0]["replay/max_abs_logprob_diff"] == 3e-6 and rows[0]["eviction/peak_kv_mean"] == 12.5
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_console_summary_and_missing_metric_warning(tmp_path):
+    lg = _logger(tmp_path)
+    lg.log(0, {"reward/mean": 0.5})
+    lg.log(1, {"reward/mean": 0.5})
+    out = lg.stream.getvalue()
+    assert out.count("lack ['eviction/peak_kv_mean', 'replay/max_abs_logprob_diff']") == 1  # warned once
+    assert "step 2/4 | reward 0.5" in out
+    lg.close()
+    assert summary_line(2, 10, {"loss/token": 1.5e-7, "perf/tokens_per_s": 2400.0}) == \
+        "step 3/10 | L_tok 1.50e-07 | tok/s 2400"
+
+
+def test_resume_drops_rows_after_checkpoint(tmp_path):
+    with _logger(tmp_path, run_id="fixedid1") as lg:
+        for s in range(4):
+            lg.log(s, STEP)
+    with _logger(tmp_path, run_id="fixedid1", start_step=2) as lg:
+        assert lg.run_id == "fixedid1"
+        lg.log(2, {**STEP, "reward/mean": 1.0})
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward/mean"] == 1.0
+
+
+def test_offline_wandb_writes_a_run_dir_and_resumes_same_id(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with _logger(tmp_path, wandb_mode="auto", config={"seed": 0}) as lg:
+        assert lg.wandb_mode == "offline" and lg.wandb_active
+        run_id = lg.run_id
+        lg.log(0, STEP)
+        lg.log_samples(0, [_record()], ["12+3"], prompts=["use 1 2 3"])
+    runs = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and list(runs[0].glob(f"run-{run_id}.wandb"))[0].stat().st_size > 0
+    with _logger(tmp_path, wandb_mode="offline", run_id=run_id, start_step=1) as lg:
+        lg.log(1, STEP)
+    names = [p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*") if p.is_dir()]
+    assert names and all(n.endswith(run_id) for n in names), names
+
+
+def test_wandb_init_failure_does_not_stop_the_run(tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*a, **k):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    lg = _logger(tmp_path, wandb_mode="online")
+    assert not lg.wandb_active
+    lg.log(0, STEP)
+    lg.close()
+    out = lg.stream.getvalue()
+    assert "W&B online start failed" in out and "retrying offline" in out and "W&B offline start failed" in out
+    assert read_metrics(tmp_path / "run")[0]["reward/mean"] == 0.25
+
+
+def test_wandb_log_failure_is_reported_once_and_disables_wandb(tmp_path, monkeypatch):
+    class Run:
+        finished = False
+
+        def log(self, *a, **k):
+            raise ConnectionError("gone")
+
+        def finish(self, *a, **k):
+            Run.finished = True
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: Run())
+    lg = _logger(tmp_path, wandb_mode="offline")
+    assert lg.wandb_active
+    for s in range(3):
+        lg.log(s, STEP)
+    assert not lg.wandb_active and Run.finished
+    assert lg.stream.getvalue().count("W&B log failed") == 1
+    assert len(read_metrics(tmp_path / "run")) == 3
+    lg.close()
+
+
+def test_wandb_mode_resolution():
+    assert resolve_wandb_mode("auto", {}) == "offline"
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}) == "online"
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"}) == "disabled"
+    assert resolve_wandb_mode("offline", {"WANDB_API_KEY": "k"}) == "offline"
+
+
+def test_peak_kv_and_sample_rows(tmp_path):
+    rec = _record()
+    assert peak_kv(rec) == 6       # 4 before t=4, 6 before t=8, {4..9} = 6 at the end
+    rec.extra["peak_kv"] = 9
+    assert peak_kv(rec) == 9       # engine-reported value wins
+    lg = _logger(tmp_path, sample_table_size=1)
+    rows = lg.log_samples(3, [_record().to_dict(), _record()], ["a", "b"])
+    lg.close()
+    assert rows == [{"step": 3, "prompt": None, "completion": "a", "reward": 1.0, "prompt_tokens": 4,
+                     "completion_tokens": 6, "eps": 0.5, "rounds": 2, "peak_kv": 6}]
+    saved = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert saved == rows
+
+
+def test_replay_mask_codes_semantics():
+    ev = torch.tensor([[3, NEVER, NEVER, NEVER]])  # key 0 evicted at round t=3
+    codes, idx = replay_mask_codes(ev)
+    assert idx.tolist() == [0, 1, 2, 3]
+    assert codes[0].tolist() == [[2, 0, 0, 0],
+                                 [2, 2, 0, 0],
+                                 [2, 2, 2, 0],
+                                 [1, 2, 2, 2]]
+    big, idx = replay_mask_codes(torch.full((2, 2000), NEVER), max_side=100)
+    assert big.shape == (2, 100, 100) and idx[0] == 0 and idx[-1] == 1999
+
+
+def test_mask_image_written_and_non_empty(tmp_path):
+    lg = _logger(tmp_path, mask_image_every=5)
+    from rlmem.eviction.record import evicted_at
+
+    path = lg.log_mask_image(evicted_at(_record()), prompt_len=4, step=5)
+    lg.close()
+    assert path == tmp_path / "run" / "figures" / "mask_step_000005.png"
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert lg.should_log_mask(10) and not lg.should_log_mask(7)
+
+
+def test_accuracy_vs_compression_plot(tmp_path):
+    results = [{"eps": 0.0, "pass@1": 0.5, "pass@1_stderr": 0.05, "peak_kv_reduction": 1.0},
+               {"eps": 0.5, "pass@1": 0.45, "pass@1_stderr": 0.05, "peak_kv_reduction": 1.9}]
+    lg = _logger(tmp_path)
+    p = lg.log_eval(50, results)
+    lg.close()
+    assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
+    rows = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["eps"] for r in rows] == [0.0, 0.5] and rows[1]["step"] == 50
+    assert math.isclose(rows[1]["peak_kv_reduction"], 1.9)
+    assert plot_accuracy_vs_compression([{"eps": 0.0, "accuracy": 0.3}], tmp_path / "a.png").stat().st_size > 0
+
+
+def test_from_config_with_progress_bar(tmp_path, capsys):
+    from rlmem.train.config import load_config
+
+    cfg = load_config("configs/countdown-tiny.yaml", [f"output_dir={tmp_path}/r", "logging.wandb.mode=disabled"])
+    with RunLogger.from_config(cfg, run_id="abcd1234", start_step=1) as lg:
+        assert (lg.total_steps, lg.sample_table_size, lg.mask_image_every) == (6, 4, 3)
+        lg.log(1, STEP)
+    cap = capsys.readouterr()
+    assert "step 2/6 | reward 0.25" in cap.out and "train" in cap.err   # summary on stdout, bar on stderr
+    assert read_metrics(tmp_path / "r")[0]["step"] == 1

@@ -1,0 +1,269 @@
+"""Losses against hand computations (DESIGN.md section 1, "Losses (Dr. GRPO)")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlmem.loss import LossConfig, eviction_loss, group_advantages, ngc_loss, token_loss
+
+PAD = -100.0  # padding values that would visibly corrupt a result if they leaked through a mask
+
+
+def _tokens():
+    # Two rollouts: 3 completion tokens with A=+1, 1 token with A=-2.
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, PAD, PAD]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0])
+    return lp, mask, adv
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+
+
+def test_group_advantages_mean_only():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    a = group_advantages(r, 4)
+    assert torch.allclose(a, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75]))
+
+
+def test_group_advantages_std():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    a = group_advantages(r, 4, scale_by_std=True, eps=0.0 + 1e-12)
+    # group 1: unbiased std sqrt(1/3); group 2: std 0.5; group 3: all equal -> 0 (not nan).
+    s = 0.5 / math.sqrt(1 / 3)
+    expected = torch.tensor([s, -s, -s, s, 0.5, 0.5, 0.5, -1.5, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(a, expected, atol=1e-6)
+    assert torch.isfinite(group_advantages(torch.ones(4), 4, scale_by_std=True)).all()
+
+
+def test_group_advantages_bad_layout():
+    with pytest.raises(ValueError, match="group_size=4"):
+        group_advantages(torch.zeros(7), 4)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 4), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token loss aggregations
+
+
+def test_token_loss_constant_is_dr_grpo():
+    lp, mask, adv = _tokens()
+    loss, _ = token_loss(lp, None, mask, adv, aggregation="constant", max_len=4)
+    # −(1/G) Σ_i Σ_t logπ A_i / max_len = −((−6)(1) + (−0.5)(−2)) / (2·4) = 5/8
+    assert loss.item() == pytest.approx(0.625, abs=1e-7)
+
+
+def test_token_loss_token_mean_and_seq_mean():
+    lp, mask, adv = _tokens()
+    tm, _ = token_loss(lp, None, mask, adv, aggregation="token_mean")
+    sm, _ = token_loss(lp, None, mask, adv, aggregation="seq_mean")
+    assert tm.item() == pytest.approx(5 / 4, abs=1e-7)                      # −(−5)/4 tokens
+    assert sm.item() == pytest.approx(-((-6 / 3) + (1.0 / 1)) / 2, abs=1e-7)  # 0.5
+
+
+def test_constant_differs_from_token_mean_and_seq_mean():
+    """OpenRLHF's 'dr_grpo' keeps a token mean; with unequal lengths that is a different loss."""
+    lp, mask, adv = _tokens()
+    c, _ = token_loss(lp, None, mask, adv, aggregation="constant", max_len=3)
+    tm, _ = token_loss(lp, None, mask, adv, aggregation="token_mean")
+    sm, _ = token_loss(lp, None, mask, adv, aggregation="seq_mean")
+    assert c.item() == pytest.approx(5 / 6, abs=1e-7)
+    assert abs(c.item() - tm.item()) > 0.1 and abs(c.item() - sm.item()) > 0.1
+    # The constant normaliser does not depend on the completion lengths: adding a token of
+    # log-prob 0 (probability 1) changes token_mean and seq_mean but not the Dr. GRPO loss.
+    lp2 = lp.clone()
+    lp2[1, 1] = 0.0
+    mask2 = mask.clone()
+    mask2[1, 1] = True
+    c2, _ = token_loss(lp2, None, mask2, adv, aggregation="constant", max_len=3)
+    tm2, _ = token_loss(lp2, None, mask2, adv, aggregation="token_mean")
+    assert c2.item() == pytest.approx(c.item(), abs=1e-7)
+    assert tm2.item() == pytest.approx(5 / 5, abs=1e-7)
+
+
+def test_token_loss_global_denominators():
+    lp, mask, adv = _tokens()
+    c, _ = token_loss(lp, None, mask, adv, aggregation="constant", max_len=4, num_sequences=8)
+    t, _ = token_loss(lp, None, mask, adv, aggregation="token_mean", num_tokens=10)
+    s, _ = token_loss(lp, None, mask, adv, aggregation="seq_mean", num_sequences=4)
+    assert c.item() == pytest.approx(5 / 32, abs=1e-7)
+    assert t.item() == pytest.approx(5 / 10, abs=1e-7)
+    assert s.item() == pytest.approx(1 / 4, abs=1e-7)
+
+
+def test_constant_needs_max_len():
+    lp, mask, adv = _tokens()
+    with pytest.raises(ValueError, match="max_len"):
+        token_loss(lp, None, mask, adv, aggregation="constant")
+    with pytest.raises(ValueError, match="max_len"):
+        LossConfig(aggregation="constant")
+    with pytest.raises(ValueError, match="aggregation"):
+        LossConfig(aggregation="mean", max_len=4)
+
+
+def test_unclipped_gradient_is_policy_gradient():
+    """∇loss = −Σ_i A_i Σ_t ∇logπ(o_{i,t}) / (G·max_len), through a real log-softmax."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([0.7, -1.3, 0.2], dtype=torch.float64)
+
+    def logp():
+        return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    loss, _ = token_loss(logp(), None, mask, adv, aggregation="constant", max_len=6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = torch.zeros_like(logits)
+    for i in range(3):
+        for t in range(5):
+            if mask[i, t]:
+                (gi,) = torch.autograd.grad(logp()[i, t], logits)
+                expected -= adv[i] * gi / (3 * 6)
+    assert torch.allclose(grad, expected, atol=1e-12)
+    # With clipping at ratio 1 (old = current) the gradient is the same.
+    lp = logp()
+    loss_c, stats = token_loss(lp, lp.detach(), mask, adv, aggregation="constant", max_len=6, clip_eps=0.2)
+    (grad_c,) = torch.autograd.grad(loss_c, logits)
+    assert torch.allclose(grad_c, expected, atol=1e-12)
+    assert stats["clip_frac"] == 0.0 and stats["ratio_mean"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipping
+
+
+def _clip_case(ratio: float, adv: float, clip_eps=0.2, clip_eps_high=None):
+    lp = torch.tensor([[math.log(0.5)]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - math.log(ratio)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, stats = token_loss(lp, old, mask, torch.tensor([adv], dtype=torch.float64), aggregation="token_mean",
+                             clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+    (g,) = torch.autograd.grad(loss, lp)
+    return loss.item(), g.item(), stats
+
+
+def test_clipping_zero_gradient_on_clipped_side():
+    # ratio above 1+ε with A>0: clipped, no gradient; loss is −(1+ε)A.
+    loss, g, st = _clip_case(1.5, 2.0)
+    assert g == 0.0 and loss == pytest.approx(-1.2 * 2.0) and st["clip_frac"] == 1.0
+    assert st["clip_frac_high"] == 1.0 and st["clip_frac_low"] == 0.0
+    # ratio below 1−ε with A<0: clipped, no gradient.
+    loss, g, st = _clip_case(0.5, -2.0)
+    assert g == 0.0 and loss == pytest.approx(0.8 * 2.0) and st["clip_frac_low"] == 1.0
+    # Outside the range but on the unclipped side: gradient −A·ρ (d ρ / d logπ = ρ).
+    _, g, st = _clip_case(1.5, -2.0)
+    assert g == pytest.approx(2.0 * 1.5) and st["clip_frac"] == 0.0
+    _, g, st = _clip_case(0.5, 2.0)
+    assert g == pytest.approx(-2.0 * 0.5) and st["clip_frac"] == 0.0
+
+
+def test_asymmetric_clip():
+    _, g, _ = _clip_case(1.25, 1.0, clip_eps=0.2, clip_eps_high=0.28)
+    assert g == pytest.approx(-1.25)              # inside [0.8, 1.28]
+    _, g, st = _clip_case(1.3, 1.0, clip_eps=0.2, clip_eps_high=0.28)
+    assert g == 0.0 and st["clip_frac"] == 1.0
+    _, g, _ = _clip_case(0.75, -1.0, clip_eps=0.2, clip_eps_high=0.28)
+    assert g == 0.0                                # low side still 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# Eviction loss
+
+
+def _evictions():
+    # [B=3, R=2, L=2]; rollout 0 has 2 rounds, rollout 1 one, rollout 2 none.
+    lp = torch.tensor([[[-1.0, -2.0], [-3.0, -4.0]],
+                       [[-0.5, -1.5], [PAD, PAD]],
+                       [[PAD, PAD], [PAD, PAD]]])
+    rmask = torch.tensor([[True, True], [True, False], [False, False]])
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    return lp, rmask, adv
+
+
+def test_eviction_loss_hand():
+    lp, rmask, adv = _evictions()
+    loss, stats = eviction_loss(lp, None, rmask, adv)
+    # rollout 0: layer means (−1−3)/2 = −2 and (−2−4)/2 = −3, × A=1 -> −5
+    # rollout 1: layer means −0.5 and −1.5, × A=−1 -> +2
+    # rollout 2: no rounds -> 0, but counts in the average over 3 rollouts.
+    assert loss.item() == pytest.approx(-(-5.0 + 2.0) / 3, abs=1e-7)
+    assert stats["count"] == 6
+    loss_g, _ = eviction_loss(lp, None, rmask, adv, num_sequences=6)
+    assert loss_g.item() == pytest.approx(0.5, abs=1e-7)
+
+
+def test_eviction_loss_gradient_and_clip():
+    lp, rmask, adv = _evictions()
+    lp = lp.clone().requires_grad_(True)
+    loss, _ = eviction_loss(lp, None, rmask, adv)
+    (g,) = torch.autograd.grad(loss, lp)
+    expected = torch.tensor([[[-0.5, -0.5], [-0.5, -0.5]], [[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]) / 3
+    assert torch.allclose(g, expected)
+    # Rollout 0 round 0 moved to ratio e^0.5 > 1.2 with A>0: clipped, its gradient vanishes.
+    old = lp.detach().clone()
+    old[0, 0, :] -= 0.5
+    loss_c, st = eviction_loss(lp, old, rmask, adv, clip_eps=0.2)
+    (gc,) = torch.autograd.grad(loss_c, lp)
+    exp_c = expected.clone()
+    exp_c[0, 0, :] = 0.0
+    assert torch.allclose(gc, exp_c)
+    assert st["clip_frac"] == pytest.approx(2 / 6)
+
+
+def test_ngc_loss_total():
+    lp, mask, adv2 = _tokens()
+    elp, rmask, _ = _evictions()
+    adv = torch.tensor([1.0, -2.0])
+    cfg = LossConfig(aggregation="constant", max_len=4, mem_coef=0.5)
+    total, stats = ngc_loss(lp, None, mask, elp[:2], None, rmask[:2], adv, cfg)
+    # token 0.625; eviction: rollout 0 −5·1, rollout 1 (−0.5−1.5)·(−2) = 4 -> −(−1)/2 = 0.5
+    assert stats["loss/token"] == pytest.approx(0.625)
+    assert stats["loss/eviction"] == pytest.approx(0.5)
+    assert total.item() == pytest.approx(0.625 + 0.5 * 0.5)
+    total0, stats0 = ngc_loss(lp, None, mask, None, None, None, adv, cfg)
+    assert total0.item() == pytest.approx(0.625) and stats0["loss/eviction"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches add up to the full batch
+
+
+@pytest.mark.parametrize("aggregation", ["constant", "token_mean", "seq_mean"])
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_microbatches_sum_to_full_batch(aggregation, clip):
+    g = torch.Generator().manual_seed(1)
+    b, t, r, l = 5, 6, 3, 2
+    w = torch.randn(b, t, generator=g, dtype=torch.float64, requires_grad=True)
+    we = torch.randn(b, r, l, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 1, 4, 0, 3])
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    rmask = torch.arange(r)[None, :] < torch.tensor([3, 0, 1, 0, 2])[:, None]
+    adv = torch.tensor([0.5, -1.0, 0.25, 1.0, -0.75], dtype=torch.float64)
+    old_t = (-torch.rand(b, t, generator=g, dtype=torch.float64)) if clip else None
+    old_e = (-torch.rand(b, r, l, generator=g, dtype=torch.float64) * 3) if clip else None
+    cfg = LossConfig(aggregation=aggregation, max_len=8, mem_coef=0.7, clip_eps=clip)
+
+    def loss_of(idx, **kw):
+        lp = -torch.nn.functional.softplus(w[idx])      # log-probs < 0, on the graph
+        elp = -torch.nn.functional.softplus(we[idx]) * 3
+        return ngc_loss(lp, None if old_t is None else old_t[idx], mask[idx], elp,
+                        None if old_e is None else old_e[idx], rmask[idx], adv[idx], cfg, **kw)[0]
+
+    full = loss_of(torch.arange(b))
+    gw, gwe = torch.autograd.grad(full, (w, we))
+    n_tok = int(mask.sum())
+    parts = [loss_of(torch.tensor(ix), num_sequences=b, num_tokens=n_tok) for ix in ([0, 1], [2], [3, 4])]
+    total = sum(parts)
+    pw, pwe = torch.autograd.grad(total, (w, we))
+    assert total.item() == pytest.approx(full.item(), abs=1e-12)
+    assert torch.allclose(pw, gw, atol=1e-14) and torch.allclose(pwe, gwe, atol=1e-14)
+    assert gw.abs().sum() > 0 and gwe.abs().sum() > 0
+    # Without the global denominators the parts do not add up (except by accident).
+    naive = sum(loss_of(torch.tensor(ix)) for ix in ([0, 1], [2], [3, 4]))
+    assert abs(naive.item() - full.item()) > 1e-3
