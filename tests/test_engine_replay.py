@@ -193,3 +193,20 @@ def test_cuda_flex_replay_matches_dense_with_gradients(tok, tiny_model_dir):
         grads.append((out.token_logprobs.detach(), model.model.layers[0].self_attn.k_proj.weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-3, rtol=1e-3)
+
+
+def test_gradient_checkpointing_recomputes_with_the_eviction_masks(tok, tiny_model_dir):
+    """Backward re-runs checkpointed layers after the forward returned: it must use the same masks."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=4).generate([tok(p).input_ids for p in PROMPTS[:2]], SamplingParams(max_new_tokens=40), cfg)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model.zero_grad()
+        out = replay_forward(model, records)
+        (out.token_logprobs.sum() + out.eviction_logprobs.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-10)
