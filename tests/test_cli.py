@@ -71,3 +71,14 @@ def test_bad_inputs_get_clear_errors(rollout_files, tmp_path):
     assert proc.returncode != 0 and "broken.jsonl:1" in proc.stderr and "logprobs" in proc.stderr
     proc = rlmem("replay-check", out, "--model", tmp_path / "nope", check=False)
     assert proc.returncode != 0 and "nope" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_inspect_draws_what_was_evicted(rollout_files, tmp_path):
+    d, out = rollout_files
+    proc = rlmem("inspect", out, "--index", 1, "--out", tmp_path, "--tokenizer", d / "model")
+    assert "layer 0 at the end" in proc.stdout
+    for name in ("record1_evictions.png", "record1_replay_mask.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    proc = rlmem("inspect", out, "--index", 9, "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "--index 9" in proc.stderr

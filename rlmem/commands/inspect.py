@@ -1,0 +1,59 @@
+"""``rlmem inspect RECORDS.jsonl``: show what a rollout evicted, as pictures and as text."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="draw what a rollout evicted (per-layer strip + replay masks)")
+    p.add_argument("records", help="rollout records (JSONL)")
+    p.add_argument("--index", type=int, default=0, help="which record")
+    p.add_argument("--out", default="inspect", help="output directory for the PNGs")
+    p.add_argument("--tokenizer", default=None, help="model/tokenizer dir to print the surviving text")
+    p.add_argument("--layer", type=int, default=0, help="layer whose surviving text is printed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlmem.eviction.record import NEVER, RecordError, evicted_at, read_jsonl
+    from rlmem.plots import plot_eviction_strip
+    from rlmem.train.logger import plot_replay_mask
+
+    try:
+        records = read_jsonl(args.records)
+    except (RecordError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not 0 <= args.index < len(records):
+        raise SystemExit(f"error: --index {args.index}: {args.records} has {len(records)} records")
+    rec = records[args.index]
+    if rec.eviction is None or not rec.eviction.rounds:
+        raise SystemExit(f"error: record {args.index} has no eviction rounds (full cache); nothing to draw")
+    n_layers = len(rec.eviction.rounds[0].layers)
+    if not 0 <= args.layer < n_layers:
+        raise SystemExit(f"error: --layer {args.layer}: the record has {n_layers} layers")
+    out = Path(args.out)
+    strip = plot_eviction_strip(rec, n_layers, out / f"record{args.index}_evictions.png")
+    ea = evicted_at(rec, n_layers)
+    mask = plot_replay_mask(ea, len(rec.prompt_ids), out / f"record{args.index}_replay_mask.png",
+                            title=f"record {args.index}")
+    cfg = rec.eviction.config
+    print(f"record {args.index}: prompt {len(rec.prompt_ids)} + completion {len(rec.completion_ids)} tokens, "
+          f"delta={cfg.delta} eps={cfg.eps} block={cfg.block_size} window={cfg.window} "
+          f"protect_recent={cfg.protect_recent}, reward={rec.reward}")
+    print(f"{'round':>5} {'t':>6}  " + "  ".join(f"L{l}: N kept logp" for l in range(min(n_layers, 4))))
+    for i, r in enumerate(rec.eviction.rounds):
+        cells = [f"L{l}: {x.num_blocks:>2} {len(x.kept):>2} {x.logprob:7.2f}" for l, x in enumerate(r.layers[:4])]
+        print(f"{i:>5} {r.t:>6}  " + "  ".join(cells))
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        ids = rec.prompt_ids + rec.completion_ids
+        kept = (ea[args.layer] == NEVER).tolist()
+        pieces = [tok.decode([t]) if k else "·" for t, k in zip(ids, kept)]
+        print(f"layer {args.layer} at the end (· = evicted):\n" + "".join(pieces))
+    print(f"wrote {strip} and {mask}")
+    return 0
