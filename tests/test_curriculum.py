@@ -6,7 +6,7 @@ import pytest
 
 from rlmem.train.config import CurriculumConfig, EvictionSection, InteroceptionConfig
 from rlmem.train.curriculum import (
-    curriculum_eps, group_eps, interoception_eps, interoception_tag, retention_at, with_interoception_tag,
+    curriculum_eps, group_eps, interoception_eps, retention_at,
 )
 
 RATES = [1.0, 0.5, 0.25]
@@ -51,13 +51,6 @@ def test_interoception_is_seeded_and_covers_choices():
     assert a != interoception_eps([0.25, 0.5, 0.75], 64, seed=1, step=8)
     assert a != interoception_eps([0.25, 0.5, 0.75], 64, seed=2, step=7)
     assert set(a) == {0.25, 0.5, 0.75} and len(a) == 64
-
-
-def test_interoception_tag_format():
-    assert interoception_tag(0.5) == "<eviction_rate>50%</eviction_rate>"
-    assert interoception_tag(0.1) == "<eviction_rate>10%</eviction_rate>"
-    assert interoception_tag(0.375) == "<eviction_rate>37.5%</eviction_rate>"
-    assert with_interoception_tag("Solve it.", 0.25) == "Solve it.\n<eviction_rate>25%</eviction_rate>"
 
 
 def test_group_eps_precedence():

@@ -10,7 +10,7 @@ import pytest
 from rewards import countdown_reward, get_reward
 from rlmem.data import build_prompt, find_leaks, generate_countdown, load_examples, solve
 from rlmem.data.datasets import DatasetError
-from rlmem.data.templates import format_percent
+from rlmem.data.templates import format_percent, interoception_tag
 
 FIX = Path(__file__).parent / "fixtures" / "datasets"
 
@@ -121,6 +121,8 @@ def test_templates(tiny_model_dir):
                                            tokenize=False, add_generation_prompt=True)
     tagged = build_prompt(cd, tok, eviction_rate=0.5)
     assert tagged == text + "<eviction_rate>50%</eviction_rate>"
+    assert interoception_tag(0.375) == "<eviction_rate>37.5%</eviction_rate>"
+    assert interoception_tag(0.1) == "<eviction_rate>10%</eviction_rate>"
     in_user = build_prompt(cd, tok, eviction_rate=0.25, tag_position="user")
     assert "<eviction_rate>25%</eviction_rate><|assistant|>" in in_user and in_user.endswith("<think>\n")
     ids = tok(tagged, add_special_tokens=False)["input_ids"]

@@ -8,7 +8,7 @@ last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, r
 the stage boundary; after K stages it stays at ρ_K. ε = 1 − ρ.
 
 Interoception: one ε per group drawn uniformly from ``eps_choices``; the tag
-``<eviction_rate>{percent}%</eviction_rate>`` is appended to that group's prompts.
+``<eviction_rate>{percent}%</eviction_rate>`` (rlmem.data.templates) is appended to its prompts.
 """
 
 from __future__ import annotations
@@ -52,16 +52,6 @@ def interoception_eps(choices: Sequence[float], num_groups: int, seed: int, step
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(step), 0x1A7E])  # 0x1A7E: stream tag
     idx = rng.integers(0, len(choices), size=num_groups)
     return [float(choices[i]) for i in idx]
-
-
-def interoception_tag(eps: float) -> str:
-    """``<eviction_rate>50%</eviction_rate>`` for ε = 0.5 (``37.5%`` for 0.375)."""
-    return f"<eviction_rate>{round(eps * 100, 6):g}%</eviction_rate>"
-
-
-def with_interoception_tag(prompt: str, eps: float, sep: str = "\n") -> str:
-    """The user prompt with the rate tag appended (before any chat template is applied)."""
-    return f"{prompt}{sep}{interoception_tag(eps)}"
 
 
 def group_eps(eviction: EvictionSection, num_groups: int, step: int, seed: int) -> list[float]:
