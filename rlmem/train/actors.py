@@ -1,0 +1,160 @@
+"""The Ray actors of a run: rollout workers (an NGC engine each) and learner workers (one DeepSpeed rank each).
+
+Both are plain classes, wrapped with ``ray.remote`` by the driver (:func:`remote_class`), so they can
+also be used in-process. Everything they exchange with the driver is plain data: token ids,
+:class:`~rlmem.engine.sampling.SamplingParams`, :class:`~rlmem.eviction.policy.EvictionConfig`,
+:class:`~rlmem.eviction.record.RolloutRecord` and metric dicts.
+
+A learner worker is built in two calls: the constructor is cheap (no torch.distributed), and
+:meth:`LearnerWorker.setup` joins the process group once the driver knows rank 0's address and a
+free port on that node (:meth:`LearnerWorker.rendezvous_address`), so the rendezvous works across nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from rlmem.engine.sampling import SamplingParams
+from rlmem.eviction.policy import EvictionConfig
+from rlmem.eviction.record import RolloutRecord
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _set_threads(num_threads: int | None) -> None:
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
+class RolloutWorker:
+    """An NGC rollout engine on its own copy of the policy (torch reference backend)."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, index: int = 0,
+                 num_threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlmem.engine.reference import ReferenceEngine
+
+        _set_threads(num_threads)
+        self.index = index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        model.eval()
+        self.engine = ReferenceEngine(model, self.tokenizer, seed=seed)
+        self.num_layers = self.engine.num_layers
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams,
+                 eviction_configs: list[EvictionConfig | None], greedy: bool = False
+                 ) -> tuple[list[RolloutRecord], dict[str, float]]:
+        """One rollout per prompt; returns the records and the engine's counters."""
+        records = self.engine.generate(prompt_ids, sampling, eviction_configs, greedy_evictions=greedy)
+        s = self.engine.last_stats
+        return records, {"new_tokens": float(s.new_tokens), "seconds": s.seconds, "rounds": float(s.rounds),
+                         "peak_cache_bytes": float(s.peak_cache_bytes)}
+
+    def update_weights(self, bucket) -> int:
+        """Load one weight-sync bucket (:class:`~rlmem.train.weight_sync.Bucket`); return its parameter count."""
+        from rlmem.train.weight_sync import unpack_bucket
+
+        pairs = unpack_bucket(bucket)
+        self.engine.load_weights(pairs)
+        return len(pairs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The engine's current weights (tests compare them with the learner's)."""
+        return {k: v.detach().clone() for k, v in self.engine.model.named_parameters()}
+
+    def node_id(self) -> str:
+        return _node_id()
+
+    def ping(self) -> int:
+        return self.index
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "num_layers": self.num_layers, "node_id": _node_id()}
+
+
+class LearnerWorker:
+    """One data-parallel rank of the DeepSpeed learner (:class:`rlmem.train.learner.Learner`)."""
+
+    def __init__(self, learner_config, *, rank: int, world_size: int, num_threads: int | None = None):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        _set_threads(num_threads)
+        self.cfg = learner_config
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it right now (rank 0 hosts the process group)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> float:
+        """Join the process group and build the DeepSpeed engine (collective); return seconds taken."""
+        from rlmem.train.learner import Learner
+
+        t0 = time.perf_counter()
+        self.learner = Learner(self.cfg, rank=self.rank, world_size=self.world_size,
+                               master_addr=master_addr, master_port=master_port)
+        return time.perf_counter() - t0
+
+    def train_step(self, records: list[RolloutRecord], advantages: list[float], global_num_sequences: int
+                   ) -> dict[str, float]:
+        return self.learner.train_step(records, advantages, global_num_sequences=global_num_sequences)
+
+    def publish_weights(self, bucket_bytes: int) -> tuple[list[Any], int, int] | None:
+        """Put the weights into the object store in buckets (collective); rank 0 returns
+        ``(bucket refs, parameter count, bytes)``, other ranks ``None``."""
+        import ray
+
+        from rlmem.train.weight_sync import make_buckets
+
+        named = self.learner.named_parameters_for_sync()
+        if self.rank != 0:
+            for _ in named:   # ZeRO 3 gathers collectively: every rank walks the parameters
+                pass
+            return None
+        refs, count, nbytes = [], 0, 0
+        for b in make_buckets(named, bucket_bytes):
+            refs.append(ray.put(b))
+            count += len(b.names)
+            nbytes += b.nbytes
+        return refs, count, nbytes
+
+    def save_checkpoint(self, ckpt_dir: str, client_state: dict | None = None) -> None:
+        self.learner.save_checkpoint(ckpt_dir, client_state)
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        return self.learner.load_checkpoint(ckpt_dir)
+
+    def export_hf(self, out_dir: str) -> str:
+        return str(self.learner.export_hf(out_dir))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights (collective under ZeRO 3); tests compare ranks and runs."""
+        return {k: v.detach().clone() for k, v in self.learner.named_parameters_for_sync()}
+
+    def node_id(self) -> str:
+        return _node_id()
+
+
+def remote_class(cls: type, *, max_concurrency: int = 1):
+    """``ray.remote(cls)``: one definition, wrapped lazily so that importing this module needs no Ray."""
+    import ray
+
+    return ray.remote(max_concurrency=max_concurrency)(cls)

@@ -1,0 +1,68 @@
+"""The driver's pure pieces: resumable prompt stream, seeds, sharding, decoding, unsupported options."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlmem.train.driver import (
+    TrainingError, check_supported, decode_completion, prompt_indices, split_even, step_seed,
+)
+from train_helpers import tiny_run_config
+
+
+def test_prompt_stream_is_a_pure_function_of_the_position():
+    whole = prompt_indices(0, 30, 10, seed=3, shuffle=True)
+    # every epoch is a permutation of the data set, and epochs differ
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert whole[:10] != whole[10:20]
+    # resuming at any position gives the same continuation
+    assert prompt_indices(7, 13, 10, seed=3, shuffle=True) == whole[7:20]
+    assert prompt_indices(0, 10, 10, seed=4, shuffle=True) != whole[:10]
+    assert prompt_indices(8, 4, 10, seed=3, shuffle=False) == [8, 9, 0, 1]
+
+
+def test_step_seeds_differ_per_step_and_worker_and_repeat():
+    seeds = {step_seed(0, s, w) for s in range(5) for w in range(3)}
+    assert len(seeds) == 15 and step_seed(0, 2, 1) == step_seed(0, 2, 1)
+
+
+def test_split_even_keeps_groups_contiguous():
+    assert split_even(list(range(8)), 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert split_even(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_decode_keeps_special_tags_and_drops_final_eos(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("<answer> 1 + 2 </answer>", add_special_tokens=False) + [tok.eos_token_id]
+    assert decode_completion(tok, ids) == "<answer> 1 + 2 </answer>"
+
+
+def test_unsupported_options_fail_before_ray(tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match="rollout.backend: vllm is not available yet"):
+        check_supported(tiny_run_config(tiny_model_dir, tmp_path, "rollout.backend=vllm"))
+    with pytest.raises(TrainingError, match="algorithm.kl_coef"):
+        check_supported(tiny_run_config(tiny_model_dir, tmp_path, "algorithm.kl_coef=0.1"))
+    check_supported(tiny_run_config(tiny_model_dir, tmp_path))
+
+
+@pytest.mark.slow
+def test_a_dead_actor_is_named(tiny_model_dir):
+    ray = pytest.importorskip("ray")
+    from rlmem.train.actors import RolloutWorker, remote_class
+    from rlmem.train.driver import Workers
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
+    try:
+        actors = [remote_class(RolloutWorker).options(num_cpus=0.25).remote(str(tiny_model_dir), index=i)
+                  for i in range(2)]
+        w = Workers(actors, [], rollout_names=["rollout worker 0", "rollout worker 1"])
+        assert ray.get([a.ping.remote() for a in actors]) == [0, 1]
+        ray.kill(actors[1])
+        with pytest.raises(ray.exceptions.RayActorError) as err:
+            ray.get(actors[1].ping.remote())
+        assert w.name_of(err.value.actor_id) == "rollout worker 1"
+        assert w.name_of(actors[0]._actor_id) == "rollout worker 0" and w.name_of(None) is None
+    finally:
+        ray.shutdown()
