@@ -8,5 +8,6 @@ completions, and returns in bounded time.
 from rewards.registry import get_reward, list_rewards, register_reward
 from rewards.countdown import countdown_reward
 from rewards.math import math_reward
+from rewards.format import answer_tag_reward
 
-__all__ = ["countdown_reward", "math_reward", "get_reward", "register_reward", "list_rewards"]
+__all__ = ["countdown_reward", "math_reward", "answer_tag_reward", "get_reward", "register_reward", "list_rewards"]

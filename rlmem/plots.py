@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_eviction_strip(record: RolloutRecord, num_layers: int, path: str | os.PathLike, title: str = "") -> Path:
@@ -45,9 +57,88 @@ def plot_eviction_strip(record: RolloutRecord, num_layers: int, path: str | os.P
     kept = int((ea == NEVER).sum())
     ax.set_title(title or f"what the model evicted: {len(times)} rounds, {kept}/{ea.numel()} (layer, key) "
                           f"entries kept to the end (grey)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def replay_mask_codes(evicted_at, max_side: int = 512):
+    """``[L, q, k]`` uint8 picture codes: 0 = future (k > q), 1 = evicted, 2 = visible.
+
+    Visible iff ``k <= q < evicted_at[k]`` (DESIGN.md section 1). Long sequences are subsampled
+    evenly to at most ``max_side`` queries and keys so that 28 layers × 1.3k tokens stay cheap.
+    """
+    import numpy as np
+
+    ev = np.asarray(evicted_at.cpu() if hasattr(evicted_at, "cpu") else evicted_at, dtype=np.float64)
+    if ev.ndim != 2:
+        raise ValueError(f"evicted_at must be [layers, seq_len], got shape {ev.shape}")
+    n = ev.shape[1]
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_side)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    q = idx[:, None]
+    k = idx[None, :]
+    causal = k <= q
+    alive = q[None] < ev[:, idx][:, None, :]
+    codes = np.where(causal[None], np.where(alive, 2, 1), 0).astype(np.uint8)
+    return codes, idx
+
+
+def plot_replay_mask(evicted_at, prompt_len: int, path: str | os.PathLike, title: str = "replay mask") -> Path:
+    """One panel per layer: which keys (x) each query (y) attends to in the replay."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    codes, idx = replay_mask_codes(evicted_at)
+    layers = codes.shape[0]
+    cols = min(4, layers)
+    rows = -(-layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.6), squeeze=False)
+    cmap = ListedColormap(["#ffffff", "#f4a582", "#2166ac"])
+    n = int(idx[-1]) + 1 if len(idx) else 0
+    for l in range(rows * cols):
+        ax = axes[l // cols][l % cols]
+        if l >= layers:
+            ax.axis("off")
+            continue
+        ax.imshow(codes[l], cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
+                  extent=(-0.5, n - 0.5, n - 0.5, -0.5), aspect="auto")
+        if 0 < prompt_len < n:
+            ax.axvline(prompt_len - 0.5, color="k", lw=0.6, ls="--")
+            ax.axhline(prompt_len - 0.5, color="k", lw=0.6, ls="--")
+        visible_last = int((codes[l, -1] == 2).sum()) if len(idx) else 0
+        ax.set_title(f"layer {l} (last query sees {visible_last}/{len(idx)})", fontsize=8)
+        ax.set_xlabel("key position", fontsize=7)
+        ax.set_ylabel("query position", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title}  (blue: visible, orange: evicted, dashed: end of prompt)", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.PathLike,
+                                 title: str = "accuracy vs compression") -> Path:
+    """Accuracy (every ``pass@k`` key, else ``accuracy``) against peak-KV reduction, one point per ε.
+
+    Each result: ``{"eps", "peak_kv_reduction", "pass@1": .., "pass@1_stderr": .., ...}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in results for k in r if k.startswith("pass@") and not k.endswith("_stderr")}) or ["accuracy"]
+    pts = sorted(results, key=lambda r: r.get("peak_kv_reduction") or 1.0)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for key in keys:
+        xs = [r.get("peak_kv_reduction") or 1.0 for r in pts if r.get(key) is not None]
+        ys = [r[key] for r in pts if r.get(key) is not None]
+        errs = [r.get(f"{key}_stderr", r.get("stderr")) or 0.0 for r in pts if r.get(key) is not None]
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=key)
+        for r, x, y in zip([r for r in pts if r.get(key) is not None], xs, ys):
+            ax.annotate(f"ε={r.get('eps', 0):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("average peak-KV reduction (×)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

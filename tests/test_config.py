@@ -231,6 +231,7 @@ def test_train_command_reports_config_errors_before_anything_starts(capsys, monk
 
     called = []
     fake = types.ModuleType("rlmem.train.driver")
+    fake.TrainingError = RuntimeError
     fake.run_training = lambda cfg: called.append(cfg) or 0
     monkeypatch.setitem(sys.modules, "rlmem.train.driver", fake)
     assert cli_main(["train", str(TINY), "algorithm.rollouts_per_prompt=1"]) == 2
@@ -244,6 +245,7 @@ def test_train_command_runs_driver_with_resolved_config(monkeypatch):
 
     called = []
     fake = types.ModuleType("rlmem.train.driver")
+    fake.TrainingError = RuntimeError
     fake.run_training = lambda cfg: called.append(cfg) or 0
     monkeypatch.setitem(sys.modules, "rlmem.train.driver", fake)
     assert cli_main(["train", str(TINY), "trainer.total_steps=2"]) == 0
@@ -258,17 +260,36 @@ def test_train_command_ctrl_c_exits_130(monkeypatch):
         raise KeyboardInterrupt
 
     fake = types.ModuleType("rlmem.train.driver")
+    fake.TrainingError = RuntimeError
     fake.run_training = interrupted
     monkeypatch.setitem(sys.modules, "rlmem.train.driver", fake)
     assert cli_main(["train", str(TINY)]) == 130
 
 
-def test_train_command_without_driver_says_so(monkeypatch, capsys):
-    import sys
+def test_train_command_reports_a_failed_run_in_one_line(capsys):
+    from rlmem.train.driver import TrainingError
 
-    monkeypatch.setitem(sys.modules, "rlmem.train.driver", None)  # import raises ModuleNotFoundError
-    assert cli_main(["train", str(TINY)]) == 1
-    assert "rlmem.train.driver" in capsys.readouterr().err
+    import rlmem.train.driver as driver
+
+    def dies(cfg):
+        raise TrainingError("rollout worker 0 died; last checkpoint: none")
+
+    orig = driver.run_training
+    driver.run_training = dies
+    try:
+        assert cli_main(["train", str(TINY)]) == 1
+    finally:
+        driver.run_training = orig
+    err = capsys.readouterr().err
+    assert err.strip() == "rlmem train: rollout worker 0 died; last checkpoint: none"
+
+
+def test_unknown_reward_names_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["data.reward=nope", "data.shaping=[{name: countdwn, weight: 0.1}]"])
+    keys = [k for k, _ in e.value.problems]
+    assert "data.reward" in keys and "data.shaping.0.name" in keys
+    assert "registered rewards" in str(e.value)
 
 
 def test_tiny_model_is_made_on_first_use_and_loads(tmp_path):

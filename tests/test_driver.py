@@ -66,3 +66,15 @@ def test_a_dead_actor_is_named(tiny_model_dir):
         assert w.name_of(actors[0]._actor_id) == "rollout worker 0" and w.name_of(None) is None
     finally:
         ray.shutdown()
+
+
+def test_shaping_rewards_add_to_the_verifier_but_not_to_accuracy(tiny_model_dir, tmp_path):
+    from rlmem.train.driver import compute_rewards, rollout_metrics
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, data={"reward": "countdown",
+                                                          "shaping": [{"name": "answer_tag", "weight": 0.25}]})
+    ex = {"prompt": "p", "target": 7, "numbers": [3, 4], "reward": "countdown", "id": 0}
+    texts = ["<answer>3+4</answer>", "<answer>3*4</answer>", "no answer", "<answer>"]
+    total, verifier = compute_rewards(cfg, texts, [ex] * 4, ["p"] * 4)
+    assert verifier == [1.0, 0.0, 0.0, 0.0]
+    assert total == [1.25, 0.25, 0.0, 0.25]

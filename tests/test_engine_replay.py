@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
-from rlmem.eviction.record import NEVER, evicted_at, read_jsonl, write_jsonl
+from rlmem.eviction.record import NEVER, evicted_at, peak_kv, read_jsonl, write_jsonl
 from rlmem.replay import replay_forward, rollout_logprobs
 
 PROMPTS = ["Solve 12+7.", "a much longer prompt that is longer than delta", "x"]   # 11, 47, 1 tokens
@@ -112,6 +112,9 @@ def test_peak_cache_stays_at_steady_state_while_full_cache_grows(tok, tiny_model
         assert full.extra["peak_kv"] == len(prompt[0]) + n_new - 1           # grows linearly
         assert abs(rec.extra["peak_kv"] - cfg.delta / cfg.eps) <= cfg.block_size   # δ/ε within one block
         assert ngc_bytes < engine.last_stats.peak_cache_bytes                      # memory really freed
+        for r in (rec, full):   # the record alone gives the same peak as the engine measured
+            measured = r.extra.pop("peak_kv")
+            assert peak_kv(r, 2) == measured
 
 
 def test_evicted_at_and_record_roundtrip(tok, tiny_model_dir, tmp_path):

@@ -9,11 +9,9 @@ import math
 import pytest
 import torch
 
-from rlmem.eviction.record import NEVER, RolloutRecord
-from rlmem.train.logger import (
-    RunLogger, peak_kv, plot_accuracy_vs_compression, read_metrics, replay_mask_codes, resolve_wandb_mode,
-    summary_line,
-)
+from rlmem.eviction.record import NEVER, RolloutRecord, peak_kv
+from rlmem.plots import plot_accuracy_vs_compression, replay_mask_codes
+from rlmem.train.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line
 
 STEP = {"reward/mean": 0.25, "eviction/peak_kv_mean": 12.5, "replay/max_abs_logprob_diff": 3e-6}
 

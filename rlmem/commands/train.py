@@ -2,7 +2,7 @@
 
 The config is loaded and checked completely before anything heavy (Ray, DeepSpeed, vLLM) is
 imported: a typo costs a second, not a cluster start-up. Exit codes: 0 done, 2 bad config,
-1 driver unavailable or failed, 130 interrupted (Ctrl-C).
+1 the run failed (a one-line reason, e.g. a worker died), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    from rlmem.train.driver import TrainingError, run_training
+
     try:
-        from rlmem.train.driver import run_training
-    except ModuleNotFoundError as e:
-        if e.name in ("rlmem.train.driver",):
-            print("rlmem train: the training driver (rlmem.train.driver) is not part of this installation yet; "
-                  "the config is valid (see `rlmem config show`).", file=sys.stderr)
-            return 1
-        raise
-    result = run_training(cfg)
-    return int(result) if isinstance(result, int) else 0
+        run_training(cfg)
+    except TrainingError as e:
+        print(f"rlmem train: {e}", file=sys.stderr)
+        return 1
+    return 0

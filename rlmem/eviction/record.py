@@ -234,6 +234,28 @@ def evicted_at(record: RolloutRecord, num_layers: int | None = None) -> torch.Te
     return out
 
 
+def peak_kv(record: RolloutRecord, num_layers: int | None = None) -> int:
+    """The largest number of entries any layer's cache held during the rollout (DESIGN.md "Metric").
+
+    Uses the engine's ``extra["peak_kv"]`` when present; otherwise derives it from the rounds:
+    the peak is reached just before a round (keys ``< t`` not yet evicted) or at the end, when the
+    keys of positions ``0..n-2`` were written (the last sampled token is never fed).
+    """
+    reported = record.extra.get("peak_kv")
+    if isinstance(reported, (int, float)) and not isinstance(reported, bool):
+        return int(reported)
+    written = record.seq_len - 1
+    if record.num_rounds == 0:
+        return written
+    ea = evicted_at(record, num_layers)
+    pos = torch.arange(record.seq_len)
+    best = 0
+    for t in [r.t for r in record.eviction.rounds] + [written]:
+        alive = ((pos[None, :] < t) & (ea >= t)).sum(dim=1)
+        best = max(best, int(alive.max()))
+    return best
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[RolloutRecord], append: bool = False) -> None:
     """Write records as JSON lines. Without ``append`` the file is replaced atomically."""
     path = Path(path)

@@ -47,11 +47,15 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def install(model: torch.nn.Module) -> None:
-    """Switch every attention module of ``model`` to rlmem's dispatcher (idempotent)."""
+    """Switch every attention module of ``model`` to rlmem's dispatcher (idempotent, O(1) once done:
+    the engine calls it before every decode step)."""
+    if getattr(model, "_rlmem_installed", False) and model.config._attn_implementation == ATTENTION_NAME:
+        return
     for m in model.modules():
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation") and cfg._attn_implementation != ATTENTION_NAME:
             cfg._attn_implementation = ATTENTION_NAME
+    model._rlmem_installed = True
 
 
 def check_supported(model: torch.nn.Module) -> None:

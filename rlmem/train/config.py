@@ -98,6 +98,17 @@ class CountdownGenConfig(_Section):
     seed: int = 0
 
 
+class ShapingReward(_Section):
+    """An extra reward added to the verifier's, ``weight`` × ``name(completions, **kwargs)``.
+
+    Accuracy is still measured by ``data.reward`` alone.
+    """
+
+    name: str
+    weight: float = 0.1
+    kwargs: dict[str, Any] = {}
+
+
 class DataConfig(_Section):
     """Training prompts: ``source`` is ``countdown-generated``, a hub dataset id or a local JSONL/Parquet file."""
 
@@ -107,6 +118,8 @@ class DataConfig(_Section):
     shuffle: bool = True
     template: Literal["auto", "plain"] = "auto"    # auto: the tokenizer's chat template if it has one
     reward: str = "countdown"                      # a name in rewards.registry or "module:function"
+    reward_kwargs: dict[str, Any] = {}             # keyword arguments of the reward (e.g. format_score)
+    shaping: list[ShapingReward] = []              # extra weighted rewards added to the verifier's
     countdown: CountdownGenConfig = CountdownGenConfig()
 
 
@@ -156,7 +169,6 @@ class EvictionSection(_Section):
     protect_recent: int = 1
     score_transform: Literal["log", "linear"] = "log"
     tau: float = 1.0
-    zero_reward_before_first_round: bool = False
     curriculum: CurriculumConfig = CurriculumConfig()
     interoception: InteroceptionConfig = InteroceptionConfig()
 
@@ -428,6 +440,14 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
     samples = a.prompts_per_step * a.rollouts_per_prompt
     sz = f"{a.prompts_per_step} prompts x {a.rollouts_per_prompt} rollouts = {samples} samples per step"
 
+    for key, name in [("data.reward", cfg.data.reward)] + [
+            (f"data.shaping.{i}.name", sh.name) for i, sh in enumerate(cfg.data.shaping)]:
+        try:
+            from rewards import get_reward
+
+            get_reward(name)
+        except KeyError as e:
+            out.append((key, str(e).strip('"')))
     if samples % r.num_workers:
         out.append(("rollout.num_workers", f"{sz} do not divide evenly over {r.num_workers} rollout workers"))
     if samples % a.mini_batches:

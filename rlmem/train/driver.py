@@ -273,25 +273,34 @@ def decode_completion(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def compute_rewards(cfg: RunConfig, texts: list[str], examples: list[dict], prompts: list[str]) -> list[float]:
-    """The configured verifier, TRL-style: completions plus the example columns as lists."""
+def compute_rewards(cfg: RunConfig, texts: list[str], examples: list[dict], prompts: list[str]) -> tuple[list[float], list[float]]:
+    """The configured verifier, TRL-style (completions plus the example columns as lists), plus the
+    weighted shaping rewards. Returns ``(total, verifier)``: accuracy is measured on the verifier alone."""
     from rewards import get_reward
 
-    fn = get_reward(cfg.data.reward)
     cols: dict[str, list] = {}
     for k in examples[0]:
         if k not in ("prompt", "completions"):
             cols[k] = [ex.get(k) for ex in examples]
-    out = fn(texts, prompts=prompts, **cols)
-    if len(out) != len(texts):
-        raise TrainingError(f"reward {cfg.data.reward!r} returned {len(out)} values for {len(texts)} completions")
-    return [0.0 if v is None else float(v) for v in out]
+
+    def call(name: str, kwargs: dict) -> list[float]:
+        out = get_reward(name)(texts, prompts=prompts, **cols, **kwargs)
+        if len(out) != len(texts):
+            raise TrainingError(f"reward {name!r} returned {len(out)} values for {len(texts)} completions")
+        return [0.0 if v is None else float(v) for v in out]
+
+    verifier = call(cfg.data.reward, cfg.data.reward_kwargs)
+    total = list(verifier)
+    for sh in cfg.data.shaping:
+        total = [t + sh.weight * v for t, v in zip(total, call(sh.name, sh.kwargs))]
+    return total, verifier
 
 
-def rollout_metrics(records, rewards: list[float], group_eps: list[float], num_layers: int) -> dict[str, float]:
-    """Reward, accuracy, lengths and eviction statistics of one step's rollouts."""
+def rollout_metrics(records, rewards: list[float], verifier: list[float], group_eps: list[float],
+                    num_layers: int) -> dict[str, float]:
+    """Reward (with shaping), accuracy (verifier alone), lengths and eviction statistics of one step."""
+    from rlmem.eviction.record import peak_kv
     from rlmem.metrics import peak_kv_reduction
-    from rlmem.train.logger import peak_kv
 
     r = np.asarray(rewards, dtype=np.float64)
     comp = np.asarray([len(x.completion_ids) for x in records], dtype=np.float64)
@@ -301,7 +310,8 @@ def rollout_metrics(records, rewards: list[float], group_eps: list[float], num_l
     finish = [x.extra.get("finish_reason", "") for x in records]
     return {
         "reward/mean": float(r.mean()), "reward/std": float(r.std()),
-        "accuracy/mean": float((r >= 1.0).mean()),   # binary verifiers: 1 = correct
+        "reward/verifier_mean": float(np.mean(verifier)),
+        "accuracy/mean": float((np.asarray(verifier) >= 1.0).mean()),   # binary verifiers: 1 = correct
         "response_length/mean": float(comp.mean()), "response_length/max": float(comp.max()),
         "response_length/min": float(comp.min()), "prompt_length/mean": float(prm.mean()),
         "response/clipped_frac": float(np.mean([f == "length" for f in finish])),
@@ -361,7 +371,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     sampling_base = dict(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k or 0,
                          top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
                          stop=list(cfg.rollout.stop))
-    min_len_rule = a.min_length_rule or cfg.eviction.zero_reward_before_first_round
+    min_len_rule = a.min_length_rule
 
     started_ray = init_ray(cfg)
     logger = None
@@ -386,7 +396,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
         startup_s = time.perf_counter() - t0
         logger = RunLogger.from_config(cfg, run_id=state.wandb_run_id, start_step=start)
         bs = cfg.batch_sizes()
-        logger._print(f"[rlmem] {'resumed from ' + str(resume_dir) if resume_dir else 'new run'}; "
+        logger.print(f"[rlmem] {'resumed from ' + str(resume_dir) if resume_dir else 'new run'}; "
                       f"{P} prompts x {G} rollouts = {n_samples} samples/step on {bs.rollout_workers} rollout + "
                       f"{bs.learner_workers} learner workers; start-up {startup_s:.1f}s "
                       f"(weight sync {sync0['time/sync']:.2f}s)")
@@ -418,7 +428,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
             t = time.perf_counter()
             texts_c = [decode_completion(tokenizer, r.completion_ids) for r in records]
             rows_ex = [exs[g] for g in range(P) for _ in range(G)]
-            rewards = compute_rewards(cfg, texts_c, rows_ex, [texts_p[g] for g in range(P) for _ in range(G)])
+            rewards, verifier = compute_rewards(cfg, texts_c, rows_ex, [texts_p[g] for g in range(P) for _ in range(G)])
             zeroed = 0
             if min_len_rule:
                 for i, r in enumerate(records):
@@ -441,8 +451,8 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
                               timeout_s=cfg.ray.weight_sync_timeout_s, worker_names=workers.rollout_names)
 
             # 6. metrics, samples, pictures
-            metrics = rollout_metrics(records, rewards, [ev_cfgs[g].eps if ev_cfgs[g] else 0.0 for g in range(P)],
-                                      num_layers)
+            metrics = rollout_metrics(records, rewards, verifier,
+                                      [ev_cfgs[g].eps if ev_cfgs[g] else 0.0 for g in range(P)], num_layers)
             metrics["reward/zeroed_before_first_round"] = float(zeroed)
             metrics["curriculum/step"] = float(step)
             metrics.update({_LEARNER_RENAME.get(k, k): v for k, v in lm.items()})
@@ -465,7 +475,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
             done = step + 1
             if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.total_steps:
                 last_ckpt = _save(cfg, workers, ckpt, done, logger.run_id)
-                logger._print(f"[rlmem] checkpoint {last_ckpt}")
+                logger.print(f"[rlmem] checkpoint {last_ckpt}")
         step = cfg.trainer.total_steps
     except KeyboardInterrupt:
         print(f"\n[rlmem] interrupted at step {step}; last complete checkpoint: {last_ckpt or 'none'} "
