@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
+from rlmem.loss import eviction_loss, token_loss
 from rlmem.eviction.record import NEVER, evicted_at, peak_kv, read_jsonl, write_jsonl
 from rlmem.replay import replay_forward, rollout_logprobs
 
@@ -88,14 +89,17 @@ def test_gradients_reach_every_layer(tok, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
     records = ReferenceEngine(model, tok, seed=2).generate([tok(p).input_ids for p in PROMPTS[:2]], SamplingParams(max_new_tokens=40), cfg)
+    adv = torch.tensor([1.0, -1.0])
     out = replay_forward(model, records)
-    out.eviction_logprobs[out.round_mask].sum().backward()   # eviction term alone
+    loss, _ = eviction_loss(out.eviction_logprobs, None, out.round_mask, adv)   # the eviction loss alone
+    loss.backward()
     for i, layer in enumerate(model.model.layers):
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
             assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0, f"layer {i}"
     model.zero_grad()
     out = replay_forward(model, records, compute_eviction=False)
-    out.token_logprobs[out.token_mask].sum().backward()       # token term alone
+    loss, _ = token_loss(out.token_logprobs, None, out.token_mask, adv, aggregation="constant", max_len=40)
+    loss.backward()                                            # the token loss alone
     for i, layer in enumerate(model.model.layers):
         assert layer.mlp.down_proj.weight.grad.abs().sum() > 0, f"layer {i}"
 
