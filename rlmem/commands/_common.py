@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64", "bfloat16": "bfloat16"}
@@ -47,15 +46,14 @@ def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: --prompts {path}: file not found")
+    from rlmem.jsonl import iter_json_lines
+
     out = []
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {where}: not valid JSON ({e.msg})") from None
+    try:
+        lines = list(iter_json_lines(p))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for where, obj in lines:
         if not isinstance(obj, dict):
             raise SystemExit(f"error: {where}: expected a JSON object")
         if "messages" in obj:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rlmem.data.countdown import countdown_prompt_text, generate_countdown
+from rlmem.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -264,17 +265,10 @@ def read_rows(path: str) -> list[dict]:
             raise DatasetError(f"{path}: expected a list of rows")
         return data
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{lineno}: a row must be a JSON object")
-            rows.append(row)
+    for where, row in iter_json_lines(path, DatasetError):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: a row must be a JSON object")
+        rows.append(row)
     return rows
 
 

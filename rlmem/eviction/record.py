@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
+from rlmem.jsonl import iter_json_lines
 
 NEVER = 2**62  # evicted_at value of a key that is never evicted
 
@@ -277,15 +278,4 @@ def read_jsonl(path: str | os.PathLike) -> list[RolloutRecord]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rollout records file not found: {path}")
-    records = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            records.append(RolloutRecord.from_dict(d, where))
-    return records
+    return [RolloutRecord.from_dict(d, where) for where, d in iter_json_lines(path, RecordError)]
