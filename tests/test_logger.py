@@ -196,3 +196,13 @@ def test_from_config_with_progress_bar(tmp_path, capsys):
     cap = capsys.readouterr()
     assert f"step 2/{cfg.trainer.total_steps} | reward 0.25" in cap.out and "train" in cap.err   # summary on stdout, bar on stderr
     assert read_metrics(tmp_path / "r")[0]["step"] == 1
+
+
+def test_log_every_thins_the_console_not_the_metrics_file(tmp_path):
+    lg = _logger(tmp_path, log_every=3)     # 4 steps: console lines after steps 3 and 4 (the last)
+    for s in range(4):
+        lg.log(s, STEP)
+    out = lg.stream.getvalue()
+    lg.close()
+    assert [l.split("|")[0].strip() for l in out.splitlines() if l.startswith("step")] == ["step 3/4", "step 4/4"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]

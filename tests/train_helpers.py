@@ -40,3 +40,8 @@ def hf_state(path: str | Path) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def always_correct(completions, **_) -> list[float]:
+    """A verifier that accepts everything (pins pass@k to 1 in evaluation tests)."""
+    return [1.0] * len(completions)

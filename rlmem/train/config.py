@@ -223,7 +223,7 @@ class RayConfig(_Section):
 class TrainerConfig(_Section):
     total_steps: int = Field(ge=1)
     log_every: int = Field(1, ge=1)
-    eval_every: int = Field(0, ge=0)               # 0: never (besides an explicit `rlmem eval`)
+    eval_every: int = Field(0, ge=0)               # 0: only at the end (when eval.source is set)
     save_every: int = Field(0, ge=0)               # 0: only at the end
     keep_last: int | None = Field(3, ge=1)         # null: keep every checkpoint
     resume: str = "auto"                           # auto | never | path to a checkpoint dir

@@ -344,6 +344,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     from rlmem.loss import group_advantages
     from rlmem.train import checkpoint as ckpt
     from rlmem.train.curriculum import group_eps
+    from rlmem.train.evaluation import eval_metrics, evaluate, load_eval_examples
     from rlmem.train.logger import RunLogger
     from rlmem.train.weight_sync import sync_weights
 
@@ -356,6 +357,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     examples = load_train_examples(cfg)
     if not examples:
         raise TrainingError(f"data.source {cfg.data.source!r} gave no training examples")
+    eval_examples = load_eval_examples(cfg) if cfg.eval.source else []
 
     resume_dir = ckpt.resolve_resume(out, cfg.trainer.resume)
     state = ckpt.load_trainer_state(resume_dir) if resume_dir else ckpt.TrainerState(step=0)
@@ -463,6 +465,14 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
                             "perf/tokens_per_s": gen_tokens / max(time_rollout, 1e-9),
                             "perf/learner_tokens_per_s": lm.get("tokens/replayed", 0.0) / max(time_learner, 1e-9),
                             "data/position": float((step + 1) * P)})
+            done = step + 1
+            if eval_examples and ((cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0)
+                                  or done == cfg.trainer.total_steps):
+                t = time.perf_counter()
+                results = evaluate(cfg, workers.rollout, tokenizer, eval_examples, step)
+                metrics.update(eval_metrics(results))
+                metrics["time/eval"] = time.perf_counter() - t
+                logger.log_eval(step, results)
             row = logger.log(step, metrics)
             logger.log_samples(step, records, texts_c, prompts=[texts_p[i // G] for i in range(n_samples)],
                                num_layers=num_layers)
@@ -472,7 +482,6 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
                                       title=f"replay mask, step {step} (eps={rec.eviction_config.eps if rec.eviction_config else 0:g})")
 
             # 7. checkpoint
-            done = step + 1
             if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.total_steps:
                 last_ckpt = _save(cfg, workers, ckpt, done, logger.run_id)
                 logger.print(f"[rlmem] checkpoint {last_ckpt}")

@@ -97,6 +97,7 @@ class RunLogger:
         progress_bar: bool = True,
         sample_table_size: int = 8,
         mask_image_every: int = 10,
+        log_every: int = 1,
         stream=None,
     ):
         self.output_dir = Path(output_dir)
@@ -109,6 +110,7 @@ class RunLogger:
         self.run_id = run_id or new_run_id()
         self.sample_table_size = sample_table_size
         self.mask_image_every = mask_image_every
+        self.log_every = max(1, log_every)
         self.stream = stream if stream is not None else sys.stdout
         self._warned: set[str] = set()
         self._t_last = time.monotonic()
@@ -133,7 +135,7 @@ class RunLogger:
                    wandb_entity=w.entity, wandb_mode=w.mode, run_name=w.run_name, group=w.group, tags=w.tags,
                    config=cfg.model_dump(mode="json"), run_id=run_id, start_step=start_step,
                    progress_bar=cfg.logging.progress_bar, sample_table_size=cfg.logging.sample_table_size,
-                   mask_image_every=cfg.logging.mask_image_every, **kw)
+                   mask_image_every=cfg.logging.mask_image_every, log_every=cfg.trainer.log_every, **kw)
 
     # -- W&B plumbing ---------------------------------------------------------------------------
 
@@ -209,8 +211,10 @@ class RunLogger:
         if self._bar is not None:
             self._bar.n = min(int(step) + 1, self.total_steps)
             self._bar.refresh()
-        self.print(summary_line(step, self.total_steps, row, now - self._t_last))
-        self._t_last = now
+        done = int(step) + 1
+        if done % self.log_every == 0 or done == self.total_steps:   # the console line; the file gets every step
+            self.print(summary_line(step, self.total_steps, row, now - self._t_last))
+            self._t_last = now
         return row
 
     # -- sample rollouts ------------------------------------------------------------------------
@@ -257,16 +261,15 @@ class RunLogger:
         return path
 
     def log_eval(self, step: int, results: list[dict[str, Any]]) -> Path:
-        """Append eval results (one dict per ε) to eval.jsonl; plot accuracy vs compression."""
+        """Append eval results (one dict per ε) to eval.jsonl; plot accuracy vs compression.
+
+        The numbers themselves reach metrics.jsonl and W&B with the step's metrics
+        (:func:`rlmem.train.evaluation.eval_metrics`)."""
         with open(self.eval_path, "a") as f:
             for r in results:
                 f.write(json.dumps(to_jsonable({"step": int(step), **r}), allow_nan=False) + "\n")
         path = self.figures_dir / f"accuracy_vs_compression_step_{int(step):06d}.png"
         plot_accuracy_vs_compression(results, path, title=f"accuracy vs compression, step {step}")
-        if self._wandb is not None:
-            flat = {f"eval/eps_{r['eps']:g}/{k}": v for r in results for k, v in r.items()
-                    if k != "eps" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self._wb("log", self._wandb.log, to_jsonable(flat), step=int(step))
         self._log_image("eval/accuracy_vs_compression", path, step)
         return path
 

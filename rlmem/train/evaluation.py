@@ -1,0 +1,80 @@
+"""Periodic evaluation: accuracy (pass@k) against compression (peak-KV reduction), one point per ε.
+
+For each ε of ``eval.eps`` (ε = 0, the full cache, is always run: it is the baseline of the
+reduction) every evaluation problem gets ``eval.num_samples`` completions from the rollout workers,
+with deterministic top-k evictions (evaluation mode, DESIGN.md section 1), graded by the run's
+verifier alone (shaping rewards are a training signal, not a score).
+
+Peak-KV reduction (DESIGN.md "Metric"): per problem, the full-cache peak for the baseline run's
+completion length over the method's peak; with several samples per problem both the baseline
+completion length and the method's peak are averaged over that problem's samples first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from rlmem.train.config import RunConfig
+
+
+def load_eval_examples(cfg: RunConfig) -> list[dict]:
+    from rlmem.data import load_examples
+
+    e = cfg.eval
+    return load_examples(e.source, e.split, limit=e.limit, seed=cfg.seed)
+
+
+def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[dict], step: int) -> list[dict[str, Any]]:
+    """One result dict per ε: ``eps``, ``accuracy``, ``pass@k`` / ``pass@k_stderr`` per k,
+    ``peak_kv_mean``, ``peak_kv_reduction``, ``response_length_mean``."""
+    import ray
+
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.eviction.record import peak_kv
+    from rlmem.metrics import pass_at_k_summary, peak_kv_reduction
+    from rlmem.train.driver import _prompt_text, compute_rewards, decode_completion, split_even, step_seed
+
+    e = cfg.eval
+    n = e.num_samples
+    workers = len(rollout_workers)
+    sampling_kw = dict(temperature=e.temperature, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
+                       top_k=cfg.rollout.top_k or 0, top_p=cfg.rollout.top_p, stop=list(cfg.rollout.stop))
+    tagged = cfg.eviction.interoception.enabled
+    rows = [ex for ex in examples for _ in range(n)]
+    # pad so the rows split evenly over the workers; padding rows are dropped before grading
+    pad = (-len(rows)) % workers
+    results, baseline = [], None
+    for eps in sorted({0.0, *e.eps}):
+        ev = cfg.eviction_config(eps) if eps > 0 else None
+        texts_p = [_prompt_text(ex, tokenizer, cfg, eps if tagged else None) for ex in rows]
+        ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts_p]
+        ids += ids[:1] * pad
+        futs = [w.generate.remote(part, SamplingParams(**sampling_kw, seed=step_seed(cfg.seed, step, 1000 + i)),
+                                  [ev] * len(part), True)
+                for i, (w, part) in enumerate(zip(rollout_workers, split_even(ids, workers)))]
+        records = [r for recs, _ in ray.get(futs) for r in recs][: len(rows)]
+        texts_c = [decode_completion(tokenizer, r.completion_ids) for r in records]
+        _, verifier = compute_rewards(cfg, texts_c, rows, texts_p)
+        correct = np.asarray(verifier).reshape(len(examples), n) >= 1.0
+        comp = np.asarray([len(r.completion_ids) for r in records], dtype=float).reshape(len(examples), n)
+        peaks = np.asarray([peak_kv(r) for r in records], dtype=float).reshape(len(examples), n)
+        if baseline is None:
+            baseline = comp.mean(axis=1)
+        prompt_lens = [len(records[i * n].prompt_ids) for i in range(len(examples))]
+        res: dict[str, Any] = {"eps": eps, "accuracy": float(correct.mean()), "peak_kv_mean": float(peaks.mean()),
+                               "response_length_mean": float(comp.mean()),
+                               "peak_kv_reduction": peak_kv_reduction(
+                                   prompt_lens, [int(round(c)) for c in baseline],
+                                   [max(1, int(round(p))) for p in peaks.mean(axis=1)])}
+        for k in e.k:
+            mean, se = pass_at_k_summary(correct.sum(axis=1).astype(int).tolist(), n, k)
+            res[f"pass@{k}"], res[f"pass@{k}_stderr"] = mean, se
+        results.append(res)
+    return results
+
+
+def eval_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Flatten results into ``eval/eps_{ε}/{name}`` metrics for metrics.jsonl and W&B."""
+    return {f"eval/eps_{r['eps']:g}/{k}": float(v) for r in results for k, v in r.items() if k != "eps"}
