@@ -3,13 +3,90 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from train_helpers import tiny_run_config
 
 EVAL = {"source": "countdown-generated", "split": "test", "limit": 2, "num_samples": 2, "k": [1, 2],
-        "eps": [0.5], "max_new_tokens": 40, "temperature": 1.0}
+        "eps": [0.5], "max_new_tokens": 16, "temperature": 1.0}
+
+GRADED: list[dict] = []   # what graded_reward saw and returned, one entry per call (= per ε)
+
+
+def graded_reward(completions, target=None, reward_scale=1.0, **_) -> list[float]:
+    """A verifier we control: correct iff the completion text has an even length (mixes 0 and 1 on
+    random text). Records its inputs and grades so tests can recompute pass@k by hand."""
+    out = [reward_scale if len(c) % 2 == 0 else 0.0 for c in completions]
+    GRADED.append({"completions": list(completions), "target": list(target), "rewards": out})
+    return out
+
+
+def _hand_pass_at_k(rewards: list[float], n: int, k: int) -> tuple[float, float]:
+    """pass@k = 1 - C(n-c, k)/C(n, k) per problem (rows are problem-major), mean and std(ddof=1)/sqrt(m)."""
+    per = [1.0 - math.comb(n - c, k) / math.comb(n, k)
+           for c in (sum(r >= 1.0 for r in rewards[i:i + n]) for i in range(0, len(rewards), n))]
+    mean = sum(per) / len(per)
+    se = math.sqrt(sum((v - mean) ** 2 for v in per) / (len(per) - 1) / len(per))
+    return mean, se
+
+
+@pytest.mark.slow
+def test_evaluate_grades_with_the_verifier_and_measures_peak_kv(tiny_model_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    from transformers import AutoTokenizer
+
+    from rlmem.metrics import peak_no_eviction, schedule_peak
+    from rlmem.train.actors import RolloutWorker, remote_class
+    from rlmem.train.driver import _prompt_text
+    from rlmem.train.evaluation import evaluate, load_eval_examples
+
+    # shaping that would make every sample "correct" if it leaked into the score
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, eval=EVAL,
+                          data={"reward": "test_evaluation:graded_reward", "reward_kwargs": {"reward_scale": 1.0},
+                                "shaping": [{"name": "train_helpers:always_correct", "weight": 5.0}]})
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    examples = load_eval_examples(cfg)
+    assert len(examples) == 2 and all(ex["id"].startswith("countdown-gen-test-") for ex in examples)
+    GRADED.clear()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
+    try:   # 3 workers for 2 problems x 2 samples: exercises the padding of uneven splits
+        workers = [remote_class(RolloutWorker).options(num_cpus=0.25).remote(str(tiny_model_dir), index=i)
+                   for i in range(3)]
+        results = evaluate(cfg, workers, tok, examples, step=0)
+    finally:
+        ray.shutdown()
+
+    assert [r["eps"] for r in results] == [0.0, 0.5]   # the full-cache baseline first, always
+    for r in results:
+        assert set(r) == {"eps", "accuracy", "pass@1", "pass@1_stderr", "pass@2", "pass@2_stderr",
+                          "peak_kv_mean", "peak_kv_reduction", "response_length_mean"}
+    assert len(GRADED) == 2   # one verifier call per ε, 4 rows each (padding rows dropped)
+    for r, g in zip(results, GRADED):
+        assert len(g["rewards"]) == 4
+        assert g["target"] == [examples[0]["target"]] * 2 + [examples[1]["target"]] * 2   # problem-major
+        for k in (1, 2):
+            mean, se = _hand_pass_at_k(g["rewards"], 2, k)
+            assert r[f"pass@{k}"] == pytest.approx(mean, abs=1e-12)
+            assert r[f"pass@{k}_stderr"] == pytest.approx(se, abs=1e-12)
+        assert r["accuracy"] == sum(g["rewards"]) / 4   # shaping (+5 each) is not in the score
+    assert any(0 < r["accuracy"] < 1 for r in results), "the reward should mix grades (test precondition)"
+
+    # Peak KV: every sample ran its 16 tokens (random tiny model), so the numbers follow from the
+    # schedule: full cache p + 16 - 1; eps 0.5 peaks per rlmem.metrics.schedule_peak.
+    ev = cfg.eviction
+    p = [len(tok.encode(_prompt_text(ex, tok, cfg, None), add_special_tokens=False)) for ex in examples]
+    for r in results:
+        assert r["response_length_mean"] == 16.0
+    base, half = results
+    assert base["peak_kv_reduction"] == 1.0
+    assert base["peak_kv_mean"] == pytest.approx(sum(pi + 15 for pi in p) / 2)
+    method = [schedule_peak(pi, 16, delta=ev.delta, eps=0.5, block_size=ev.block_size) for pi in p]
+    assert half["peak_kv_mean"] == pytest.approx(sum(method) / 2)
+    expected = sum(peak_no_eviction(pi, 16) / m for pi, m in zip(p, method)) / 2
+    assert half["peak_kv_reduction"] == pytest.approx(expected, rel=1e-12)
+    assert half["peak_kv_reduction"] > 1.0
 
 
 @pytest.mark.slow
@@ -21,18 +98,21 @@ def test_training_run_evaluates_accuracy_against_compression(tiny_model_dir, tmp
                           trainer={"total_steps": 2, "eval_every": 1, "save_every": 0, "log_every": 2})
     run_training(cfg)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
+    assert len(rows) == 2   # log_every thins the console only: the file has every step
     for row in rows:
         for eps in ("0", "0.5"):
             assert row[f"eval/eps_{eps}/pass@1"] == 1.0 and row[f"eval/eps_{eps}/pass@2"] == 1.0
             assert row[f"eval/eps_{eps}/pass@1_stderr"] == 0.0
-        assert row["eval/eps_0/peak_kv_reduction"] == pytest.approx(1.0, abs=0.05)   # the baseline itself
+            assert row[f"eval/eps_{eps}/accuracy"] == 1.0
+        assert row["eval/eps_0/peak_kv_reduction"] == 1.0                            # the baseline itself
         assert row["eval/eps_0.5/peak_kv_reduction"] > 1.0                           # eviction saves memory
         assert row["eval/eps_0.5/peak_kv_mean"] < row["eval/eps_0/peak_kv_mean"]
+        assert row["time/eval"] > 0
     evals = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [(e["step"], e["eps"]) for e in evals] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
-    png = tmp_path / "run" / "figures" / "accuracy_vs_compression_step_000001.png"
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    for step in (0, 1):
+        png = tmp_path / "run" / "figures" / f"accuracy_vs_compression_step_{step:06d}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_eval_metrics_are_flattened_per_eps():
@@ -40,3 +120,57 @@ def test_eval_metrics_are_flattened_per_eps():
 
     out = eval_metrics([{"eps": 0.0, "pass@1": 0.5}, {"eps": 0.25, "pass@1": 0.25, "peak_kv_reduction": 2.0}])
     assert out == {"eval/eps_0/pass@1": 0.5, "eval/eps_0.25/pass@1": 0.25, "eval/eps_0.25/peak_kv_reduction": 2.0}
+
+
+def test_no_eval_source_means_no_evaluation(tiny_model_dir, tmp_path):
+    from rlmem.train.evaluation import evaluate, load_eval_examples
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path)
+    assert cfg.eval.source is None and load_eval_examples(cfg) == []
+    assert evaluate(cfg, [], None, [], step=0) == []
+
+
+def test_generated_eval_problems_follow_the_training_generator(tiny_model_dir, tmp_path):
+    from rlmem.train.driver import load_train_examples
+    from rlmem.train.evaluation import load_eval_examples
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, eval={**EVAL, "limit": 5})
+    test, train = load_eval_examples(cfg), load_train_examples(cfg)
+    assert len(test) == 5
+    assert all(len(ex["numbers"]) == 3 for ex in test)   # data.countdown: min/max_numbers 3
+    assert not {(tuple(sorted(e["numbers"])), e["target"]) for e in test} & {
+        (tuple(sorted(e["numbers"])), e["target"]) for e in train}
+
+
+def test_ray_custom_resources_are_configured_and_reach_the_workers(tiny_model_dir, tmp_path, monkeypatch):
+    from rlmem.train import driver
+    from rlmem.train.config import ConfigError
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, ray={"rollout_resources": {"rollout_node": "0.01"},
+                                                         "learner_resources": {"learner_node": 1}})
+    assert cfg.ray.rollout_resources == {"rollout_node": 0.01} and cfg.ray.learner_resources == {"learner_node": 1.0}
+    assert all(isinstance(v, float) for v in cfg.ray.learner_resources.values())
+    assert tiny_run_config(tiny_model_dir, tmp_path).ray.rollout_resources is None
+    with pytest.raises(ConfigError, match="ray.rollout_resources"):
+        tiny_run_config(tiny_model_dir, tmp_path, ray={"rollout_resources": {"rollout_node": "many"}})
+    with pytest.raises(ConfigError, match=r"ray.learner_resources.GPU.*num_gpus_per_actor"):
+        tiny_run_config(tiny_model_dir, tmp_path, ray={"learner_resources": {"GPU": 1}})
+    with pytest.raises(ConfigError, match=r"ray.rollout_resources.x.*must be > 0"):
+        tiny_run_config(tiny_model_dir, tmp_path, ray={"rollout_resources": {"x": 0}})
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_start(cfg, model_path, **kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(driver, "init_ray", lambda cfg: False)
+    monkeypatch.setattr(driver, "start_workers", fake_start)
+    for kw in ({}, {"rollout_resources": {"other": 2.0}}):
+        with pytest.raises(Stop):
+            driver.run_training(cfg, **kw)
+    assert seen == [{"rollout_resources": {"rollout_node": 0.01}, "learner_resources": {"learner_node": 1.0}},
+                    {"rollout_resources": {"other": 2.0}, "learner_resources": {"learner_node": 1.0}}]

@@ -218,6 +218,10 @@ class RayConfig(_Section):
     num_gpus_per_actor: float = Field(0, ge=0)
     weight_sync_timeout_s: float = Field(300, gt=0)
     weight_sync_bucket_mb: int = Field(256, ge=1)
+    # Custom Ray resources per actor (e.g. {rollout_node: 0.01}): pin a role to the nodes that
+    # advertise them (`ray start --resources`). Defaults of run_training's *_resources arguments.
+    rollout_resources: dict[str, float] | None = None
+    learner_resources: dict[str, float] | None = None
 
 
 class TrainerConfig(_Section):
@@ -506,6 +510,13 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
         except ValueError as err:
             out.append(_eviction_problem(err, f"eval.eps.{i}"))
 
+    for key in ("rollout_resources", "learner_resources"):
+        for name, amount in (getattr(cfg.ray, key) or {}).items():
+            if name in ("CPU", "GPU", "memory"):
+                out.append((f"ray.{key}.{name}", f"{name} is not a custom resource; use ray.num_cpus_per_actor / "
+                                                 f"ray.num_gpus_per_actor"))
+            elif amount <= 0:
+                out.append((f"ray.{key}.{name}", f"must be > 0 (got {amount})"))
     for i, k in enumerate(cfg.eval.k):
         if k < 1 or k > cfg.eval.num_samples:
             out.append((f"eval.k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples ({cfg.eval.num_samples})"))

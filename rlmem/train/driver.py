@@ -38,17 +38,23 @@ class TrainingError(RuntimeError):
 # Data: a deterministic, resumable prompt stream
 
 
-def load_train_examples(cfg: RunConfig) -> list[dict]:
-    """The training problems, in file/generator order (shuffling is per epoch, see :func:`prompt_indices`)."""
+def load_task_examples(cfg: RunConfig, source: str, split: str, limit: int | None) -> list[dict]:
+    """Problems of ``source``/``split`` in file/generator order. Generated Countdown always uses the
+    training generator's settings (``data.countdown``), so train and eval splits are the same kind of
+    problem, from disjoint seeds, with train leaks dropped from the test split."""
     from rlmem.data import load_examples
 
-    d = cfg.data
-    if d.source == COUNTDOWN_GENERATED:
-        c = d.countdown
-        return load_examples(COUNTDOWN_GENERATED, d.split, limit=d.limit, seed=c.seed,
+    if source == COUNTDOWN_GENERATED:
+        c = cfg.data.countdown
+        return load_examples(COUNTDOWN_GENERATED, split, limit=limit, seed=c.seed,
                              num_examples=c.num_problems, num_numbers=(c.min_numbers, c.max_numbers),
                              number_range=(1, c.max_number), target_range=(c.min_target, c.max_target))
-    return load_examples(d.source, d.split, limit=d.limit, seed=cfg.seed)
+    return load_examples(source, split, limit=limit, seed=cfg.seed)
+
+
+def load_train_examples(cfg: RunConfig) -> list[dict]:
+    """The training problems (shuffling is per epoch, see :func:`prompt_indices`)."""
+    return load_task_examples(cfg, cfg.data.source, cfg.data.split, cfg.data.limit)
 
 
 def prompt_indices(position: int, count: int, num_examples: int, seed: int, shuffle: bool) -> list[int]:
@@ -334,7 +340,10 @@ _LEARNER_RENAME = {"grad_norm": "optim/grad_norm", "lr": "optim/lr", "global_ste
 
 def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None = None,
                  learner_resources: dict[str, float] | None = None) -> dict[str, Any]:
-    """Train per ``cfg``; return a summary (steps, last metrics, paths). See the module docstring."""
+    """Train per ``cfg``; return a summary (steps, last metrics, paths). See the module docstring.
+
+    ``rollout_resources`` / ``learner_resources`` default to ``ray.rollout_resources`` /
+    ``ray.learner_resources`` (custom Ray resources that pin each role to its nodes)."""
     import ray
     import torch
     from transformers import AutoTokenizer
@@ -349,6 +358,10 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     from rlmem.train.weight_sync import sync_weights
 
     check_supported(cfg)
+    if rollout_resources is None:
+        rollout_resources = cfg.ray.rollout_resources
+    if learner_resources is None:
+        learner_resources = cfg.ray.learner_resources
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -357,7 +370,9 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     examples = load_train_examples(cfg)
     if not examples:
         raise TrainingError(f"data.source {cfg.data.source!r} gave no training examples")
-    eval_examples = load_eval_examples(cfg) if cfg.eval.source else []
+    eval_examples = load_eval_examples(cfg)
+    if cfg.eval.source and not eval_examples:
+        raise TrainingError(f"eval.source {cfg.eval.source!r} (split {cfg.eval.split!r}) gave no evaluation examples")
 
     resume_dir = ckpt.resolve_resume(out, cfg.trainer.resume)
     state = ckpt.load_trainer_state(resume_dir) if resume_dir else ckpt.TrainerState(step=0)

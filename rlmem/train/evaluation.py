@@ -6,8 +6,12 @@ with deterministic top-k evictions (evaluation mode, DESIGN.md section 1), grade
 verifier alone (shaping rewards are a training signal, not a score).
 
 Peak-KV reduction (DESIGN.md "Metric"): per problem, the full-cache peak for the baseline run's
-completion length over the method's peak; with several samples per problem both the baseline
-completion length and the method's peak are averaged over that problem's samples first.
+completion length over the method's peak. **Choice** with ``n`` samples per problem: sample ``j``
+of the method is paired with sample ``j`` of the ε = 0 run of the same problem (independent draws,
+so the pairing is as good as any), and the ratio is averaged over all pairs, i.e. over samples and
+then problems (equal ``n``). This uses integer lengths as ``rlmem.metrics.peak_kv_reduction``
+expects, and the baseline's own reduction is exactly 1.0 (each sample over itself), which
+averaging lengths first and rounding would not give.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from rlmem.train.config import RunConfig
 
 
 def load_eval_examples(cfg: RunConfig) -> list[dict]:
-    from rlmem.data import load_examples
+    """The evaluation problems; ``[]`` when ``eval.source`` is null (no evaluation)."""
+    from rlmem.train.driver import load_task_examples
 
     e = cfg.eval
-    return load_examples(e.source, e.split, limit=e.limit, seed=cfg.seed)
+    return load_task_examples(cfg, e.source, e.split, e.limit) if e.source else []
 
 
 def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[dict], step: int) -> list[dict[str, Any]]:
@@ -37,6 +42,8 @@ def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[di
     from rlmem.train.driver import _prompt_text, compute_rewards, decode_completion, split_even, step_seed
 
     e = cfg.eval
+    if not examples:
+        return []
     n = e.num_samples
     workers = len(rollout_workers)
     sampling_kw = dict(temperature=e.temperature, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -59,15 +66,13 @@ def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[di
         _, verifier = compute_rewards(cfg, texts_c, rows, texts_p)
         correct = np.asarray(verifier).reshape(len(examples), n) >= 1.0
         comp = np.asarray([len(r.completion_ids) for r in records], dtype=float).reshape(len(examples), n)
-        peaks = np.asarray([peak_kv(r) for r in records], dtype=float).reshape(len(examples), n)
-        if baseline is None:
-            baseline = comp.mean(axis=1)
-        prompt_lens = [len(records[i * n].prompt_ids) for i in range(len(examples))]
-        res: dict[str, Any] = {"eps": eps, "accuracy": float(correct.mean()), "peak_kv_mean": float(peaks.mean()),
+        peaks = [max(1, peak_kv(r)) for r in records]
+        if baseline is None:   # ε = 0 comes first: its (untagged) prompt and completion lengths, per sample
+            baseline = ([len(r.prompt_ids) for r in records], [len(r.completion_ids) for r in records])
+        res: dict[str, Any] = {"eps": eps, "accuracy": float(correct.mean()), "peak_kv_mean": float(np.mean(peaks)),
                                "response_length_mean": float(comp.mean()),
                                "peak_kv_reduction": peak_kv_reduction(
-                                   prompt_lens, [int(round(c)) for c in baseline],
-                                   [max(1, int(round(p))) for p in peaks.mean(axis=1)])}
+                                   baseline[0], baseline[1], peaks)}
         for k in e.k:
             mean, se = pass_at_k_summary(correct.sum(axis=1).astype(int).tolist(), n, k)
             res[f"pass@{k}"], res[f"pass@{k}_stderr"] = mean, se
