@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from rlmem.eviction.policy import block_logits, eligible_logits, key_scores, pad_orders, plackett_luce_logprob
-from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at
+from rlmem.eviction.record import RolloutRecord, evicted_at
 from rlmem.models.interface import check_supported, decoder, install, lm_head, num_layers, register_attention
 
 Kernel = Literal["sdpa", "flex"]

@@ -78,7 +78,7 @@ def test_a_dead_actor_is_named(tiny_model_dir):
 
 
 def test_shaping_rewards_add_to_the_verifier_but_not_to_accuracy(tiny_model_dir, tmp_path):
-    from rlmem.train.driver import compute_rewards, rollout_metrics
+    from rlmem.train.driver import compute_rewards
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, data={"reward": "countdown",
                                                           "shaping": [{"name": "answer_tag", "weight": 0.25}]})

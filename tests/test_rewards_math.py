@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 from rewards import math_reward
 from rewards.math import normalize_gold

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 
 def test_grpo_one_step_with_countdown_reward(tiny_model_dir, tmp_path):

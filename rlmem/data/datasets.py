@@ -39,7 +39,6 @@ import logging
 import os
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
