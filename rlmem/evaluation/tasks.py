@@ -38,18 +38,28 @@ class EvalTask:
 TASK_SOURCES = {"countdown": "countdown-generated"}
 
 
-def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed: int = 0) -> EvalTask:
-    """The problems of ``spec`` (see the module docstring), the first ``limit`` of them."""
+def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed: int = 0,
+              options: dict | None = None) -> EvalTask:
+    """The problems of ``spec`` (see the module docstring), the first ``limit`` of them.
+
+    ``options`` go to the data source (e.g. ``filler_repeats`` / ``write_items`` of the pass-key
+    generator, ``num_numbers`` of Countdown's); not allowed with ``jsonl:``.
+    """
     from rlmem.data import DatasetError, load_examples
 
+    options = dict(options or {})
     if spec.startswith("jsonl:"):
+        if options:
+            raise TaskError(f"--task {spec}: --task-option does not apply to jsonl files")
         examples = read_task_file(spec[len("jsonl:"):])
         if limit is not None:
             examples = examples[:limit]
     else:
         source = TASK_SOURCES.get(spec, spec)
         try:
-            examples = load_examples(source, split, limit=limit, seed=seed)
+            examples = load_examples(source, split, limit=limit, seed=seed, **options)
+        except TypeError as e:
+            raise TaskError(f"--task {spec}: unsupported --task-option ({e})") from None
         except KeyError as e:
             raise TaskError(f"--task {spec}: {e.args[0]}") from None
         except (DatasetError, ValueError, RuntimeError, FileNotFoundError) as e:
@@ -57,6 +67,22 @@ def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed:
     if not examples:
         raise TaskError(f"--task {spec}: no problems")
     return EvalTask(spec, examples)
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["filler_repeats=6", "name=x"]`` -> ``{"filler_repeats": 6, "name": "x"}`` (JSON values, else strings)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TaskError(f"--task-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def read_task_file(path: str) -> list[dict]:

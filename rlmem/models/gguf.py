@@ -69,33 +69,56 @@ def _require_gguf_package() -> None:
                         "it is a dependency of rlmem, re-run scripts/setup.sh)") from None
 
 
-def load_gguf(path: str | Path, dtype: str | object = "float32", chat_template: str | None = None):
-    """``(model, tokenizer)`` from a ``.gguf`` file, dequantized to ``dtype`` (``"float32"`` or a torch dtype).
-
-    The returned model has no ``quantization_config`` (it is an ordinary float model that
-    ``save_pretrained`` accepts). ``chat_template`` is set on the tokenizer if the file has none.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def _check_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_file():
         raise GGUFError(f"{p}: GGUF file not found")
     if not is_gguf_path(p):
         raise GGUFError(f"{p}: not a .gguf file")
     _require_gguf_package()
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return p
+
+
+def load_gguf_tokenizer(path: str | Path, chat_template: str | None = None):
+    """The tokenizer of a ``.gguf`` file; ChatML's ``<|im_end|>`` becomes the EOS token when the
+    vocabulary has it (chat models end turns with it), a pad token is set, and ``chat_template`` is
+    used if the file carries none."""
+    from transformers import AutoTokenizer
+
+    p = _check_file(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise GGUFError(f"{p}: transformers cannot read this GGUF file's tokenizer: {str(e).splitlines()[0]}") from None
+    if "<|im_end|>" in tokenizer.get_vocab():
+        tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None) and chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_gguf_model(path: str | Path, dtype: str | object = "float32"):
+    """A float model from a ``.gguf`` file, dequantized to ``dtype`` (a name or a torch dtype), in eval mode.
+
+    The returned model has no ``quantization_config`` (an ordinary model that ``save_pretrained``
+    accepts), and generation stops at the tokenizer's EOS (see :func:`load_gguf_tokenizer`).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = _check_file(path)
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise GGUFError(f"{p}: unknown dtype {dtype!r}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
         quantized = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
         raise GGUFError(f"{p}: transformers cannot load this GGUF file: {str(e).splitlines()[0]}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = torch_dtype
     model = type(quantized)(config)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # tied embeddings: lm_head.weight may be absent from the state dict and is re-tied below
@@ -107,26 +130,18 @@ def load_gguf(path: str | Path, dtype: str | object = "float32", chat_template: 
         model.tie_weights()
     model.generation_config = quantized.generation_config
     del quantized
-    model = model.to(torch_dtype).eval()
-    if not getattr(tokenizer, "chat_template", None) and chat_template:
-        tokenizer.chat_template = chat_template
-    _fix_special_tokens(model, tokenizer)
-    return model, tokenizer
+    eos = load_gguf_tokenizer(p).eos_token_id
+    if eos is not None:
+        model.config.eos_token_id = eos
+        model.generation_config.eos_token_id = eos
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = eos
+    return model.to(torch_dtype).eval()
 
 
-def _fix_special_tokens(model, tokenizer) -> None:
-    """Make generation stop at the chat end-of-turn token when the tokenizer has one (ChatML's
-    ``<|im_end|>``), and give the tokenizer a pad token (batching pads with it)."""
-    vocab = tokenizer.get_vocab()
-    if "<|im_end|>" in vocab:
-        im_end = vocab["<|im_end|>"]
-        tokenizer.eos_token = "<|im_end|>"
-        model.generation_config.eos_token_id = im_end
-        model.config.eos_token_id = im_end
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+def load_gguf(path: str | Path, dtype: str | object = "float32", chat_template: str | None = None):
+    """``(model, tokenizer)`` from a ``.gguf`` file."""
+    return load_gguf_model(path, dtype), load_gguf_tokenizer(path, chat_template)
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, chat_template: str | None = None) -> Path:
