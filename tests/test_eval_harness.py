@@ -224,3 +224,33 @@ def test_cli_eval(tiny_model_dir, tmp_path, capsys):
     assert "| ngc | 0.75 |" in text and (out / "records" / "ngc_eps0.75.jsonl").is_file()
     assert main(argv[:5] + ["--methods", "full,snap"] + argv[7:]) == 2
     assert "error: --methods: unknown method 'snap'" in capsys.readouterr().err
+
+
+def test_baseline_eval_records_pass_replay_check_on_tokens(tiny_model_dir, tmp_path, capsys):
+    from rlmem.cli import main
+
+    s = _settings(tiny_model_dir, tmp_path, methods=["full", "snapkv", "h2o"], limit=2, n=1)
+    res = run_eval(s, progress=False)
+    assert [r["method"] for r in res] == ["full", "snapkv", "h2o"]
+    assert all(r["peak_kv_reduction"] > 1.0 for r in res[1:])
+    capsys.readouterr()
+    for run in ("snapkv_eps0.5", "h2o_eps0.5"):
+        path = tmp_path / "ev" / "records" / f"{run}.jsonl"
+        assert json.loads(path.read_text().splitlines()[0])["eviction"]["scorer"] == run.split("_")[0]
+        assert main(["replay-check", str(path), "--model", str(tiny_model_dir)]) == 0
+        out = capsys.readouterr().out
+        assert "OK" in out and "heuristic scorers" in out
+
+
+def test_bench_rollout_times_baseline_scorers_against_ngc(tiny_model_dir, capsys):
+    from rlmem.cli import main
+
+    assert main(["bench", "rollout", "--model", str(tiny_model_dir), "--batch", "2", "--new-tokens", "40",
+                 "--delta", "16", "--block-size", "4", "--window", "4", "--scorers", "snapkv,streamingllm",
+                 "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {l.split()[2]: l for l in lines if l.strip().startswith("40 engine")}
+    assert set(rows) == {"full", "NGC", "snapkv", "streamingllm"}
+    assert " 1.00x" in rows["NGC"].split("x")[2] + "x"      # NGC against itself
+    assert main(["bench", "rollout", "--model", str(tiny_model_dir), "--scorers", "nope"]) == 2
+    assert "unknown scorer 'nope'" in capsys.readouterr().err
