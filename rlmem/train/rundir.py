@@ -163,6 +163,8 @@ def plan_start(cfg: RunConfig) -> StartPlan:
         if skipped:
             raise TrainingError(f"{out}: no checkpoint verifies ({'; '.join(notes)}); set trainer.start_over=true "
                                 f"to move this run aside and start again", exit_code=2)
+        if existing and _same_run_without_checkpoint(cfg):
+            return StartPlan(notes=["no checkpoint yet: this run starts again from step 1"])
     if existing and not t.start_over:
         names = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
         raise TrainingError(f"output_dir {out} already holds another run's files ({names}) and no checkpoint to "
@@ -172,6 +174,18 @@ def plan_start(cfg: RunConfig) -> StartPlan:
     if existing:
         plan.notes.append(f"moving {len(existing)} earlier entries into {out / PREVIOUS_DIR}/")
     return plan
+
+
+def _same_run_without_checkpoint(cfg: RunConfig) -> bool:
+    """The directory holds this very run (same meaning), stopped before its first checkpoint."""
+    saved = cfg.output_path / CONFIG_FILE
+    if ckpt.list_checkpoints(cfg.output_path) or not saved.is_file():
+        return False
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(old, dict) and not meaning_differences(old, cfg.model_dump(mode="json"))
 
 
 def _resume_plan(cfg: RunConfig, where: Path, notes: list[str]) -> StartPlan:
