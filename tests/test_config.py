@@ -399,3 +399,11 @@ def test_kl_penalty_is_refused_at_load_time():
     with pytest.raises(ConfigError) as ei:
         _load_tiny("algorithm.kl_coef=0.1")
     assert _keys(ei.value) == ["algorithm.kl_coef"]
+
+
+def test_config_show_prints_the_eviction_defaults_of_eviction_config(tmp_path, capsys):
+    p = tmp_path / "minimal.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: 'tiny:'}}\ntrainer: {{total_steps: 1}}\n")
+    assert cli_main(["config", "show", str(p), "data.countdown.num_problems=8"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["eviction"]
+    assert {k: v for k, v in shown.items() if k not in ("curriculum", "interoception")} == EvictionConfig().to_dict()

@@ -50,8 +50,6 @@ from rlmem.eviction.record import RolloutRecord
 from rlmem.loss import ngc_loss
 from rlmem.train.learner_config import LearnerConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
 __all__ = ["Learner", "LearnerConfig", "init_distributed"]
 
 
@@ -130,7 +128,7 @@ class Learner:
     def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, local_rank: int | None = None):
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rlmem.models.loading import load_model, load_tokenizer
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         if cfg.dtype == "float64" and world_size != 1:
@@ -138,9 +136,8 @@ class Learner:
             raise ValueError("learner.dtype: float64 is for single-process parity checks (world_size 1)")
         init_distributed(rank, world_size, master_addr, master_port, local_rank)
         torch.manual_seed(cfg.seed)
-        dtype = DTYPES[cfg.dtype]
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        policy = load_model(cfg.model_path, cfg.dtype)
+        self.tokenizer = load_tokenizer(cfg.model_path)
         policy.config.use_cache = False
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from rlmem.eviction.policy import EvictionConfig
+from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 from rlmem.train.learner_config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
 
 TINY_MODEL = "tiny:"          # model.path value: make a random tiny Qwen2 on the fly (see ModelConfig)
@@ -63,7 +63,8 @@ def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, 
     spec: dict[str, Any] = {}
     for f in fields:
         d = (defaults or {}).get(f, by_name[f].default)
-        spec[f] = (hints[f], Field(d, **(constraints or {}).get(f, {})))
+        help_ = by_name[f].metadata.get("help") if by_name[f].metadata else None
+        spec[f] = (hints[f], Field(d, description=help_, **(constraints or {}).get(f, {})))
     spec.update(extra or {})
     model = create_model(name, __base__=Section, __doc__=doc, **spec)
     model.__module__ = __name__
@@ -179,7 +180,7 @@ class InteroceptionConfig(Section):
     eps_choices: list[float] = [0.25, 0.5, 0.75]
 
 
-EVICTION_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(EvictionConfig))
+EVICTION_POLICY_FIELDS = EVICTION_FIELDS
 
 EvictionSection = derived_section(
     "EvictionSection", EvictionConfig, EVICTION_POLICY_FIELDS,
