@@ -101,7 +101,7 @@ def test_atomic_write_failure_keeps_previous_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck.os, "replace", boom)
     with pytest.raises(OSError):
-        ck._atomic_write_json(d / "trainer_state.json", {"step": 999})
+        ck.atomic_write_json(d / "trainer_state.json", {"step": 999})
     assert (d / "trainer_state.json").read_text() == before
 
 

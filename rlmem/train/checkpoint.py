@@ -116,7 +116,7 @@ def write_manifest(root: Path) -> dict[str, Any]:
             size = p.stat().st_size
             files[rel] = {"size": size, **({"sha256": file_digest(p)} if size <= CHECKSUM_MAX_BYTES else {})}
     manifest = {"version": FORMAT_VERSION, "files": files}
-    _atomic_write_json(root / MANIFEST_FILE, manifest)
+    atomic_write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -208,7 +208,7 @@ def save_checkpoint(
     if save_parts is not None:
         save_parts(paths)
     state.saved_at = time.time()
-    _atomic_write_json(paths.state, state.to_dict())
+    atomic_write_json(paths.state, state.to_dict())
     if config_yaml is not None:
         (tmp / CONFIG_FILE).write_text(config_yaml)
     write_manifest(tmp)
@@ -268,7 +268,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
