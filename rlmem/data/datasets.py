@@ -296,7 +296,8 @@ def _read_hub(spec: DatasetSpec) -> list[dict]:
         ds = datasets.load_dataset(spec.hub_id, split=spec.hub_split)
     except Exception as e:
         raise RuntimeError(f"cannot load {spec.hub_id!r} (split {spec.hub_split!r}) from the hub or its cache: {e}. "
-                           f"Offline? Pass path=<local .jsonl/.parquet copy>.") from e
+                           f"Offline? Use a local .jsonl/.parquet copy (data.source / eval.source in a run config, "
+                           f"path= in load_examples).") from e
     return ds.to_list()
 
 
