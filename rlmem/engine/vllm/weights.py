@@ -1,8 +1,9 @@
 """Weight updates into a running vLLM engine, bucketed, behind one interface.
 
 * CPU (and any single-process engine): buckets of ``(name, tensor)`` pairs go to every worker with
-  ``collective_rpc("rlmem_load_weights")``, which calls the vLLM model's own ``load_weights`` (it
-  maps HF names onto vLLM's fused parameters, e.g. q/k/v into ``qkv_proj``).
+  ``collective_rpc("rlmem_stage_weights")``; ``rlmem_commit_weights`` then loads them with vLLM's
+  in-place ``reload_weights`` (the model's ``load_weights`` maps HF names onto fused parameters,
+  e.g. q/k/v into ``qkv_proj``, and the layer-wise reload re-runs the CPU weight repacking).
 * CUDA colocated (learner and engine on the same GPU): the same buckets, flattened per dtype
   (:func:`rlmem.train.weight_sync.make_buckets`), are shared as CUDA IPC handles and rebuilt in the
   worker, optionally around ``LLM.sleep`` / ``LLM.wake_up`` so the learner can use the memory
@@ -51,11 +52,14 @@ class CpuRpcTransport:
     def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         count, buckets = 0, 0
         for bucket in bucket_pairs(((n, t.to("cpu")) for n, t in named), self.bucket_bytes):
-            loaded = self.llm.collective_rpc("rlmem_load_weights", args=(bucket,))
-            if any(x != len(bucket) for x in loaded):
-                raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {len(bucket)} tensors")
+            got = self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,))
+            if any(x != len(bucket) for x in got):
+                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(bucket)} tensors")
             count += len(bucket)
             buckets += 1
+        loaded = self.llm.collective_rpc("rlmem_commit_weights")
+        if any(x != count for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {count} tensors")
         self.last_buckets = buckets
         return count
 
@@ -107,10 +111,13 @@ class CudaIpcTransport:
         for entry in ipc_plan(((n, t.to("cuda")) for n, t in named), self.bucket_bytes):
             handle = reduce_tensor(entry["flat"].cuda())
             meta = {k: v for k, v in entry.items() if k != "flat"}
-            loaded = self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta))
-            if any(x != len(meta["names"]) for x in loaded):
-                raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {len(meta['names'])} tensors")
+            got = self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta))
+            if any(x != len(meta["names"]) for x in got):
+                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(meta['names'])} tensors")
             count += len(meta["names"])
+        loaded = self.llm.collective_rpc("rlmem_commit_weights")
+        if any(x != count for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {count} tensors")
         torch.cuda.synchronize()
         if self.sleep_between:
             self.llm.wake_up(tags=["kv_cache"])

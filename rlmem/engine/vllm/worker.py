@@ -310,11 +310,21 @@ class NGCWorkerExtension:
     def rlmem_rounds_run(self) -> int:
         return self.model_runner.rlmem.rounds_run
 
-    def rlmem_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Load HF-named tensors into the running model (one bucket); returns how many were given."""
-        self.model_runner.model.load_weights(iter(named))
+    def rlmem_stage_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Receive one bucket of HF-named tensors; they are loaded together by :meth:`rlmem_commit_weights`."""
+        staged = getattr(self, "rlmem_staged", None)
+        if staged is None:
+            staged = self.rlmem_staged = []
+        staged.extend(named)
         return len(named)
 
+    def rlmem_commit_weights(self) -> int:
+        """Load every staged tensor with vLLM's in-place ``reload_weights``: the model's own
+        ``load_weights`` (HF names onto fused parameters) wrapped in vLLM's layer-wise
+        re-processing, which the CPU build needs after its weights were repacked at start-up."""
+        staged, self.rlmem_staged = getattr(self, "rlmem_staged", None) or [], None
+        self.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
+        return len(staged)
 
     def rlmem_load_weights_ipc(self, handle, meta: dict) -> int:
         """CUDA: rebuild one flat bucket from its IPC handle (:mod:`.weights`) and load its named views."""
@@ -324,5 +334,4 @@ class NGCWorkerExtension:
         args = list(args)
         args[6] = torch.cuda.current_device()     # the receiving process's device index
         named = unpack_plan_entry({**meta, "flat": func(*args)})
-        self.model_runner.model.load_weights(iter(named))
-        return len(named)
+        return self.rlmem_stage_weights(named)
