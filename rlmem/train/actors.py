@@ -38,20 +38,29 @@ def _set_threads(num_threads: int | None) -> None:
 
 
 class RolloutWorker:
-    """An NGC rollout engine on its own copy of the policy (torch reference backend)."""
+    """An NGC rollout engine on its own copy of the policy: one engine per actor, made by name
+    (``rollout.backend``: ``torch``, the reference engine, or ``vllm``)."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, index: int = 0,
-                 num_threads: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from rlmem.engine.reference import ReferenceEngine
+                 num_threads: int | None = None, backend: str = "torch", engine_options: dict | None = None):
+        from transformers import AutoTokenizer
 
         _set_threads(num_threads)
         self.index = index
+        self.backend = backend
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
-        model.eval()
-        self.engine = ReferenceEngine(model, self.tokenizer, seed=seed)
+        if backend == "torch":
+            from transformers import AutoModelForCausalLM
+
+            from rlmem.engine.reference import ReferenceEngine
+
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+            model.eval()
+            self.engine = ReferenceEngine(model, self.tokenizer, seed=seed)
+        else:
+            from rlmem.engine.registry import create_engine
+
+            self.engine = create_engine(backend, model_path, dtype=dtype, seed=seed, **(engine_options or {}))
         self.num_layers = self.engine.num_layers
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams,
@@ -68,11 +77,22 @@ class RolloutWorker:
         from rlmem.train.weight_sync import unpack_bucket
 
         pairs = unpack_bucket(bucket)
-        self.engine.load_weights(pairs)
+        if hasattr(self.engine, "stage_weights"):     # engines that load a whole update at once (vLLM)
+            self.engine.stage_weights(pairs)
+        else:
+            self.engine.load_weights(pairs)
         return len(pairs)
 
+    def finish_weight_update(self) -> int:
+        """After the last bucket: load what was staged (vLLM); returns the parameter count loaded now."""
+        if hasattr(self.engine, "commit_weights"):
+            return self.engine.commit_weights()
+        return 0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The engine's current weights (tests compare them with the learner's)."""
+        """The engine's current weights (tests compare them with the learner's; torch engine only)."""
+        if self.backend != "torch":
+            raise NotImplementedError(f"state_dict: the {self.backend} engine keeps its weights inside vLLM")
         return {k: v.detach().clone() for k, v in self.engine.model.named_parameters()}
 
     def node_id(self) -> str:

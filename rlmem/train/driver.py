@@ -97,11 +97,33 @@ def _learner_config(cfg: RunConfig, model_path: str):
 
 def check_supported(cfg: RunConfig) -> None:
     """What the config schema allows but this driver does not do yet: fail before Ray starts."""
+    from rlmem.engine.registry import engine_unavailable_reason
+
+    why = engine_unavailable_reason(cfg.rollout.backend)
+    if why is not None:
+        raise TrainingError(f"rollout.backend: {cfg.rollout.backend}: {why}")
     if cfg.rollout.backend == "vllm":
-        raise TrainingError("rollout.backend: vllm is not available yet in the training driver; "
-                            "use rollout.backend: torch (the reference engine)")
+        from rlmem.engine.vllm.engine import check_block_size, check_eviction, cuda_present
+
+        try:
+            check_block_size(cfg.eviction.block_size, cuda=cuda_present())
+            check_eviction(cfg.eviction_config(cfg.eviction.eps or 0.5), cfg.eviction.block_size)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        if cfg.rollout.vllm.tensor_parallel_size > 1:
+            raise TrainingError("rollout.vllm.tensor_parallel_size > 1 is not supported by the rlmem vLLM engine yet "
+                                "(its scheduler and worker hooks run in one process); use 1 and more rollout.num_workers")
     if cfg.algorithm.kl_coef > 0:
         raise TrainingError("algorithm.kl_coef: a KL penalty is not implemented (NGC uses 0); set it to 0")
+
+
+def engine_options(cfg: RunConfig) -> dict:
+    """Construction options of the rollout engine named by ``rollout.backend``."""
+    if cfg.rollout.backend != "vllm":
+        return {}
+    v = cfg.rollout.vllm
+    return {"block_size": cfg.eviction.block_size, "kv_cache_gib": v.cpu_kvcache_space_gb,
+            "enforce_eager": v.enforce_eager, "gpu_memory_utilization": v.gpu_memory_utilization}
 
 
 def _actor_env() -> dict[str, str]:
@@ -217,7 +239,8 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
 
     Rollout, Learner = remote_class(RolloutWorker), remote_class(LearnerWorker)
     rollout = [Rollout.options(**opts(roll_pg, i, roll_res)).remote(
-        model_path, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads) for i in range(n_roll)]
+        model_path, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads,
+        backend=cfg.rollout.backend, engine_options=engine_options(cfg)) for i in range(n_roll)]
     lcfg = _learner_config(cfg, model_path)
     learners = [Learner.options(**opts(learn_pg, i, learn_res)).remote(
         lcfg, rank=i, world_size=n_learn, num_threads=threads) for i in range(n_learn)]
@@ -456,9 +479,15 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
             adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), G, scale_by_std=a.scale_by_std)
             time_reward = time.perf_counter() - t
 
-            # 4. learner
+            # 4. learner; a rollout the engine preempted and recomputed is no longer the trajectory the
+            # policy chose (vLLM recomputes it with a full cache): it leaves the batch, counted and warned
             t = time.perf_counter()
-            shards = split_even(list(range(n_samples)), len(workers.learners))
+            keep = [i for i, r in enumerate(records) if not r.extra.get("preempted")]
+            if len(keep) < n_samples:
+                logger.print(f"[rlmem] warning: step {step}: {n_samples - len(keep)} preempted rollouts dropped from "
+                             "the batch (give the vLLM engine more KV blocks or fewer concurrent sequences)")
+            shards = split_even(keep, len(workers.learners)) if len(keep) == n_samples else \
+                [keep[i::len(workers.learners)] for i in range(len(workers.learners))]
             lm = ray.get([lw.train_step.remote([records[i] for i in s], adv[s].tolist(), n_samples)
                           for lw, s in zip(workers.learners, shards)])[0]
             time_learner = time.perf_counter() - t
@@ -471,6 +500,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
             metrics = rollout_metrics(records, rewards, verifier,
                                       [ev_cfgs[g].eps if ev_cfgs[g] else 0.0 for g in range(P)], num_layers)
             metrics["reward/zeroed_before_first_round"] = float(zeroed)
+            metrics["rollout/preempted_dropped"] = float(n_samples - len(keep))
             metrics["curriculum/step"] = float(step)
             metrics.update({_LEARNER_RENAME.get(k, k): v for k, v in lm.items()})
             step_s = time.perf_counter() - t_step

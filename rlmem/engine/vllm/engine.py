@@ -22,7 +22,7 @@ from rlmem.engine.base import GenerationStats
 from rlmem.engine.sampling import SamplingParams
 from rlmem.engine.vllm.records import assemble
 from rlmem.engine.vllm.version import require_pinned
-from rlmem.engine.vllm.weights import CpuRpcTransport, WeightTransport
+from rlmem.engine.vllm.weights import CpuRpcTransport, CudaIpcTransport, WeightTransport
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.eviction.record import RolloutRecord
 from rlmem.eviction.scorers import get_scorer
@@ -113,11 +113,16 @@ class VllmEngine:
             kwargs["num_gpu_blocks_override"] = o["num_kv_blocks"]
         if cuda_present():
             kwargs["gpu_memory_utilization"] = o["gpu_memory_utilization"]
+            if not o["enforce_eager"]:   # full CUDA graphs would replay decode without the Python hooks
+                kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
+        else:
+            kwargs["enforce_eager"] = True   # CPU: no graphs to gain, and compilation slows start-up
         self.llm = LLM(**kwargs)
         self.info = self.llm.collective_rpc("rlmem_install", args=(self.seed,))[0]
         if self.info["num_layers"] != self.num_layers:
             raise RuntimeError(f"vLLM engine sees {self.info['num_layers']} attention layers, config.json says {self.num_layers}")
-        self.transport = CpuRpcTransport(self.llm, self.bucket_bytes)
+        self.transport = CudaIpcTransport(self.llm, self.bucket_bytes) if cuda_present() else \
+            CpuRpcTransport(self.llm, self.bucket_bytes)
         if self.trace_blocks:
             self.scheduler.rlmem_trace = []
 
@@ -183,8 +188,18 @@ class VllmEngine:
     # ------------------------------------------------------------------ weights
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Learner weights (HF names) into the running engine, in buckets (see :mod:`.weights`)."""
+        self.stage_weights(named_tensors)
+        self.commit_weights()
+
+    def stage_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """One part of a weight update (e.g. one sync bucket); nothing changes until :meth:`commit_weights`,
+        because vLLM's in-place reload must see every tensor of a fused layer at once."""
         self.start(self.block_size)
-        self.transport.send(named_tensors)
+        return self.transport.stage(named_tensors)
+
+    def commit_weights(self) -> int:
+        self.start(self.block_size)
+        return self.transport.commit()
 
     def shutdown(self) -> None:
         if self.llm is not None:

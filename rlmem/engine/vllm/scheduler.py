@@ -100,7 +100,7 @@ class NGCScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         pool = self.kv_cache_manager.block_pool
         free_before = pool.get_num_free_blocks()
-        rounds = self._start_rounds()
+        rounds = self._step_rounds = self._start_rounds()
         free_after_rounds = pool.get_num_free_blocks()
         out = super().schedule(*args, **kwargs)
         used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()    # block 0 is vLLM's null block
@@ -114,6 +114,7 @@ class NGCScheduler(Scheduler):
                 "computed": {r.request_id: r.num_computed_tokens for r in self.running},
                 "ngc": {r.request_id: self._settings(r) is not None and self._settings(r).config is not None
                         for r in self.running}})
+        self._step_rounds = {}
         preempted = set(self.rlmem_preempted)
         self.rlmem_preempted = []
         out.rlmem = StepInfo(rounds={r: p for r, p in rounds.items() if r not in preempted},
@@ -124,6 +125,7 @@ class NGCScheduler(Scheduler):
     def _start_rounds(self) -> dict[str, RoundPlan]:
         """Free the evicted tail blocks of every request whose round is due before this step."""
         rounds: dict[str, RoundPlan] = {}
+        self._done_before: dict[str, int] = {}
         pool = self.kv_cache_manager.block_pool
         for request in self.running:
             s = self._settings(request)
@@ -145,6 +147,7 @@ class NGCScheduler(Scheduler):
             pool.free_blocks(reversed(tail))
             self.rlmem_freed_blocks += len(tail)
             self.rlmem_offsets[rid] = t - plan.new_len
+            self._done_before[rid] = self.rlmem_done.get(rid, -1)
             self.rlmem_done[rid] = t
             rounds[rid] = RoundPlan(t, n_alive, plan.num_blocks, plan.keep)
             self.rlmem_rounds += 1
@@ -157,6 +160,8 @@ class NGCScheduler(Scheduler):
         if self.rlmem_settings.get(rid) is not None:
             self.rlmem_offsets.pop(rid, None)   # recomputed from scratch with a full cache
             self.rlmem_preempted.append(rid)
+            if rid in getattr(self, "_step_rounds", {}):   # its round started this step never ran: redo it
+                self.rlmem_done[rid] = self._done_before[rid]
 
     def _free_request(self, request, *args, **kwargs):
         out = super()._free_request(request, *args, **kwargs)

@@ -37,8 +37,16 @@ def bucket_pairs(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
 
 
 class WeightTransport(Protocol):
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Move pairs to the workers (bucketed) without loading them; return how many."""
+        ...
+
+    def commit(self) -> int:
+        """Load every staged pair into the model, in place; return how many."""
+        ...
+
     def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load every pair into the engine; return how many parameters were loaded."""
+        """``stage`` then ``commit``."""
         ...
 
 
@@ -48,20 +56,32 @@ class CpuRpcTransport:
     def __init__(self, llm, bucket_bytes: int):
         self.llm, self.bucket_bytes = llm, bucket_bytes
         self.last_buckets = 0
+        self.staged = 0
 
-    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
-        count, buckets = 0, 0
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Send buckets to the workers without loading them yet (a reload must see every tensor of a layer)."""
+        count = 0
         for bucket in bucket_pairs(((n, t.to("cpu")) for n, t in named), self.bucket_bytes):
             got = self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,))
             if any(x != len(bucket) for x in got):
                 raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(bucket)} tensors")
             count += len(bucket)
-            buckets += 1
-        loaded = self.llm.collective_rpc("rlmem_commit_weights")
-        if any(x != count for x in loaded):
-            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {count} tensors")
-        self.last_buckets = buckets
+            self.last_buckets += 1
+        self.staged += count
         return count
+
+    def commit(self) -> int:
+        """Load everything staged, in place; returns the tensor count."""
+        loaded = self.llm.collective_rpc("rlmem_commit_weights")
+        if any(x != self.staged for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
+        n, self.staged = self.staged, 0
+        return n
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self.last_buckets = 0
+        self.stage(named)
+        return self.commit()
 
 
 def ipc_plan(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
@@ -101,11 +121,12 @@ class CudaIpcTransport:
         if not torch.cuda.is_available():
             raise RuntimeError("CudaIpcTransport needs CUDA")
         self.llm, self.bucket_bytes, self.sleep_between = llm, bucket_bytes, sleep_between
+        self.staged = 0
 
-    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        if self.sleep_between:
+        if self.sleep_between and not self.staged:
             self.llm.wake_up(tags=["weights"])
         count = 0
         for entry in ipc_plan(((n, t.to("cuda")) for n, t in named), self.bucket_bytes):
@@ -115,13 +136,22 @@ class CudaIpcTransport:
             if any(x != len(meta["names"]) for x in got):
                 raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(meta['names'])} tensors")
             count += len(meta["names"])
+        self.staged += count
+        return count
+
+    def commit(self) -> int:
         loaded = self.llm.collective_rpc("rlmem_commit_weights")
-        if any(x != count for x in loaded):
-            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {count} tensors")
+        if any(x != self.staged for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
         torch.cuda.synchronize()
         if self.sleep_between:
             self.llm.wake_up(tags=["kv_cache"])
-        return count
+        n, self.staged = self.staged, 0
+        return n
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self.stage(named)
+        return self.commit()
 
     def sleep(self) -> None:
         """Free the engine's weights and KV cache on the GPU while the learner trains (level 2)."""
