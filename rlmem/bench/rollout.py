@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "vllm":
         from rlmem.bench.rollout_vllm import run_vllm
 
+        if args.eviction_block_size == 16:   # this benchmark's torch default; vLLM's CPU blocks are multiples of 32
+            args.eviction_block_size = 32
         args.new_tokens_list = list(args.new_tokens)
         args.new_tokens = max(args.new_tokens)
         return run_vllm(args)
