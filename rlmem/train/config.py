@@ -160,7 +160,7 @@ class InteroceptionConfig(_Section):
 
 
 class EvictionSection(_Section):
-    """NGC hyper-parameters (DESIGN.md section 1); the rules live in EvictionConfig and are reused."""
+    """NGC hyper-parameters (docs/design.md section 1); the rules live in EvictionConfig and are reused."""
 
     delta: int = 256
     eps: float = 0.5

@@ -62,7 +62,7 @@ class LearnerConfig:
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     zero_stage: Literal[0, 2, 3] = 0
     micro_batch_size: int = 1                 # sequences per forward/backward
-    # optimizer (AdamW, DESIGN.md paper settings)
+    # optimizer (AdamW, docs/design.md section 1 paper settings)
     lr: float = 5e-6
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-15
