@@ -84,4 +84,6 @@ def _vllm_unavailable() -> str | None:
 
 
 register_engine("vllm", "rlmem.engine.vllm.engine:from_pretrained", available=_vllm_unavailable,
+                traits=EngineTraits(dtypes=("float32", "bfloat16", "float16"), protect_recent_zero=False,
+                                    block_multiple=32),   # CPU attention: multiples of 32 (CUDA: of 16)
                 description="vLLM (pinned 0.32.0) with NGC eviction inside the paged KV cache; freed blocks go back to vLLM's pool")

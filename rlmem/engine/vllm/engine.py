@@ -66,7 +66,7 @@ class VllmEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, block_size: int | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 kv_cache_gib: int = 2, enforce_eager: bool = True, gpu_memory_utilization: float = 0.6,
+                 kv_cache_gib: int = 1, enforce_eager: bool = True, gpu_memory_utilization: float = 0.6,
                  ignore_eos: bool = False, bucket_bytes: int = 64 << 20, trace_blocks: bool = False):
         require_pinned()
         cfg_path = Path(model_path) / "config.json"
