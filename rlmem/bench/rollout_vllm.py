@@ -4,8 +4,11 @@ One vLLM engine with a fixed number of KV blocks (``num_gpu_blocks_override``) r
 twice: every sequence with a full cache, then every sequence with NGC eviction. The work is sized
 so the sequences outgrow the cache: a full-cache sequence needs ``ceil((p + n) / b)`` blocks at the
 end, an NGC sequence about ``ceil(δ/ε / b) + 1`` whatever its length, so the same pool holds more
-NGC sequences at once. The torch reference engine runs the same prompts for comparison. EOS is
-ignored so every configuration generates the same number of tokens; ratios come from one run.
+NGC sequences at once. Admission is by the blocks a sequence needs at its longest (full cache:
+its whole length; NGC: the schedule's peak, :func:`rlmem.metrics.schedule_peak`), so neither
+configuration is preempted (a preempted NGC rollout would be recomputed with a full cache). The
+torch reference engine runs the same prompts for comparison. EOS is ignored so every configuration
+generates the same number of tokens; ratios come from one run.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def run_vllm(args: argparse.Namespace) -> int:
           f"eps={cfg.eps} window={cfg.window}; a full-cache sequence ends needing "
           f"{-(-(max(map(len, prompts)) + args.new_tokens) // b)} blocks, an NGC one about "
           f"{-(-int(cfg.delta / cfg.eps) // b) + 1}")
+    from rlmem.metrics import schedule_peak
+
+    p_max = max(map(len, prompts))
     for n_new in args.new_tokens_list:
         sampling = SamplingParams(temperature=1.0, max_new_tokens=n_new, seed=0)
         total = args.batch * n_new
@@ -63,7 +69,12 @@ def run_vllm(args: argparse.Namespace) -> int:
             ignore_eos=True, max_model_len=max(map(len, prompts)) + max(args.new_tokens_list) + 8)
         run_vllm.engine = eng
         eng.generate(prompts[:2], SamplingParams(max_new_tokens=4), cfg)   # start-up and warm-up
+        caps = {"vllm full cache": args.kv_blocks // -(-(p_max + n_new) // b),
+                "vllm NGC": args.kv_blocks // -(-(schedule_peak(p_max, n_new, cfg) + 1) // b)}
         for name, ev in (("vllm full cache", None), ("vllm NGC", cfg)):
+            if caps[name] < 1:
+                raise CommandError(f"--kv-blocks {args.kv_blocks}: too few for one {name} sequence")
+            eng.scheduler.max_num_active_reqs = min(caps[name], args.batch)
             recs = eng.generate(prompts, sampling, ev)
             s = eng.last_stats
             assert all(len(r.completion_ids) == n_new for r in recs)
