@@ -160,3 +160,26 @@ def test_cuda_ipc_weight_transport_roundtrip():
         rebuilt = unpack_plan_entry({**e, "flat": func(*args)})
         for (n, t), (n2, t2) in zip([p for p in named if p[0] in e["names"]], rebuilt):
             assert n == n2 and torch.equal(t.cpu(), t2.cpu())
+
+
+@pytest.mark.gpu
+def test_cuda_engine_replays_and_takes_ipc_weights(tiny_model_dir):
+    """On a GPU with the CUDA vLLM build: FlashAttention layout, exact replay, IPC weight update."""
+    from rlmem.commands.replay_check import check_records
+    from rlmem.engine.registry import create_engine
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.models.loading import load_model
+
+    eng = create_engine("vllm", str(tiny_model_dir), seed=0, num_kv_blocks=256)
+    cfg = EvictionConfig(delta=64, eps=0.5, block_size=32, window=5)
+    recs = eng.generate([[20 + i for i in range(12)]] * 3, SamplingParams(max_new_tokens=200, seed=0), cfg)
+    assert eng.info["layout"] == "flash_attn" and all(r.num_rounds > 0 for r in recs)
+    model = load_model(str(tiny_model_dir), "float32")
+    w = check_records(model, recs, progress=False)
+    assert w["token"] < 1e-4 and w["eviction"] < 1e-4
+    eng.sleep()
+    eng.load_weights(model.named_parameters())
+    eng.wake_up()
+    w = check_records(model, eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=100), cfg), progress=False)
+    assert w["token"] < 1e-4
+    eng.shutdown()

@@ -113,6 +113,7 @@ class VllmEngine:
             kwargs["num_gpu_blocks_override"] = o["num_kv_blocks"]
         if cuda_present():
             kwargs["gpu_memory_utilization"] = o["gpu_memory_utilization"]
+            kwargs["enable_sleep_mode"] = True
             if not o["enforce_eager"]:   # full CUDA graphs would replay decode without the Python hooks
                 kwargs["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
         else:
@@ -200,6 +201,18 @@ class VllmEngine:
     def commit_weights(self) -> int:
         self.start(self.block_size)
         return self.transport.commit()
+
+    def sleep(self) -> None:
+        """Colocated CUDA training: free the engine's GPU memory (weights and KV cache) until :meth:`wake_up`.
+        The next :meth:`load_weights` wakes the weights up first (:class:`.weights.CudaIpcTransport`)."""
+        if not cuda_present():
+            return   # vLLM's CPU build has no sleep mode; nothing to free
+        self.transport.sleep_between = True
+        self.transport.sleep()
+
+    def wake_up(self) -> None:
+        if cuda_present() and self.llm is not None:
+            self.llm.wake_up()
 
     def shutdown(self) -> None:
         if self.llm is not None:
