@@ -92,6 +92,7 @@ def test_memory_comes_back_to_the_block_pool(engine):
     assert len(rounds) >= 5
     for s in rounds:
         assert s["free_after_rounds"] - s["free_before"] == sum(s["freed"].values()) > 0
+    assert engine.last_stats.freed_blocks == sum(sum(s["freed"].values()) for s in rounds)
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -59,6 +60,14 @@ def check_eviction(cfg: EvictionConfig, block_size: int | None) -> None:
                          "scorers that look at the cache at round time only (use --backend torch)")
 
 
+@dataclass
+class VllmGenerationStats(GenerationStats):
+    """Plus vLLM's block-pool counters of the call."""
+
+    peak_running: int = 0         # most sequences scheduled in one step
+    freed_blocks: int = 0         # blocks the rounds returned to the pool
+
+
 class VllmEngine:
     """NGC rollouts in vLLM (one engine per process / Ray actor)."""
 
@@ -86,7 +95,7 @@ class VllmEngine:
         self.llm = None
         self.info: dict = {}
         self.transport: WeightTransport | None = None
-        self.last_stats = GenerationStats()
+        self.last_stats: GenerationStats = VllmGenerationStats()
         self._n = 0
 
     # ------------------------------------------------------------------ start-up
@@ -172,12 +181,11 @@ class VllmEngine:
         decisions = self.llm.collective_rpc("rlmem_take", args=(keys,))[0]
         records = [assemble(list(p), o.outputs[0], sampling.temperature, c, decisions.get(k))
                    for p, o, c, k in zip(prompts, outs, cfgs, keys)]
-        self.last_stats = GenerationStats(
+        self.last_stats = VllmGenerationStats(
             new_tokens=sum(len(r.completion_ids) for r in records), seconds=seconds,
             rounds=sched.rlmem_rounds - rounds0, peak_cache_bytes=sched.rlmem_peak_used * self.block_bytes,
-            per_row_peak=[r.extra["peak_kv"] for r in records])
-        self.last_stats.peak_running = sched.rlmem_peak_running
-        self.last_stats.freed_blocks = sched.rlmem_freed_blocks - freed0
+            per_row_peak=[r.extra["peak_kv"] for r in records], peak_running=sched.rlmem_peak_running,
+            freed_blocks=sched.rlmem_freed_blocks - freed0)
         return records
 
     @property
