@@ -26,11 +26,13 @@ def test_training_with_the_vllm_backend(tiny_model_dir, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
-        # the learner replays the vLLM engine's records: tokens and evictions within fp32 tolerance
+        # the learner replays the vLLM engine's records within fp32 tolerance, at step 1 on the weights
+        # the learner synced into the running engine after step 0
         assert 0 <= r["replay/max_abs_logprob_diff"] <= 1e-4
         assert 0 <= r["replay/max_abs_eviction_logprob_diff"] <= 1e-4
         assert r["eviction/rounds_mean"] > 0 and r["rollout/preempted_dropped"] == 0
-        assert r["optim/grad_norm"] > 0 and r["sync/buckets"] >= 1
+        assert r["sync/buckets"] >= 1
+    assert rows[0]["optim/grad_norm"] > 0     # step 0 moved the weights (later steps may see equal rewards)
 
 
 def test_vllm_backend_refuses_a_block_size_vllm_cannot_use(tiny_model_dir, tmp_path):
