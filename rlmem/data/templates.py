@@ -24,7 +24,8 @@ COUNTDOWN_INSTRUCTION = (
     "for example <answer> (1 + 2) / 3 </answer>."
 )
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION}
+# passkey prompts (rlmem/data/passkey.py) carry their own question: no instruction is appended
+INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION, "passkey": ""}
 PLAIN_FRAME = "User: {user}\nAssistant: <think>\n"
 
 
