@@ -24,7 +24,7 @@ def test_training_with_the_vllm_backend(tiny_model_dir, tmp_path):
     summary = run_training(cfg)
     assert summary["steps"] == 2
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         # the learner replays the vLLM engine's records within fp32 tolerance, at step 1 on the weights
         # the learner synced into the running engine after step 0
@@ -36,9 +36,9 @@ def test_training_with_the_vllm_backend(tiny_model_dir, tmp_path):
 
 
 def test_vllm_backend_refuses_a_block_size_vllm_cannot_use(tiny_model_dir, tmp_path):
-    from rlmem.train.driver import TrainingError, check_supported
+    from rlmem.train.preflight import preflight
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", rollout={"backend": "vllm"},
                           eviction={"delta": 16, "eps": 0.5, "block_size": 4, "window": 4})
-    with pytest.raises(TrainingError, match="multiple of 32"):
-        check_supported(cfg)
+    _, problems = preflight(cfg, load=False)
+    assert problems and problems[0][0] == "rollout.backend" and "multiple of 32" in problems[0][1]

@@ -41,7 +41,7 @@ def engine_problem(cfg: RunConfig) -> tuple[str, str] | None:
             check_block_size(cfg.eviction.block_size, cuda=cuda_present())
             check_eviction(cfg.eviction_config(cfg.eviction.eps or 0.5), cfg.eviction.block_size)
         except ValueError as e:
-            return ("eviction", str(e))
+            return ("rollout.backend", f"vllm: {e}")
         if cfg.rollout.vllm.tensor_parallel_size > 1:
             return ("rollout.vllm.tensor_parallel_size", "the rlmem vLLM engine runs one process per engine "
                     "(its scheduler and worker hooks share it); use 1 and more rollout.num_workers")
