@@ -27,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "same schedule ('all': every registered heuristic)")
     p.add_argument("--repeats", type=int, default=1, help="best of N timings per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--backend", choices=["torch", "vllm"], default="torch",
+                   help="torch: reference engine vs HF generate; vllm: vLLM full cache vs vLLM NGC at a fixed "
+                        "number of KV blocks (--kv-blocks), plus the torch engine on the same work")
+    p.add_argument("--kv-blocks", type=int, default=40, help="--backend vllm: KV blocks of the engine (fixed memory)")
+    p.add_argument("--skip-torch", action="store_true", help="--backend vllm: do not run the torch engine")
 
 
 def _time(fn, repeats: int) -> float:
@@ -55,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     import torch
+
+    if args.backend == "vllm":
+        from rlmem.bench.rollout_vllm import run_vllm
+
+        if args.eviction_block_size == 16:   # this benchmark's torch default; vLLM's CPU blocks are multiples of 32
+            args.eviction_block_size = 32
+        args.new_tokens_list = list(args.new_tokens)
+        args.new_tokens = max(args.new_tokens)
+        return run_vllm(args)
 
     from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams

@@ -75,3 +75,15 @@ def create_engine(name: str, model_path: str, *, dtype: str = "float32", seed: i
 
 register_engine("torch", "rlmem.engine.reference:from_pretrained",
                 description="torch reference engine: any HF causal LM with RoPE, CPU or GPU, physically compacting caches")
+
+
+def _vllm_unavailable() -> str | None:
+    from rlmem.engine.vllm.version import unavailable_reason
+
+    return unavailable_reason()
+
+
+register_engine("vllm", "rlmem.engine.vllm.engine:from_pretrained", available=_vllm_unavailable,
+                traits=EngineTraits(dtypes=("float32", "bfloat16", "float16"), protect_recent_zero=False,
+                                    block_multiple=32),   # CPU attention: multiples of 32 (CUDA: of 16)
+                description="vLLM (pinned 0.32.0) with NGC eviction inside the paged KV cache; freed blocks go back to vLLM's pool")
