@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rlmem.data.countdown import countdown_prompt_text, generate_countdown
+from rlmem.data.toy import TASK as COUNTDOWN_TOY
+from rlmem.data.toy import toy_problems
 from rlmem.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted({s.hub_id for s in DATASETS.values()}))}, "
-                       "'countdown-generated', or a local .jsonl/.parquet path")
+                       "'countdown-generated', 'countdown-toy', or a local .jsonl/.parquet path")
     return DATASETS[name]
 
 
@@ -301,7 +303,8 @@ def _guess_spec(rows: list[dict], path: str) -> DatasetSpec | None:
 def load_examples(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, dataset: str | None = None, mapping: dict | None = None,
                   **kwargs) -> list[dict]:
-    """Examples from a dataset id, ``"countdown-generated"``, or a local ``.jsonl``/``.parquet``.
+    """Examples from a dataset id, ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py)
+    or a local ``.jsonl``/``.parquet``.
 
     ``split`` is ``"train"`` or ``"test"`` (the evaluation sets return their single split for
     either). ``limit`` keeps the first ``limit`` examples (after shuffling with ``seed`` if
@@ -323,6 +326,8 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
             train = generate_countdown(seed=seed * 2, **gen_kw)
             bad = set(find_leaks(train, examples))
             examples = [e for i, e in enumerate(examples) if i not in bad]
+    elif source == COUNTDOWN_TOY:  # the toy task's fixed problem set, sampled with ``seed``
+        examples = toy_problems(split, None, seed=seed)
     else:
         if source in DATASETS:
             spec = _spec(source)

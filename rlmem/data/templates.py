@@ -24,7 +24,8 @@ COUNTDOWN_INSTRUCTION = (
     "for example <answer> (1 + 2) / 3 </answer>."
 )
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION}
+# The toy task (rlmem/data/toy.py) has no instruction: its model learned the format from traces.
+INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION, "countdown-toy": ""}
 PLAIN_FRAME = "User: {user}\nAssistant: <think>\n"
 
 
