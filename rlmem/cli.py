@@ -19,20 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlmem", description="Neural Garbage Collection: RL that learns to evict KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"rlmem.commands.{name}")
-        except ModuleNotFoundError as e:  # a command whose module is not written yet is simply absent
-            if e.name == f"rlmem.commands.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"rlmem.commands.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a user error prints ``error: ...`` and returns 2 (as argparse does)."""
+    from rlmem.commands.common import CommandError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

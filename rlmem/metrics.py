@@ -4,7 +4,7 @@ pass@k (Chen et al. 2021): for a problem with ``n`` samples of which ``c`` are c
 ``1 - C(n-c, k) / C(n, k)``, computed as a stable product. Over problems: the mean, and its
 standard error ``std(ddof=1) / sqrt(#problems)`` (the spread of per-problem estimates).
 
-Peak KV (DESIGN.md section 1, "Metric"): the largest number of entries a layer holds at any time.
+Peak KV (docs/design.md section 1, Metric): the largest number of entries a layer holds at any time.
 **Choice:** the last token of a sequence is never fed (its K/V are never written: nothing is
 generated after it), so a full-cache run of a ``p``-token prompt and ``c``-token completion peaks
 at ``p + c - 1`` entries (``count_last_token=True`` gives ``p + c``). Average peak-KV reduction
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from typing import Sequence
+
+from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -58,42 +60,29 @@ def peak_no_eviction(prompt_len: int, completion_len: int, *, count_last_token: 
     return total if count_last_token else max(total - 1, 0)
 
 
-def schedule_peak(prompt_len: int, completion_len: int, *, delta: int, eps: float, block_size: int,
-                  protect_recent: int = 1, count_last_token: bool = False) -> int:
-    """Peak KV entries per layer under the NGC grow-then-evict schedule of DESIGN.md section 1.
+def schedule_peak(prompt_len: int, completion_len: int, cfg: EvictionConfig, *,
+                  count_last_token: bool = False) -> int:
+    """Peak KV entries per layer that the NGC schedule predicts (docs/design.md section 1, Metric).
 
-    Simulates the entry count: rounds at ``t_1 = max(delta, p)``, ``t_{r+1} = t_r + delta``,
-    each only if ``x_{t_r}`` will be fed; a round keeps ``K = clamp(round_half_up((1-eps) N),
-    protect_recent, N)`` of ``N = ceil(T/b)`` blocks. With ``protect_recent >= 1`` the short
-    newest block is always kept, so the kept count is exact; with ``protect_recent = 0`` it
-    assumes full blocks were kept (an upper bound).
+    Walks the schedule with the policy's own functions (round times, block counts, keep count,
+    kept slots), keeping the oldest eligible blocks. With ``protect_recent >= 1`` the short newest
+    block is always kept, so the count is exact for any choice of blocks, which is what every
+    engine measures; with ``protect_recent = 0`` it is exact when the short block is evicted (an
+    upper bound otherwise).
     """
     p, c = int(prompt_len), int(completion_len)
-    n = p + c
-    fed = n if count_last_token else max(n - 1, 0)  # positions 0..fed-1 are written
-    if eps <= 0:
-        return fed
-    b = int(block_size)
-    t = max(int(delta), p)
+    fed = p + c if count_last_token else max(p + c - 1, 0)  # positions 0..fed-1 are written
+    # round_times(p, n) gives the rounds of an n-token sequence (x_{t_r} is fed, t_r < n - 1)
+    times = round_times(p, fed + 1, cfg)
     size, pos, peak = 0, 0, 0
-    while True:
-        if t >= fed:  # no more rounds: x_t would not be fed
-            size += fed - pos
-            peak = max(peak, size)
-            return peak
+    for t in times:
         size += t - pos
         pos = t
         peak = max(peak, size)
-        nblocks = math.ceil(size / b)
-        keep = min(max(math.floor((1 - eps) * nblocks + 0.5), protect_recent), nblocks)
-        if keep >= nblocks:
-            pass
-        elif protect_recent >= 1:
-            short = size - (nblocks - 1) * b
-            size = short + (keep - 1) * b
-        else:
-            size = keep * b
-        t += int(delta)
+        n = num_blocks(size, cfg.block_size)
+        m = keep_count(n, cfg.eps, cfg.protect_recent) - min(cfg.protect_recent, n)
+        size = len(kept_key_slots(size, list(range(m)), cfg))
+    return max(peak, size + fed - pos)
 
 
 def peak_kv_reduction(prompt_lens: Sequence[int], base_completion_lens: Sequence[int],

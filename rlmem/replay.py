@@ -1,4 +1,4 @@
-"""Replay: one forward pass over whole rollouts with per-layer eviction masks (DESIGN.md section 1).
+"""Replay: one forward pass over whole rollouts with per-layer eviction masks (docs/design.md section 1).
 
 Query ``q`` may see key ``k`` in layer ``l`` iff ``k <= q and q < evicted_at[l, k]``. With those
 masks the pass reproduces every next-token distribution of the rollout, and, because the NGC
@@ -17,8 +17,10 @@ from typing import Literal
 
 import torch
 
-from rlmem.eviction.policy import block_logits, eligible_logits, key_scores, pad_orders, plackett_luce_logprob
+from rlmem.engine.sampling import token_log_softmax
+from rlmem.eviction.policy import pad_orders, plackett_luce_logprob, selection_logits
 from rlmem.eviction.record import RolloutRecord, evicted_at
+from rlmem.eviction.scorers import ScoringInputs, get_scorer
 from rlmem.models.interface import check_supported, decoder, install, lm_head, num_layers, register_attention
 
 Kernel = Literal["sdpa", "flex"]
@@ -123,14 +125,18 @@ def _eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, rec: 
                        scaling: float) -> torch.Tensor:
     """Recompute one layer's Plackett-Luce log-prob of every recorded round of one rollout, ``[R]``.
 
-    q ``[Hq, n, d]``, k ``[Hkv, n, d]``; all rounds of the rollout are scored as one batch. The
-    alive keys at round ``t`` are ``{k < t : evicted_at[k] >= t}`` (evicted *at* t means it was
-    still alive when the round scored it).
+    q ``[Hq, n, d]``, k ``[Hkv, n, d]``; all rounds of the rollout are scored as one batch, through
+    the same scorer and :func:`selection_logits` the engine used. The alive keys at round ``t`` are
+    ``{k < t : evicted_at[k] >= t}`` (evicted *at* t means it was still alive when the round scored
+    it). A heuristic scorer's decisions are not actions of the policy: their log-prob is 0.
     """
     trace = rec.eviction
     if trace is None or not trace.rounds:
         return q.new_zeros(0)
     cfg = trace.config
+    scorer = get_scorer(cfg.scorer)
+    if not scorer.learned:
+        return q.new_zeros(len(trace.rounds))
     times = torch.tensor([r.t for r in trace.rounds], device=q.device)
     win = times[:, None] - cfg.window + torch.arange(cfg.window, device=q.device)[None, :]    # [R, w]
     queries = q[:, win].permute(1, 0, 2, 3)                                                   # [R, Hq, w, d]
@@ -138,10 +144,12 @@ def _eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, rec: 
     pos = torch.arange(n, device=q.device)
     valid = (pos[None, :] < times[:, None]) & (ea[None, :] >= times[:, None])                 # [R, n]
     keys = k[None].expand(len(trace.rounds), *k.shape)
-    psi = key_scores(queries, keys, valid, scaling)
-    z, n_blocks = block_logits(psi, valid, cfg)
+    positions = torch.where(valid, pos[None, :], torch.full_like(valid, -1, dtype=torch.long))
+    inputs = ScoringInputs(queries, keys, valid, positions, scaling, layer)
+    cfgs = [cfg] * len(trace.rounds)
+    z, _ = selection_logits(scorer.scores(inputs), valid, cfgs, learned=True)
     orders = pad_orders([rnd.layers[layer].kept for rnd in trace.rounds], q.device)
-    return plackett_luce_logprob(eligible_logits(z, n_blocks, [cfg] * len(trace.rounds)), orders)
+    return plackett_luce_logprob(z, orders)
 
 
 @dataclass
@@ -173,8 +181,8 @@ def replay_forward(model: torch.nn.Module, records: list[RolloutRecord], *, kern
     src = (batch.prompt_lens[:, None] - 1 + t_idx[None, :]).clamp_max(hidden.shape[1] - 1)
     h = torch.gather(hidden, 1, src[..., None].expand(bsz, tc, hidden.shape[-1]))
     logits = lm_head(model)(h)
-    temps = torch.tensor([r.temperature for r in records], device=device, dtype=logits.dtype)
-    logp = torch.log_softmax((logits / temps[:, None, None]).to(torch.float64 if logits.dtype == torch.float64 else torch.float32), dim=-1)
+    # float64 here: token_log_softmax rounds T once, to the compute dtype, as the engines do
+    logp = token_log_softmax(logits, torch.tensor([r.temperature for r in records], dtype=torch.float64, device=device))
     targets = torch.zeros(bsz, tc, dtype=torch.long, device=device)
     for i, r in enumerate(records):
         targets[i, : len(r.completion_ids)] = torch.tensor(r.completion_ids, device=device)

@@ -75,14 +75,13 @@ def test_evaluate_grades_with_the_verifier_and_measures_peak_kv(tiny_model_dir, 
 
     # Peak KV: every sample ran its 16 tokens (random tiny model), so the numbers follow from the
     # schedule: full cache p + 16 - 1; eps 0.5 peaks per rlmem.metrics.schedule_peak.
-    ev = cfg.eviction
     p = [len(tok.encode(_prompt_text(ex, tok, cfg, None), add_special_tokens=False)) for ex in examples]
     for r in results:
         assert r["response_length_mean"] == 16.0
     base, half = results
     assert base["peak_kv_reduction"] == 1.0
     assert base["peak_kv_mean"] == pytest.approx(sum(pi + 15 for pi in p) / 2)
-    method = [schedule_peak(pi, 16, delta=ev.delta, eps=0.5, block_size=ev.block_size) for pi in p]
+    method = [schedule_peak(pi, 16, cfg.eviction_config(0.5)) for pi in p]
     assert half["peak_kv_mean"] == pytest.approx(sum(method) / 2)
     expected = sum(peak_no_eviction(pi, 16) / m for pi, m in zip(p, method)) / 2
     assert half["peak_kv_reduction"] == pytest.approx(expected, rel=1e-12)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
+from rlmem.eviction.policy import EvictionConfig
 from rlmem.metrics import pass_at_k, pass_at_k_summary, peak_kv_reduction, peak_no_eviction, schedule_peak
 
 
@@ -35,11 +37,12 @@ def test_peak_kv():
     assert peak_no_eviction(100, 50, count_last_token=True) == 150
     assert peak_kv_reduction([100, 10], [50, 91], [50, 25]) == pytest.approx((149 / 50 + 100 / 25) / 2)
     # NGC steady state just before a round is delta / eps
-    assert schedule_peak(100, 4000, delta=256, eps=0.5, block_size=32) == 512
-    assert schedule_peak(100, 4000, delta=256, eps=0.75, block_size=32) == pytest.approx(256 / 0.75, abs=32)
+    paper = EvictionConfig(delta=256, eps=0.5, block_size=32, window=5)
+    assert schedule_peak(100, 4000, paper) == 512
+    assert schedule_peak(100, 4000, replace(paper, eps=0.75)) == pytest.approx(256 / 0.75, abs=32)
     # sequence ends before the first round: no eviction
-    assert schedule_peak(10, 100, delta=256, eps=0.5, block_size=32) == 109
+    assert schedule_peak(10, 100, paper) == 109
     # prompt longer than delta: first round right after prefill
-    assert schedule_peak(600, 1, delta=256, eps=0.5, block_size=32) == 600
+    assert schedule_peak(600, 1, paper) == 600
     with pytest.raises(ValueError):
         peak_kv_reduction([1], [1, 2], [1])

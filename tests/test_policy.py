@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from rlmem.eviction.policy import (
-    EvictionConfig, block_logits, decide, eligible_logits, first_round, is_round, keep_count, kept_key_slots,
-    key_scores, pad_orders, plackett_luce_logprob, round_times, sample_blocks,
+    EvictionConfig, decide, first_round, is_round, keep_count, kept_key_slots, pad_orders, plackett_luce_logprob,
+    round_times, sample_blocks, selection_logits,
 )
+from rlmem.eviction.scorers import ScoringInputs, get_scorer
+
+
+def ngc_scores(q, k, valid, scaling):
+    return get_scorer("ngc").scores(ScoringInputs(q, k, valid, torch.zeros_like(valid, dtype=torch.long), scaling))
 
 
 def brute_force_pl(z: list[float], order: list[int]) -> float:
@@ -94,7 +99,7 @@ def test_key_scores_are_head_and_window_averaged_attention_with_gqa():
     q = torch.randn(1, hq, w, d, dtype=torch.float64)
     k = torch.randn(1, hkv, c, d, dtype=torch.float64)
     valid = torch.tensor([[True, True, False, True, True, True, False]])
-    psi = key_scores(q, k, valid, 0.5)
+    psi = ngc_scores(q, k, valid, 0.5)
     # reference: explicit loop over query heads; head h uses KV group h // (hq // hkv)
     ref = torch.zeros(c, dtype=torch.float64)
     idx = valid[0].nonzero().squeeze(-1)
@@ -109,11 +114,17 @@ def test_block_logits_mean_then_transform():
     psi = torch.tensor([[0.1, 0.3, 0.2, 0.0, 0.4]], dtype=torch.float64)
     valid = torch.tensor([[True, True, True, False, True]])
     cfg = EvictionConfig(delta=8, eps=0.5, block_size=2, window=2, tau=0.5)
-    z, n = block_logits(psi, valid, cfg)
+    unprotected = EvictionConfig(delta=8, eps=0.5, block_size=2, window=2, tau=0.5, protect_recent=0)
+    z, n = selection_logits(psi, valid, [unprotected])
     assert n.tolist() == [2]                   # 4 alive keys -> two blocks (0.1, 0.3) and (0.2, 0.4)
     assert torch.allclose(z[0], torch.log(torch.tensor([0.2, 0.3], dtype=torch.float64)) / 0.5)
-    z_lin, _ = block_logits(psi, valid, EvictionConfig(delta=8, eps=0.5, block_size=2, window=2, score_transform="linear", tau=0.5))
+    lin = EvictionConfig(delta=8, eps=0.5, block_size=2, window=2, score_transform="linear", tau=0.5, protect_recent=0)
+    z_lin, _ = selection_logits(psi, valid, [lin])
     assert torch.allclose(z_lin[0], torch.tensor([0.4, 0.6], dtype=torch.float64))
+    z_prot, _ = selection_logits(psi, valid, [cfg])          # protect_recent=1: the newest block is not an action
+    assert z_prot[0, 1] == float("-inf") and torch.allclose(z_prot[0, :1], z[0, :1])
+    z_heur, _ = selection_logits(psi, valid, [cfg], learned=False)   # a heuristic's block means, untransformed
+    assert torch.allclose(z_heur[0, :1], torch.tensor([0.2], dtype=torch.float64))
 
 
 def test_decide_records_logprob_of_the_sampled_order():
@@ -122,12 +133,13 @@ def test_decide_records_logprob_of_the_sampled_order():
     q, k = torch.randn(2, 4, 2, 8, dtype=torch.float64), torch.randn(2, 2, 12, 8, dtype=torch.float64)
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, 9:] = False
-    decisions = decide(q, k, valid, 0.3, [cfg, cfg], torch.Generator().manual_seed(0))
-    z, n = block_logits(key_scores(q, k, valid, 0.3), valid, cfg)
+    inputs = ScoringInputs(q, k, valid, torch.zeros(2, 12, dtype=torch.long), 0.3)
+    decisions = decide(get_scorer("ngc"), inputs, [cfg, cfg], torch.Generator().manual_seed(0))
+    z, n = selection_logits(ngc_scores(q, k, valid, 0.3), valid, [cfg, cfg])
     for i, d in enumerate(decisions):
         assert d.num_blocks == int(n[i])
         assert len(d.kept) == keep_count(d.num_blocks, 0.5, 1) - 1
-        elig = eligible_logits(z, n, [cfg, cfg])[i, : d.num_blocks - 1]
+        elig = z[i, : d.num_blocks - 1]
         assert d.logprob == pytest.approx(brute_force_pl(elig.tolist(), d.kept), abs=1e-10)
     assert decisions[1].keep_slots[-1] == 8   # row 1 has 9 alive keys; the newest (short) block is protected
 
@@ -136,6 +148,7 @@ def test_decide_records_logprob_of_the_sampled_order():
     (dict(delta=4, window=8), "window"), (dict(delta=4, block_size=8, window=2), "block_size"),
     (dict(eps=1.5), "eps"), (dict(eps=-0.1), "eps"), (dict(score_transform="exp"), "score_transform"),
     (dict(tau=0.0), "tau"), (dict(protect_recent=-1), "protect_recent"), (dict(delta=0), "delta"),
+    (dict(scorer="no-such-scorer"), "scorer"),
 ])
 def test_bad_eviction_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -11,15 +11,15 @@ import argparse
 import tempfile
 import time
 
+from rlmem.commands.common import add_eviction_args, eviction_from_args, load_model
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model dir (default: a fresh tiny 2-layer Qwen2)")
     p.add_argument("--batch", type=int, default=32, help="prompts generated together")
     p.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024], help="completion lengths to measure")
-    p.add_argument("--delta", type=int, default=64)
-    p.add_argument("--eps", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--window", type=int, default=8)
+    # NGC settings sized for the default tiny model; flags and help come from EvictionConfig
+    add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8})
     p.add_argument("--repeats", type=int, default=1, help="best of N timings per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
@@ -35,19 +35,16 @@ def _time(fn, repeats: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams
-    from rlmem.eviction.policy import EvictionConfig
     from rlmem.models.tiny import make_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="rlmem-bench-"), layers=2, hidden=256)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = EvictionConfig(delta=args.delta, eps=args.eps, block_size=args.block_size, window=args.window)
+    model, tok = load_model(model_dir)
+    cfg = eviction_from_args(args)
     prompts = [tok(f"Using the numbers {i} {i + 7} {2 * i + 3}, create an equation that equals {i + 40}.").input_ids
                for i in range(args.batch)]
     engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])

@@ -13,12 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against an in-run baseline)")
     bsub = p.add_subparsers(dest="benchmark", required=True)
     for name, module_name in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:
-                continue
-            raise
+        module = importlib.import_module(module_name)
         bp = bsub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(bp)
         bp.set_defaults(func=module.run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rlmem.commands.common import CommandError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="draw what a rollout evicted (per-layer strip + replay masks)")
@@ -24,15 +26,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         records = read_jsonl(args.records)
     except (RecordError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e)) from None
     if not 0 <= args.index < len(records):
-        raise SystemExit(f"error: --index {args.index}: {args.records} has {len(records)} records")
+        raise CommandError(f"--index {args.index}: {args.records} has {len(records)} records")
     rec = records[args.index]
     if rec.eviction is None or not rec.eviction.rounds:
-        raise SystemExit(f"error: record {args.index} has no eviction rounds (full cache); nothing to draw")
+        raise CommandError(f"record {args.index} has no eviction rounds (full cache); nothing to draw")
     n_layers = len(rec.eviction.rounds[0].layers)
     if not 0 <= args.layer < n_layers:
-        raise SystemExit(f"error: --layer {args.layer}: the record has {n_layers} layers")
+        raise CommandError(f"--layer {args.layer}: the record has {n_layers} layers")
     out = Path(args.out)
     strip = plot_eviction_strip(rec, n_layers, out / f"record{args.index}_evictions.png")
     ea = evicted_at(rec, n_layers)
@@ -41,15 +43,18 @@ def run(args: argparse.Namespace) -> int:
     cfg = rec.eviction.config
     print(f"record {args.index}: prompt {len(rec.prompt_ids)} + completion {len(rec.completion_ids)} tokens, "
           f"delta={cfg.delta} eps={cfg.eps} block={cfg.block_size} window={cfg.window} "
-          f"protect_recent={cfg.protect_recent}, reward={rec.reward}")
+          f"protect_recent={cfg.protect_recent}, scorer={cfg.scorer}, reward={rec.reward}")
     print(f"{'round':>5} {'t':>6}  " + "  ".join(f"L{l}: N kept logp" for l in range(min(n_layers, 4))))
     for i, r in enumerate(rec.eviction.rounds):
         cells = [f"L{l}: {x.num_blocks:>2} {len(x.kept):>2} {x.logprob:7.2f}" for l, x in enumerate(r.layers[:4])]
         print(f"{i:>5} {r.t:>6}  " + "  ".join(cells))
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from rlmem.models.loading import ModelLoadError, load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        try:
+            tok = load_tokenizer(args.tokenizer)
+        except ModelLoadError as e:
+            raise CommandError(f"--tokenizer {e}") from None
         ids = rec.prompt_ids + rec.completion_ids
         kept = (ea[args.layer] == NEVER).tolist()
         pieces = [tok.decode([t]) if k else "·" for t, k in zip(ids, kept)]

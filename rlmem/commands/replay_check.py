@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 
 
+from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
+                                   eviction_from_args, load_model, read_prompts)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("replay-check", help="replay records; exit 1 if log-probs differ beyond tolerance")
-    p.add_argument("records", help="rollout records (JSONL)")
+    p = sub.add_parser("replay-check", help="replay records; exit 1 if log-probs differ beyond tolerance, 2 on bad input",
+                       description="Replay rollout records through the learner's masked forward and compare log-probs. "
+                       "Give a records file, or --prompts with --backend to generate records with that engine first "
+                       "(checks the engine). Exit 0 within tolerance, 1 on MISMATCH, 2 on bad input.")
+    p.add_argument("records", nargs="?", help="rollout records (JSONL); with --prompts, where to write them (optional)")
     p.add_argument("--model", required=True, help="the model that produced the records")
+    p.add_argument("--prompts", default=None, help="generate records from these prompts (JSONL) with --backend first")
+    add_backend_arg(p)
+    add_eviction_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="with --prompts: tokens per completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --prompts: sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="with --prompts: sampling seed")
     p.add_argument("--kernel", choices=["sdpa", "flex"], default="sdpa")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tol", type=float, default=None,
                    help="max allowed |rollout - replay| log-prob difference (default 1e-4 fp32, 1e-9 fp64, 5e-2 bf16)")
@@ -46,30 +59,62 @@ def check_records(model, records, *, kernel: str = "sdpa", batch_size: int = 8, 
     return worst
 
 
-def run(args: argparse.Namespace) -> int:
-    from rlmem.commands._common import load_model
-    from rlmem.eviction.record import RecordError, read_jsonl
+def _generate(args: argparse.Namespace, tokenizer) -> list:
+    """Records from ``--prompts`` made by engine ``--backend`` (the check then tests that engine)."""
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.eviction.record import write_jsonl
 
+    cfg = eviction_from_args(args)
+    prompts = [ids for _, ids in read_prompts(args.prompts, tokenizer)]
+    engine = create_engine(args.backend, args.model, args.dtype, args.seed)
     try:
-        records = read_jsonl(args.records)
-    except (RecordError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    records = []
+    for start in range(0, len(prompts), args.batch_size):
+        records += engine.generate(prompts[start: start + args.batch_size], sampling, cfg if cfg.enabled else None)
+    if args.records:
+        write_jsonl(args.records, records)
+    print(f"generated {len(records)} records with backend {args.backend}"
+          + (f" (written to {args.records})" if args.records else ""))
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlmem.eviction.record import RecordError, read_jsonl
+    from rlmem.eviction.scorers import is_learned
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    if args.prompts:
+        records = _generate(args, tokenizer)
+    elif not args.records:
+        raise CommandError("give a records file, or --prompts (with --backend) to generate records first")
+    else:
+        try:
+            records = read_jsonl(args.records)
+        except (RecordError, FileNotFoundError) as e:
+            raise CommandError(str(e)) from None
     if not records:
-        raise SystemExit(f"error: {args.records}: no records")
-    model, _ = load_model(args.model, args.dtype)
+        raise CommandError(f"{args.records}: no records")
     vocab = model.config.vocab_size
     for i, r in enumerate(records):
         if max(r.prompt_ids + r.completion_ids) >= vocab:
-            raise SystemExit(f"error: {args.records}: record {i} has token ids >= the model's vocab size {vocab}")
+            raise CommandError(f"{args.records}: record {i} has token ids >= the model's vocab size {vocab}")
     tol = args.tol if args.tol is not None else {"float32": 1e-4, "float64": 1e-9, "bfloat16": 5e-2}[args.dtype]
     try:
         w = check_records(model, records, kernel=args.kernel, batch_size=args.batch_size)
     except RecordError as e:
-        raise SystemExit(f"error: {args.records}: {e}") from None
+        raise CommandError(f"{args.records}: {e}") from None
+    heuristic = sorted({r.eviction.config.scorer for r in records
+                        if r.num_rounds and not is_learned(r.eviction.config.scorer)})
     print(f"replayed {len(records)} records ({w['tokens']} tokens, {w['decisions']} layer eviction decisions) "
           f"with kernel={args.kernel}, dtype={args.dtype}")
     print(f"max |token log-prob diff|    = {w['token']:.3e}" + (f"  ({w['token_at']})" if w["token_at"] else ""))
     print(f"max |eviction log-prob diff| = {w['eviction']:.3e}" + (f"  ({w['eviction_at']})" if w["eviction_at"] else ""))
+    if heuristic:
+        print(f"note: evictions by heuristic scorers {heuristic} are not actions of the policy: their masks are "
+              "replayed (token log-probs checked), their eviction log-probs are not")
     ok = w["token"] <= tol and w["eviction"] <= tol
     print(f"{'OK' if ok else 'MISMATCH'}: tolerance {tol:g}")
     return 0 if ok else 1

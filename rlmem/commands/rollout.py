@@ -1,10 +1,11 @@
-"""``rlmem rollout``: generate NGC rollouts with the torch engine and write rollout records (JSONL)."""
+"""``rlmem rollout``: generate NGC rollouts with an engine (``--backend``) and write rollout records (JSONL)."""
 
 from __future__ import annotations
 
 import argparse
 
-from rlmem.commands._common import add_eviction_args, eviction_from_args, load_model, read_prompts
+from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
+                                    eviction_from_args, read_prompts)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluation mode: deterministic top-k evictions")
     p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    add_backend_arg(p)
     p.set_defaults(func=run)
 
 
@@ -32,21 +34,24 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams
     from rlmem.eviction.record import write_jsonl
+    from rlmem.models.loading import ModelLoadError, load_tokenizer
 
+    cfg = eviction_from_args(args)
     try:
-        cfg = eviction_from_args(args)
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, stop=args.stop)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise CommandError(str(e).replace("sampling.", "--").replace("_", "-")) from None
     if args.num_samples < 1 or args.batch_size < 1:
-        raise SystemExit("error: --num-samples and --batch-size must be >= 1")
-    model, tokenizer = load_model(args.model, args.dtype)
+        raise CommandError("--num-samples and --batch-size must be >= 1")
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ModelLoadError as e:
+        raise CommandError(f"--model {e}") from None
     prompts = read_prompts(args.prompts, tokenizer)
-    engine = ReferenceEngine(model, tokenizer, seed=args.seed)
+    engine = create_engine(args.backend, args.model, args.dtype, args.seed)
     jobs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
     records, tokens, seconds = [], 0, 0.0
     bar = tqdm(total=len(jobs), desc="rollout", unit="seq")

@@ -1,1 +1,7 @@
-"""Rollout engines. ``reference`` is the torch engine (ground truth, CPU default)."""
+"""Rollout engines behind one protocol (:mod:`rlmem.engine.base`), created by name (:mod:`rlmem.engine.registry`)."""
+
+from rlmem.engine.base import GenerationStats, RolloutEngine
+from rlmem.engine.registry import create_engine, engine_names, engine_unavailable_reason, register_engine
+
+__all__ = ["GenerationStats", "RolloutEngine", "create_engine", "engine_names", "engine_unavailable_reason",
+           "register_engine"]

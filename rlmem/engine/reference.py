@@ -4,7 +4,7 @@ Ground truth for every other engine, and the CPU default. Each layer's cache is 
 compacted at every round (memory really goes down), keys keep the true RoPE positions they were
 written with, and every eviction decision comes from :mod:`rlmem.eviction.policy`.
 
-Generation loop per sequence (DESIGN.md section 1, Schedule): prefill the prompt, sample ``x_p``;
+Generation loop per sequence (docs/design.md section 1, Schedule): prefill the prompt, sample ``x_p``;
 then repeatedly: stop if the last sampled token ends the sequence; else, if a round is due at
 ``t`` (the position about to be fed), run it on every layer; feed ``x_t``; sample ``x_{t+1}``.
 So a round fires only when ``x_{t_r}`` will be fed, exactly as the replay assumes.
@@ -13,15 +13,18 @@ So a round fires only when ``x_{t_r}`` will be fed, exactly as the replay assume
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from rlmem.engine.base import GenerationStats
 from rlmem.engine.cache import CompactingKVCache
 from rlmem.engine.sampling import SamplingParams, sample_tokens
-from rlmem.eviction.policy import EvictionConfig, decide, is_round
+from rlmem.eviction.policy import EvictionConfig, check_batch_configs, decide, is_round
 from rlmem.eviction.record import EvictionRound, EvictionTrace, LayerEviction, RolloutRecord
+from rlmem.eviction.scorers import Scorer, ScoringInputs, get_scorer
 from rlmem.models.interface import check_supported, decoder, install, lm_head, register_attention
+from rlmem.models.loading import load_model_and_tokenizer
 
 
 @dataclass
@@ -30,6 +33,8 @@ class _StepState:
 
     cache: CompactingKVCache
     prefill_lens: torch.Tensor | None = None   # set during prefill
+    positions: torch.Tensor | None = None      # [B] true positions of a decode step's tokens
+    observer: Scorer | None = None             # a scorer that accumulates state every step (H2O)
 
 
 def _engine_attention(module, query, key, value, attention_mask, *, state: _StepState, scaling=None, **kwargs):
@@ -44,30 +49,37 @@ def _engine_attention(module, query, key, value, attention_mask, *, state: _Step
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
         cache.prefill(layer, query, key, value, state.prefill_lens)
+        if state.observer is not None:
+            st = cache.scorer_state(layer)
+            st[:, :p] = state.observer.observe(query, key, mask, scaling, st[:, :p])
     else:
-        cache.append(layer, query, key, value)
+        cache.append(layer, query, key, value, state.positions)
         k, v, valid = cache.view(layer)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, k, v, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=True)
+        if state.observer is not None:
+            st = cache.scorer_state(layer)
+            n = k.shape[2]
+            st[:, :n] = state.observer.observe(query, k, valid[:, None, :], scaling, st[:, :n])
     return out.transpose(1, 2).contiguous(), None
 
 
 register_attention("rlmem_engine", _engine_attention)
 
 
-@dataclass
-class GenerationStats:
-    """Counters of the last ``generate`` call (for benchmarks and logs)."""
-
-    new_tokens: int = 0
-    seconds: float = 0.0
-    rounds: int = 0
-    peak_cache_bytes: int = 0
-    per_row_peak: list[int] = field(default_factory=list)
+def from_pretrained(model_path: str, *, dtype: str = "float32", seed: int = 0, device: str = "cpu",
+                    **options) -> "ReferenceEngine":
+    """The registry's factory for ``torch`` (:mod:`rlmem.engine.registry`)."""
+    if options:
+        raise ValueError(f"torch engine: unknown options {sorted(options)}")
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype, device=device)
+    return ReferenceEngine(model, tokenizer, seed=seed)
 
 
 class ReferenceEngine:
     """Batched NGC generation. One instance per model; not thread-safe."""
+
+    name = "torch"
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, seed: int = 0,
                  eos_token_ids: list[int] | None = None, pad_token_id: int | None = None):
@@ -121,11 +133,10 @@ class ReferenceEngine:
         if len(cfgs) != len(prompts):
             raise ValueError(f"generate: {len(cfgs)} eviction configs for {len(prompts)} prompts")
         active_cfgs = [c for c in cfgs if c is not None and c.enabled]
-        shared = {(c.block_size, c.window, c.score_transform, c.tau) for c in active_cfgs}
-        if len(shared) > 1:
-            raise ValueError("generate: prompts in one batch may differ in eps/delta/protect_recent only; "
-                             f"got block_size/window/score_transform/tau combinations {sorted(shared)}")
+        check_batch_configs(active_cfgs)
         window = max((c.window for c in active_cfgs), default=1)
+        scorer = get_scorer(active_cfgs[0].scorer) if active_cfgs else None
+        observer = scorer if scorer is not None and scorer.observes else None
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else self.generator
         max_positions = getattr(self.model.config, "max_position_embeddings", None)
         longest = max(len(p) for p in prompts) + sampling.max_new_tokens
@@ -152,7 +163,7 @@ class ReferenceEngine:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         pos = torch.arange(p_max)[None].expand(bsz, p_max)
-        state = _StepState(cache, prefill_lens=prompt_lens)
+        state = _StepState(cache, prefill_lens=prompt_lens, observer=observer)
         hidden = self._forward(ids.to(device), pos.to(device), state)
         last = hidden[torch.arange(bsz, device=device), (prompt_lens - 1).to(device)]
         tok, lp = sample_tokens(lm_head(self.model)(last), sampling, gen)
@@ -181,12 +192,12 @@ class ReferenceEngine:
             due = [s for s, i in enumerate(active) if cfgs[i] is not None and is_round(t[s], len(prompts[i]), cfgs[i])]
             if due:
                 peak_bytes = max(peak_bytes, cache.nbytes())
-                self._round(cache, due, [cfgs[active[s]] for s in due], gen, greedy_evictions,
+                self._round(cache, scorer, due, [cfgs[active[s]] for s in due], gen, greedy_evictions,
                             [rounds[active[s]] for s in due], [t[s] for s in due])
                 n_rounds += len(due)
             ids = torch.tensor([[completions[i][-1]] for i in active], device=device)
             pos = torch.tensor([[x] for x in t], device=device)
-            hidden = self._forward(ids, pos, _StepState(cache))
+            hidden = self._forward(ids, pos, _StepState(cache, positions=pos[:, 0], observer=observer))
             tok, lp = sample_tokens(lm_head(self.model)(hidden[:, -1]), sampling, gen)
             for s, i in enumerate(active):
                 completions[i].append(int(tok[s]))
@@ -224,16 +235,18 @@ class ReferenceEngine:
             return "length"
         return ""
 
-    def _round(self, cache: CompactingKVCache, slots: list[int], cfgs: list[EvictionConfig],
+    def _round(self, cache: CompactingKVCache, scorer: Scorer, slots: list[int], cfgs: list[EvictionConfig],
                gen: torch.Generator, greedy: bool, out: list[list[EvictionRound]], times: list[int]) -> None:
-        """One eviction round for the rows ``slots`` on every layer (DESIGN.md section 1)."""
+        """One eviction round for the rows ``slots`` on every layer (docs/design.md section 1)."""
         rows = torch.tensor(slots)
         per_row: list[list[LayerEviction]] = [[] for _ in slots]
         for layer, module in enumerate(self.attention_modules):
             k, _, valid = cache.view(layer)
-            dev = k.device
-            decisions = decide(cache.queries[layer][rows.to(dev)], k[rows.to(dev)], valid[rows.to(dev)],
-                               module.scaling, cfgs, gen, greedy)
+            r = rows.to(k.device)
+            state = cache.scorer_state(layer)[r, : k.shape[2]] if scorer.observes else None
+            inputs = ScoringInputs(cache.queries[layer][r], k[r], valid[r], cache.slot_positions(layer)[r],
+                                   module.scaling, layer, state)
+            decisions = decide(scorer, inputs, cfgs, gen, greedy)
             for j, (slot, d) in enumerate(zip(slots, decisions)):
                 cache.compact(layer, slot, d.keep_slots)
                 per_row[j].append(LayerEviction(d.num_blocks, d.kept, d.logprob))

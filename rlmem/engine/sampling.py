@@ -1,8 +1,9 @@
 """Token sampling for the rollout engines.
 
 The recorded log-prob is always under ``softmax(logits / temperature)`` *without* top-k/top-p
-truncation, because that is the distribution the learner replays (DESIGN.md section 1; the
-truncation is a known, documented mismatch).
+truncation, because that is the distribution the learner replays (docs/design.md section 1; the
+truncation is a known, documented mismatch). :func:`token_log_softmax` is that distribution, used
+by every engine and by the learner's replay.
 """
 
 from __future__ import annotations
@@ -32,11 +33,24 @@ class SamplingParams:
             raise ValueError(f"sampling.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
 
 
+def token_log_softmax(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` in at least fp32: logits are upcast *before* dividing by an fp32
+    temperature, so a bf16 model does not round T (0.9 would become 0.8984375 in bf16).
+
+    logits ``[..., V]``; temperature a float or a tensor broadcastable to ``logits.shape[:-1]``.
+    """
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    t = torch.as_tensor(temperature, dtype=dt, device=logits.device)
+    while t.dim() < logits.dim():
+        t = t[..., None]
+    return torch.log_softmax(logits.to(dt) / t, dim=-1)
+
+
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``logits [B, V]``; return ``(tokens [B], logprobs [B])``."""
-    scaled = logits.float() / params.temperature if logits.dtype != torch.float64 else logits / params.temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    filtered = scaled
+    logprobs = token_log_softmax(logits, params.temperature)
+    dt = logprobs.dtype
+    filtered = logits.to(dt) / torch.as_tensor(params.temperature, dtype=dt)
     if params.top_k and params.top_k < filtered.shape[-1]:
         kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))

@@ -1,6 +1,7 @@
-"""The NGC eviction policy: schedule, scoring, blocks, sampling and Plackett-Luce log-probability.
+"""The NGC eviction policy: schedule, blocks, selection, sampling and Plackett-Luce log-probability.
 
-This is the only implementation of DESIGN.md section 1 in rlmem. The torch engine calls it on its
+This is the only implementation of docs/design.md section 1 in rlmem (per-key scoring lives in
+:mod:`rlmem.eviction.scorers`, NGC's in ``scorers/ngc.py``). The torch engine calls it on its
 physically compacted caches, the learner's replay calls it on the full sequence's Q/K (on the
 autograd graph), and any other engine must call it too: never copy it.
 
@@ -12,25 +13,37 @@ alive keys; alive keys are ordered by position (slot order must equal position o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import torch
 
+from rlmem.eviction.scorers import Scorer, ScoringInputs, scorer_names
+
 ScoreTransform = Literal["log", "linear"]
+
+
+def _field(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class EvictionConfig:
-    """NGC hyper-parameters (DESIGN.md section 1). ``eps == 0`` means a full cache (no rounds)."""
+    """NGC hyper-parameters (docs/design.md section 1); ``eps == 0`` means a full cache (no rounds).
 
-    delta: int = 64              # cadence δ: tokens between rounds
-    eps: float = 0.5             # eviction rate ε in (0, 1]; 0 disables eviction
-    block_size: int = 16         # b
-    window: int = 8              # w: scoring queries
-    protect_recent: int = 1      # newest blocks always kept, outside the action
-    score_transform: ScoreTransform = "log"
-    tau: float = 1.0             # logit temperature τ
+    The one definition of the eviction settings: the CLI flags (``add_eviction_args``), the run
+    config's ``eviction`` section and the rollout record's ``eviction`` fields are all derived from
+    these fields and defaults. Defaults are the paper's settings (b=32, w=5, δ=256 for Countdown).
+    """
+
+    delta: int = _field(256, "cadence δ: tokens between eviction rounds")
+    eps: float = _field(0.5, "eviction rate ε in (0, 1]; 0 = full cache (no eviction)")
+    block_size: int = _field(32, "block size b (tokens per block)")
+    window: int = _field(5, "scoring window w (most recent queries)")
+    protect_recent: int = _field(1, "newest blocks always kept, outside the action (0 = paper-literal)")
+    score_transform: ScoreTransform = _field("log", "block logits: log(s)/τ or s/τ (learned scorer only)")
+    tau: float = _field(1.0, "block-logit temperature τ (learned scorer only)")
+    scorer: str = _field("ngc", "who scores keys: 'ngc' (learned) or a heuristic baseline")
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -46,8 +59,10 @@ class EvictionConfig:
             raise bad("eps", "must be in (0, 1], or 0 for a full cache")
         if self.score_transform not in ("log", "linear"):
             raise bad("score_transform", "must be 'log' or 'linear'")
-        if not isinstance(self.tau, (int, float)) or not (float(self.tau) > 0 and math.isfinite(self.tau)):
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not (float(self.tau) > 0 and math.isfinite(self.tau)):
             raise bad("tau", "must be a finite number > 0")
+        if self.scorer not in scorer_names():
+            raise bad("scorer", f"must be one of {scorer_names()}")
         if self.delta < self.window:
             raise ValueError(f"eviction.delta ({self.delta}) must be >= eviction.window ({self.window})")
         if self.delta < self.block_size:
@@ -59,6 +74,14 @@ class EvictionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The eviction fields, in order; the record, the CLI and the config schema derive from this.
+EVICTION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvictionConfig))
+
+
+def eviction_field_help(name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(EvictionConfig) if f.name == name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,52 +134,51 @@ def kept_key_slots(n_alive: int, kept_eligible: list[int], cfg: EvictionConfig) 
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring
+# Block logits: the one chain from per-key scores to the action's logits
 
 
-def key_scores(queries: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ψ: attention mass of the window queries on each alive key (DESIGN.md section 1, Scoring).
-
-    queries ``[B, Hq, w, d]`` (post-RoPE), keys ``[B, Hkv, C, d]`` (post-RoPE), valid ``[B, C]``.
-    Softmax over the alive keys only, no causal restriction inside the window; averaged over all
-    query heads (each uses its KV group's keys) and the ``w`` queries. Returns ``[B, C]``, 0 where
-    not valid.
-    """
-    bsz, hq, w, d = queries.shape
-    hkv = keys.shape[1]
-    group = hq // hkv
-    q = queries.reshape(bsz, hkv, group * w, d)
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling          # [B, Hkv, group*w, C]
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return probs.mean(dim=(1, 2)).masked_fill(~valid, 0.0)
-
-
-def block_logits(psi: torch.Tensor, valid: torch.Tensor, cfg: EvictionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block logits ``z [B, N_max]`` (``-inf`` past each row's last block) and block counts ``[B]``.
+def block_means(scores: torch.Tensor, valid: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean score of each block ``[B, N_max]``, which blocks exist ``[B, N_max]``, block counts ``[B]``.
 
     Alive keys are ranked by slot; rank // b is the block (oldest first, the newest may be short).
-    ``s_j`` is the mean of ψ over block j; ``z = log(s)/τ`` or ``s/τ``.
     """
-    bsz, c = psi.shape
-    b = cfg.block_size
+    bsz, c = scores.shape
+    b = block_size
     rank = torch.cumsum(valid.long(), dim=1) - 1
-    counts_alive = valid.sum(dim=1)
-    n_blocks = (counts_alive + b - 1) // b
+    n_blocks = (valid.sum(dim=1) + b - 1) // b
     n_max = max(int(n_blocks.max().item()) if bsz else 0, 1)
     block_id = torch.where(valid, rank // b, torch.full_like(rank, n_max))  # invalid -> overflow bucket
-    sums = torch.zeros(bsz, n_max + 1, dtype=psi.dtype, device=psi.device).scatter_add(1, block_id, psi)
-    sizes = torch.zeros(bsz, n_max + 1, dtype=psi.dtype, device=psi.device).scatter_add(
-        1, block_id, valid.to(psi.dtype))
+    vals = scores.masked_fill(~valid, 0.0)
+    sums = torch.zeros(bsz, n_max + 1, dtype=scores.dtype, device=scores.device).scatter_add(1, block_id, vals)
+    sizes = torch.zeros(bsz, n_max + 1, dtype=scores.dtype, device=scores.device).scatter_add(
+        1, block_id, valid.to(scores.dtype))
     sums, sizes = sums[:, :n_max], sizes[:, :n_max]
-    exists = sizes > 0
-    s = sums / sizes.clamp_min(1)
-    if cfg.score_transform == "log":
+    return sums / sizes.clamp_min(1), sizes > 0, n_blocks
+
+
+def selection_logits(scores: torch.Tensor, valid: torch.Tensor, cfgs: list[EvictionConfig],
+                     learned: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the eligible blocks ``z [B, N_max]`` (``-inf`` elsewhere) and block counts ``[B]``.
+
+    Block score ``s_j`` = mean of the per-key scores over block j (docs/design.md section 1, Blocks).
+    For the learned scorer ``z = log(s)/τ`` or ``s/τ`` (the action's logits); a heuristic's block
+    scores are used as they are (it is only ranked). The newest ``protect_recent`` blocks are masked:
+    they are always kept and are not part of the action. Both the engines (through :func:`decide`)
+    and the learner's replay compute eviction logits with this one function.
+    """
+    cfg = cfgs[0]
+    s, exists, n_blocks = block_means(scores, valid, cfg.block_size)
+    if not learned:
+        z = s
+    elif cfg.score_transform == "log":
         # Clamp so a block whose attention underflowed stays finite (it is then simply very unlikely).
         z = torch.log(s.clamp_min(torch.finfo(s.dtype).tiny)) / cfg.tau
     else:
         z = s / cfg.tau
-    return z.masked_fill(~exists, float("-inf")), n_blocks
+    protect = torch.tensor([c.protect_recent for c in cfgs], device=z.device)
+    idx = torch.arange(z.shape[1], device=z.device)
+    eligible = exists & (idx[None, :] < (n_blocks - protect).clamp_min(0)[:, None])
+    return z.masked_fill(~eligible, float("-inf")), n_blocks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +207,8 @@ def plackett_luce_logprob(z: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``log p(σ) = Σ_j [z_{σ_j} − logsumexp_{i ∉ σ_<j} z_i]`` for each row.
 
     z ``[B, N]`` (``-inf`` for blocks outside the action), order ``[B, M]`` with ``-1`` padding.
-    Computed as a masked logsumexp over an ``M×N`` matrix per row (DESIGN.md section 1).
+    Computed as a masked logsumexp over an ``M×N`` matrix per row (docs/design.md section 1,
+    Eviction log-probability).
     """
     bsz, n = z.shape
     m = order.shape[1]
@@ -208,46 +231,41 @@ class RoundDecision:
 
     num_blocks: int
     kept: list[int]           # kept eligible blocks, in sampled order
-    logprob: float
+    logprob: float            # Plackett-Luce log-prob (0.0 for a heuristic scorer: not an action)
     keep_slots: list[int]     # surviving alive-key indices, increasing
 
 
-def decide(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    valid: torch.Tensor,
-    scaling: float,
-    cfgs: list[EvictionConfig],
-    generator: torch.Generator | None = None,
-    greedy: bool = False,
-) -> list[RoundDecision]:
-    """Score, sample and log-probability for ``B`` independent problems (one per row).
+def check_batch_configs(cfgs: list[EvictionConfig | None]) -> None:
+    """Rows of one batch may differ in ε, δ and protect_recent (curriculum, interoception, full-cache
+    rows); block size, window, transform, τ and scorer are per batch."""
+    shared = {(c.block_size, c.window, c.score_transform, c.tau, c.scorer) for c in cfgs if c is not None and c.enabled}
+    if len(shared) > 1:
+        raise ValueError("prompts in one batch may differ in eps/delta/protect_recent only; got "
+                         f"block_size/window/score_transform/tau/scorer combinations {sorted(shared)}")
 
-    ``cfgs[i]`` is row i's config (rows may differ in ε under a curriculum or interoception; block
-    size, window, transform and τ must agree within a batch).
+
+def decide(scorer: Scorer, inputs: ScoringInputs, cfgs: list[EvictionConfig],
+           generator: torch.Generator | None = None, greedy: bool = False) -> list[RoundDecision]:
+    """Score, select and log-probability for ``B`` independent problems (one per row of ``inputs``).
+
+    The learned scorer samples with Gumbel-top-k (plain top-k when ``greedy``, i.e. at evaluation)
+    and records the Plackett-Luce log-prob; a heuristic scorer always takes its top-k and records 0.
     """
-    cfg0 = cfgs[0]
-    psi = key_scores(queries, keys, valid, scaling)
-    z, n_blocks = block_logits(psi, valid, cfg0)
+    scores = scorer.scores(inputs)
+    z, n_blocks = selection_logits(scores, inputs.valid, cfgs, learned=scorer.learned)
     decisions, orders = [], []
     for i, cfg in enumerate(cfgs):
         n = int(n_blocks[i])
         eligible = max(0, n - cfg.protect_recent)
         m = keep_count(n, cfg.eps, cfg.protect_recent) - min(cfg.protect_recent, n)
-        kept = sample_blocks(z[i, :eligible], m, generator, greedy)
+        kept = sample_blocks(z[i, :eligible], m, generator, greedy or not scorer.learned)
         orders.append(kept)
-        decisions.append(RoundDecision(n, kept, 0.0, kept_key_slots(int(valid[i].sum()), kept, cfg)))
-    lp = plackett_luce_logprob(eligible_logits(z, n_blocks, cfgs), pad_orders(orders, z.device))
-    for d, v in zip(decisions, lp.tolist()):
-        d.logprob = v
+        decisions.append(RoundDecision(n, kept, 0.0, kept_key_slots(int(inputs.valid[i].sum()), kept, cfg)))
+    if scorer.learned:
+        lp = plackett_luce_logprob(z, pad_orders(orders, z.device))
+        for d, v in zip(decisions, lp.tolist()):
+            d.logprob = v
     return decisions
-
-
-def eligible_logits(z: torch.Tensor, n_blocks: torch.Tensor, cfgs: list[EvictionConfig]) -> torch.Tensor:
-    """Mask the protected newest blocks to ``-inf``: they are kept but are not part of the action."""
-    protect = torch.tensor([c.protect_recent for c in cfgs], device=z.device)
-    idx = torch.arange(z.shape[1], device=z.device)
-    return z.masked_fill(idx[None, :] >= (n_blocks - protect).clamp_min(0)[:, None], float("-inf"))
 
 
 def pad_orders(orders: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""The rollout record (DESIGN.md section 2): dataclasses, validation, JSONL, and ``evicted_at``.
+"""The rollout record (docs/design.md section 2): dataclasses, validation, JSONL, and ``evicted_at``.
 
 A record carries everything needed to replay a rollout without the engine that made it. Field
-names are fixed by DESIGN.md; extra fields (``peak_kv``, texts, group ids, ...) live in ``extra``
+names are fixed by docs/design.md section 2; extra fields (``peak_kv``, texts, group ids, ...) live in ``extra``
 and are written at the top level of the JSON object.
 """
 
@@ -16,10 +16,12 @@ from typing import Any, Iterable
 
 import torch
 
-from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
+from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
 from rlmem.jsonl import iter_json_lines
 
 NEVER = 2**62  # evicted_at value of a key that is never evicted
+# Eviction fields a record may omit (older records): their EvictionConfig default applies.
+OPTIONAL_EVICTION_FIELDS = frozenset({"scorer"})
 
 
 class RecordError(ValueError):
@@ -144,12 +146,11 @@ def _float_list(v: Any, where: str) -> list[float]:
 def _parse_trace(ev: Any, where: str, prompt_len: int, seq_len: int) -> EvictionTrace:
     if not isinstance(ev, dict):
         raise RecordError(f"{where}: expected an object or null")
-    keys = ("delta", "eps", "block_size", "window", "protect_recent", "score_transform", "tau")
-    for k in keys:
-        if k not in ev:
+    for k in EVICTION_FIELDS:
+        if k not in ev and k not in OPTIONAL_EVICTION_FIELDS:
             raise RecordError(f"{where}: missing field {k!r}")
     try:
-        cfg = EvictionConfig(**{k: ev[k] for k in keys})
+        cfg = EvictionConfig(**{k: ev[k] for k in EVICTION_FIELDS if k in ev})
     except (ValueError, TypeError) as e:
         raise RecordError(f"{where}: {e}") from None
     rounds_raw = ev.get("rounds", [])
@@ -200,7 +201,7 @@ def _parse_trace(ev: Any, where: str, prompt_len: int, seq_len: int) -> Eviction
 def evicted_at(record: RolloutRecord, num_layers: int | None = None) -> torch.Tensor:
     """``evicted_at[l, k]``: the round time at which layer ``l`` evicted key ``k`` (``NEVER`` if not).
 
-    Derived by replaying the block rule on the recorded decisions (DESIGN.md section 1, Replay mask).
+    Derived by replaying the block rule on the recorded decisions (docs/design.md section 1, Replay mask).
     Raises :class:`RecordError` if a recorded block count does not match the alive keys.
     """
     n = record.seq_len
@@ -236,7 +237,7 @@ def evicted_at(record: RolloutRecord, num_layers: int | None = None) -> torch.Te
 
 
 def peak_kv(record: RolloutRecord, num_layers: int | None = None) -> int:
-    """The largest number of entries any layer's cache held during the rollout (DESIGN.md "Metric").
+    """The largest number of entries any layer's cache held during the rollout (docs/design.md section 1, Metric).
 
     Uses the engine's ``extra["peak_kv"]`` when present; otherwise derives it from the rounds:
     the peak is reached just before a round (keys ``< t`` not yet evicted) or at the end, when the

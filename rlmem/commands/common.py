@@ -1,0 +1,111 @@
+"""Argument groups, errors and loaders shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A user error (bad flag, file or record): ``rlmem`` prints ``error: <message>`` and exits 2."""
+
+
+DTYPE_CHOICES = ["float32", "float64", "bfloat16"]
+
+
+def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+    """One flag per :class:`EvictionConfig` field, with its default and help (the one definition).
+
+    ``defaults`` overrides some defaults on purpose (a benchmark sized for a tiny model); the help
+    then shows the value that applies.
+    """
+    from rlmem.eviction.policy import EvictionConfig, eviction_field_help
+    from rlmem.eviction.scorers import scorer_names
+
+    g = p.add_argument_group("eviction (docs/design.md section 1)")
+    for f in dataclasses.fields(EvictionConfig):
+        default = (defaults or {}).get(f.name, f.default)
+        kwargs: dict = {"default": default, "metavar": f.name.upper(),
+                        "help": f"{eviction_field_help(f.name)} (default {default})"}
+        if f.name == "score_transform":
+            kwargs.update(choices=["log", "linear"], metavar=None)
+        elif f.name == "scorer":
+            kwargs.update(choices=scorer_names(), metavar=None)
+        else:
+            kwargs["type"] = type(f.default)
+        g.add_argument("--" + f.name.replace("_", "-"), dest=f"eviction_{f.name}", **kwargs)
+
+
+def eviction_from_args(args: argparse.Namespace):
+    from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
+
+    try:
+        return EvictionConfig(**{k: getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS})
+    except ValueError as e:
+        raise CommandError(str(e).replace("eviction.", "--").replace("_", "-", 1)) from None
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    from rlmem.engine.registry import engine_names
+
+    p.add_argument("--backend", default="torch", choices=engine_names(),
+                   help="rollout engine (default torch, the reference engine)")
+
+
+def load_model(path: str, dtype: str = "float32"):
+    """Model and tokenizer from a local directory; a clear :class:`CommandError` otherwise."""
+    from rlmem.models.loading import ModelLoadError, load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer(path, dtype)
+    except ModelLoadError as e:
+        raise CommandError(f"--model {e}") from None
+
+
+def create_engine(backend: str, model_path: str, dtype: str = "float32", seed: int = 0):
+    """An engine from the registry, with registry and loading errors as :class:`CommandError`."""
+    from rlmem.engine.registry import create_engine as make
+    from rlmem.models.loading import ModelLoadError
+
+    try:
+        return make(backend, model_path, dtype=dtype, seed=seed)
+    except ModelLoadError as e:
+        raise CommandError(f"--model {e}") from None
+    except ValueError as e:
+        raise CommandError(f"--backend {backend}: {e}") from None
+
+
+def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:
+    """Prompts file: one JSON object per line with ``prompt`` (raw text) or ``messages`` (chat template)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"--prompts {path}: file not found")
+    from rlmem.jsonl import iter_json_lines
+
+    out = []
+    try:
+        lines = list(iter_json_lines(p))
+    except ValueError as e:
+        raise CommandError(f"{e}") from None
+    for where, obj in lines:
+        if not isinstance(obj, dict):
+            raise CommandError(f"{where}: expected a JSON object")
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise CommandError(f"{where}: messages: expected a list of {{'role', 'content'}} objects")
+            if not getattr(tokenizer, "chat_template", None):
+                raise CommandError(f"{where}: messages given but the tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        elif isinstance(obj.get("prompt"), str):
+            text = obj["prompt"]
+        else:
+            raise CommandError(f"{where}: expected a string field 'prompt' or a 'messages' list")
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise CommandError(f"{where}: prompt is empty after tokenization")
+        out.append((text, ids))
+    if not out:
+        raise CommandError(f"--prompts {path}: no prompts in file")
+    return out

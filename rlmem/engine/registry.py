@@ -1,0 +1,60 @@
+"""Rollout engines by name: the torch reference engine (``torch``) and any backend registered later.
+
+A factory builds an engine from a model path (an engine may keep weights in its own process, as
+vLLM does, so a path rather than a module is what every engine can take). ``available`` says why
+an engine cannot run here (``None`` when it can), so configs and CLI flags are refused before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from rlmem.engine.base import RolloutEngine
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    factory: str | Callable[..., RolloutEngine]     # callable, or "module:function" imported lazily
+    available: Callable[[], str | None]
+    description: str = ""
+
+
+_ENGINES: dict[str, EngineEntry] = {}
+
+
+def register_engine(name: str, factory: str | Callable[..., RolloutEngine], *,
+                    available: Callable[[], str | None] = lambda: None, description: str = "") -> None:
+    if name in _ENGINES:
+        raise ValueError(f"engine {name!r} is already registered")
+    _ENGINES[name] = EngineEntry(factory, available, description)
+
+
+def engine_names() -> list[str]:
+    return list(_ENGINES)
+
+
+def engine_unavailable_reason(name: str) -> str | None:
+    """``None`` if engine ``name`` can run here, else why not (unknown name included)."""
+    entry = _ENGINES.get(name)
+    if entry is None:
+        return f"unknown engine {name!r}; registered: {', '.join(engine_names())}"
+    return entry.available()
+
+
+def create_engine(name: str, model_path: str, *, dtype: str = "float32", seed: int = 0, **options) -> RolloutEngine:
+    """Build engine ``name`` for the model at ``model_path``; a clear ValueError if it cannot run here."""
+    why = engine_unavailable_reason(name)
+    if why is not None:
+        raise ValueError(f"rollout engine {name!r} cannot be used: {why}")
+    factory = _ENGINES[name].factory
+    if isinstance(factory, str):
+        module, func = factory.split(":")
+        factory = getattr(importlib.import_module(module), func)
+    return factory(model_path, dtype=dtype, seed=seed, **options)
+
+
+register_engine("torch", "rlmem.engine.reference:from_pretrained",
+                description="torch reference engine: any HF causal LM with RoPE, CPU or GPU, physically compacting caches")

@@ -1,0 +1,11 @@
+"""Eviction scorers behind the one NGC schedule: NGC's learned scorer and heuristic baselines.
+
+One file per scorer (as kvpress has one file per press); importing this package registers them.
+"""
+
+from rlmem.eviction.scorers.base import (Scorer, ScoringInputs, get_scorer, is_learned, register_scorer,
+                                         scorer_names, window_attention)
+from rlmem.eviction.scorers import ngc  # noqa: F401  (registers "ngc")
+
+__all__ = ["Scorer", "ScoringInputs", "get_scorer", "is_learned", "register_scorer", "scorer_names",
+           "window_attention"]

@@ -1,0 +1,91 @@
+"""Loading models and tokenizers: the one dtype table and the one loader every part uses.
+
+The CLI, the engines, the learner and the rollout workers all load through here, so a bad path or
+dtype gets the same clear error everywhere (naming the path and what to do), never a library
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# Accepted dtype names (config files, CLI flags) -> torch dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message names the path and what to do."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (got {name!r})") from None
+
+
+def _check_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"model {path}: GGUF file not found")
+        return p
+    if not p.exists():
+        raise ModelLoadError(f"model {path}: no such directory (a local HF model directory is expected; "
+                             "`rlmem tiny-model DIR` makes a tiny one)")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"model {path}: no config.json there (a local HF model directory is expected; "
+                             "`rlmem tiny-model DIR` makes a tiny one)")
+    return p
+
+
+def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An HF causal LM from a local directory, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    p = _check_dir(path)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        if p.suffix == ".gguf":
+            try:
+                from rlmem.models.gguf import load_gguf_model   # GGUF support (SmolLM2 from PyPI)
+            except ImportError as e:
+                raise ModelLoadError(f"model {path}: GGUF files need the `gguf` package ({e})") from None
+            model = load_gguf_model(p, torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model {path}: could not load ({type(e).__name__}: {first})") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    p = _check_dir(path)
+    try:
+        if p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model {path}: could not load its tokenizer ({type(e).__name__}: {first})") from e
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
+                             device: str | torch.device = "cpu"):
+    return load_model(path, dtype, device=device), load_tokenizer(path)
