@@ -16,7 +16,7 @@ SYMBOLS = ["+", "-", "*", "/", "=", "(", ")", ";", ",", ":", "%", "."]
 
 
 def build_toy_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = SPECIAL_TOKENS + SYMBOLS + [str(i) for i in range(MAX_VALUE + 1)]
@@ -24,6 +24,7 @@ def build_toy_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                  pre_tokenizers.Digits(individual_digits=False),
                                                  pre_tokenizers.Punctuation("isolated")])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # no word has the prefix: a plain " ".join
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, bos_token=BOS, eos_token=EOS,
                                         pad_token=PAD, additional_special_tokens=SPECIAL_TOKENS[4:])
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -62,7 +62,8 @@ def batch_tensors(items: list[tuple[list[int], int]], pad_id: int):
 
 def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3,
           warmup: int = 200, layers: int = 4, hidden: int = 128, heads: int = 2, kv_heads: int = 1,
-          log_every: int = 50, threads: int = 1, save_every: int = 1000) -> Path:
+          log_every: int = 50, threads: int = 1, save_every: int = 1000,
+          stop_at: int | None = None) -> Path:
     import torch
 
     from rlmem.data.toy import toy_problems
@@ -88,12 +89,12 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
         tokenizer.save_pretrained(out)
         model.generation_config.save_pretrained(out)
         (out / "warmstart.json").write_text(json.dumps(
-            {"steps": step, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+            {"steps": step, "schedule_steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup,
              "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
              "train_problems": len(problems), "seconds": round(time.time() - t0, 1), "threads": threads}, indent=1))
 
     pending: list[list[tuple[list[int], int]]] = []
-    for step in range(steps):
+    for step in range(steps if stop_at is None else min(stop_at, steps)):
         if not pending:  # draw 8 batches at once and bucket them by length (less padding)
             pool = []
             for _ in range(8 * batch_size):
@@ -114,13 +115,14 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
+        last = step + 1 == (steps if stop_at is None else min(stop_at, steps))
+        if (step + 1) % log_every == 0 or last:
             row = {"step": step + 1, "loss": round(ema, 4), "lr": sched.get_last_lr()[0],
                    "seconds": round(time.time() - t0, 1)}
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(json.dumps(row), flush=True)
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or last:
             save(step + 1)
     return out
 
@@ -138,12 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this many steps of the --steps schedule")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
     a = ap.parse_args(argv)
     train(a.out_dir, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
           layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, threads=a.threads,
-          save_every=a.save_every, log_every=a.log_every)
+          save_every=a.save_every, log_every=a.log_every,
+          stop_at=a.stop_at)
 
 
 if __name__ == "__main__":

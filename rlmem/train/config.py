@@ -28,6 +28,7 @@ from rlmem.eviction.policy import EvictionConfig
 
 TINY_MODEL = "tiny:"          # model.path value: make a random tiny Qwen2 on the fly (see ModelConfig)
 COUNTDOWN_GENERATED = "countdown-generated"  # data.source value: Countdown problems generated locally
+COUNTDOWN_TOY = "countdown-toy"  # data.source value: the toy task's fixed problem set (rlmem/data/toy.py)
 
 
 class ConfigError(ValueError):
@@ -110,7 +111,8 @@ class ShapingReward(_Section):
 
 
 class DataConfig(_Section):
-    """Training prompts: ``source`` is ``countdown-generated``, a hub dataset id or a local JSONL/Parquet file."""
+    """Training prompts: ``source`` is ``countdown-generated``, ``countdown-toy``, a hub dataset id or a local
+    JSONL/Parquet file."""
 
     source: str = COUNTDOWN_GENERATED
     split: str = "train"
@@ -153,7 +155,10 @@ class CurriculumConfig(_Section):
 
 
 class InteroceptionConfig(_Section):
-    """One ε per group, drawn from ``eps_choices``; its tag is appended to the group's prompts."""
+    """One ε per group, drawn from ``eps_choices``; its tag is appended to the group's prompts.
+
+    With the curriculum also enabled, a group draws from the choices not above the curriculum's
+    current ε (the curriculum's ε itself when none is): the curriculum caps the rate."""
 
     enabled: bool = False
     eps_choices: list[float] = [0.25, 0.5, 0.75]
@@ -482,9 +487,6 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
         out.append(_eviction_problem(e))
         base_ok = False   # then every other ε would repeat the same complaint
     cur, intro = ev.curriculum, ev.interoception
-    if cur.enabled and intro.enabled:
-        out.append(("eviction.curriculum.enabled", "curriculum and interoception cannot both be enabled "
-                                                   "(each decides the per-group eviction rate)"))
     if cur.enabled:
         rates = cur.retention_rates
         if not rates:
@@ -549,7 +551,7 @@ def _check_files(cfg: RunConfig) -> list[tuple[str, str]]:
         elif mp.is_dir() and not (mp / "config.json").exists():
             out.append(("model.path", f"{mp} has no config.json (not a Hugging Face model directory)"))
     for key, src in (("data.source", cfg.data.source), ("eval.source", cfg.eval.source)):
-        if src and src != COUNTDOWN_GENERATED and _looks_local(src) and not Path(src).expanduser().exists():
+        if src and src not in (COUNTDOWN_GENERATED, COUNTDOWN_TOY) and _looks_local(src) and not Path(src).expanduser().exists():
             out.append((key, f"file not found: {src} (absolute: {Path(src).expanduser().absolute()})"))
     resume = cfg.trainer.resume
     if resume not in ("auto", "never") and not (Path(resume).expanduser() / "trainer_state.json").is_file():
