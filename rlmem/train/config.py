@@ -214,6 +214,7 @@ class LearnerConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     offload_optimizer: bool = False
     replay_kernel: Literal["sdpa", "flex"] = "sdpa"  # flex: CUDA only (no CPU backward)
+    replay_mask: Literal["evicted", "causal"] = "evicted"  # causal: plain causal mask, the paper's ablation
 
 
 class RayConfig(_Section):

@@ -92,7 +92,7 @@ def _learner_config(cfg: RunConfig, model_path: str):
         gradient_checkpointing=lr.gradient_checkpointing, offload_optimizer=lr.offload_optimizer,
         aggregation=a.aggregation, max_len=a.loss_constant or cfg.rollout.max_new_tokens, mem_coef=a.mem_coef,
         clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, mini_batches=a.mini_batches, ppo_epochs=a.ppo_epochs,
-        replay_kernel=lr.replay_kernel, seed=cfg.seed)
+        replay_kernel=lr.replay_kernel, replay_mask=lr.replay_mask, seed=cfg.seed)
 
 
 def check_supported(cfg: RunConfig) -> None:

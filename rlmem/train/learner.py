@@ -83,6 +83,7 @@ class LearnerConfig:
     mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
     ppo_epochs: int = 1
     replay_kernel: Literal["sdpa", "flex"] = "sdpa"
+    replay_mask: Literal["evicted", "causal"] = "evicted"   # causal: the paper's off-policy ablation
     compute_eviction: bool = True             # False: token loss only (eviction actions not trained)
     seed: int = 0
     ds_config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +109,8 @@ class LearnerConfig:
             raise ValueError("learner.total_steps: needed by schedule warmup_cosine")
         if self.replay_kernel not in ("sdpa", "flex"):
             raise ValueError(f"learner.replay_kernel: must be sdpa or flex (got {self.replay_kernel!r})")
+        if self.replay_mask not in ("evicted", "causal"):
+            raise ValueError(f"learner.replay_mask: must be evicted or causal (got {self.replay_mask!r})")
         self.loss_config()  # validates aggregation / max_len / clip values
 
     def loss_config(self) -> LossConfig:
@@ -164,7 +167,7 @@ class _ReplayLoss(torch.nn.Module):
         from rlmem.replay import replay_forward, rollout_logprobs
 
         out = replay_forward(self.policy, records, kernel=self.cfg.replay_kernel,
-                             compute_eviction=self.cfg.compute_eviction)
+                             compute_eviction=self.cfg.compute_eviction, mask=self.cfg.replay_mask)
         dev = out.token_logprobs.device
         old = rollout_logprobs(records, self.policy.config.num_hidden_layers, device=dev,
                                dtype=out.token_logprobs.dtype)
