@@ -56,3 +56,12 @@ def test_tokenizer_round_trip_and_pipeline(tmp_path):
     c_ids = tok.encode(trace, add_special_tokens=False) + [tok.eos_token_id]
     assert tok.unk_token_id not in c_ids
     assert score_countdown(tok.decode(c_ids, skip_special_tokens=False), ex["target"], ex["numbers"]) == 1.0
+
+
+def test_training_curves_figure(tmp_path):
+    from rlmem.plots import plot_training_curves
+
+    rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.1 * s, "eviction/eps": 0.25 * s,
+             "eviction/peak_kv_reduction": 1 + s} for s in range(3)]
+    out = plot_training_curves({"ngc": rows, "full cache": [{"step": 0, "reward/mean": 0.2}]}, tmp_path / "c.png")
+    assert out.is_file() and out.stat().st_size > 10_000

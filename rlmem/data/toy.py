@@ -23,6 +23,7 @@ Train/test split: a problem ``(target, sorted numbers)`` is in ``test`` iff a ha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
@@ -108,9 +109,10 @@ def search_trace(numbers: list[int], target: int, rng: random.Random) -> str | N
     return None
 
 
-def all_problems(split: str) -> list[tuple[tuple[int, int, int], int]]:
+@functools.lru_cache(maxsize=2)
+def all_problems(split: str) -> tuple[tuple[tuple[int, int, int], int], ...]:
     """Every (sorted numbers, target) of ``split`` that the integer search solves (checked against
-    the repo's exact solver), in a fixed order."""
+    the repo's exact solver), in a fixed order; computed once per process (about a second)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
     out = []
@@ -119,14 +121,14 @@ def all_problems(split: str) -> list[tuple[tuple[int, int, int], int]]:
             if split_of(list(nums), tgt) == split and solutions(list(nums), tgt):
                 assert solve(nums, tgt) is not None
                 out.append((nums, tgt))
-    return out
+    return tuple(out)
 
 
 def toy_problems(split: str, num_examples: int | None = None, seed: int = 0) -> list[dict]:
     """``num_examples`` distinct problems of ``split`` (all if None) in a seeded random order, the
     numbers of each shuffled; different seeds give different samples of the same split."""
     rng = random.Random(seed)
-    pool = all_problems(split)
+    pool = list(all_problems(split))
     rng.shuffle(pool)
     if num_examples is not None:
         if num_examples > len(pool):
