@@ -65,3 +65,18 @@ def test_training_curves_figure(tmp_path):
              "eviction/peak_kv_reduction": 1 + s} for s in range(3)]
     out = plot_training_curves({"ngc": rows, "full cache": [{"step": 0, "reward/mean": 0.2}]}, tmp_path / "c.png")
     assert out.is_file() and out.stat().st_size > 10_000
+
+
+def test_shipped_model_loads_with_its_own_tokenizer():
+    """A qwen2-typed checkpoint would get Qwen2's digit-splitting pre-tokenizer from AutoTokenizer;
+    the shipped warm start is llama-typed so that numbers stay one token each, as in training."""
+    from pathlib import Path
+
+    from rlmem.models.loading import load_model_and_tokenizer
+    from rlmem.toy.tokenizer import build_toy_tokenizer
+
+    model, tok = load_model_and_tokenizer(Path(__file__).resolve().parents[1] / "models" / "countdown-toy")
+    text = "<|user|>8 5 7 : 96<|assistant|><think>\n<eviction_rate>50%</eviction_rate>"
+    assert tok.encode(text, add_special_tokens=False) == build_toy_tokenizer().encode(text, add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(tok.encode("96 = 13", add_special_tokens=False)) == ["96", "=", "13"]
+    assert model.config.head_dim == 64 and model.config.num_hidden_layers == 4

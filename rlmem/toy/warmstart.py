@@ -3,6 +3,8 @@
 ``python scripts/train_toy_reasoner.py OUT_DIR --steps N --seed S`` makes a small Qwen2 (RoPE,
 head_dim 64, 4 layers, hidden 128, 2 query heads, 1 KV head) and trains it from scratch on
 random-order search traces (rlmem/data/toy.py) of the *train* split, loss on the completion only.
+The weights are saved as the identical
+``LlamaForCausalLM`` (:func:`as_llama`) so that ``AutoTokenizer`` keeps the word-level tokenizer.
 Half of the prompts carry an interoception tag (``<eviction_rate>50%</eviction_rate>``) that the
 trace ignores, so the tagged prompts of NGC training are in distribution. Everything is seeded
 (problem order, traces, tags, initialisation, dropout-free training), and the run is deterministic
@@ -31,6 +33,34 @@ def make_model(tokenizer, *, layers: int = 4, hidden: int = 128, heads: int = 2,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     return Qwen2ForCausalLM(config)
+
+
+def as_llama(model):
+    """The same network as a ``LlamaForCausalLM`` (q/k/v biases, a zero o_proj bias): identical logits.
+
+    Why: transformers 5's ``AutoTokenizer`` replaces the tokenizer of a ``qwen2`` checkpoint by a
+    ``Qwen2Tokenizer``, whose pre-tokenizer splits numbers into digits (``96`` -> ``9 6``), so a
+    Qwen2-typed checkpoint would be fed other tokens than it was trained on. A ``llama``-typed one
+    keeps the saved word-level tokenizer.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, head_dim=64,
+                         max_position_embeddings=c.max_position_embeddings, rope_theta=10000.0,
+                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True, attention_bias=True, mlp_bias=False,
+                         pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id, bos_token_id=c.bos_token_id)
+    out = LlamaForCausalLM(config)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("o_proj.bias") for k in missing):
+        raise RuntimeError(f"as_llama: unexpected {unexpected}, missing {missing}")
+    with torch.no_grad():
+        for layer in out.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+    return out
 
 
 def training_example(example: dict, tokenizer, rng: random.Random) -> tuple[list[int], int]:
@@ -85,7 +115,7 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
     log = open(out / "train_log.jsonl", "w")
 
     def save(step: int) -> None:
-        model.save_pretrained(out)
+        as_llama(model).save_pretrained(out)
         tokenizer.save_pretrained(out)
         model.generation_config.save_pretrained(out)
         (out / "warmstart.json").write_text(json.dumps(
