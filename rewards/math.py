@@ -2,9 +2,18 @@
 
 * The gradable region is the text after the last ``</think>`` (nothing if a ``<think>`` is never
   closed; the whole text without thinking markup). Only its last ``tail_chars`` characters are
-  graded (the final answer is at the end; this bounds the work per item).
-* Extraction uses math-verify's LaTeX extractor with ``\\boxed{}`` at top priority, then its
-  plain-expression extractor. Equivalence is ``math_verify.verify(gold, pred)``.
+  considered (the final answer is at the end; this bounds the work per item).
+* **Which answer is graded** (:func:`final_answer`; a policy under RL must not be able to hedge):
+
+  - if the region has a ``\\boxed{}``, the content of the last balanced one; but if the region
+    boxes two *different* answers (compared after removing spaces and ``$``), or the last box
+    holds alternatives (``or``, ``\\lor``, ``\\vee``), the completion committed to several
+    final answers and gets 0. Repeating the same boxed answer is fine; corrections belong in the
+    thinking, before ``</think>``;
+  - otherwise the last sentence of the region that holds a number or a ``$...$`` expression, and
+    only its last such candidate ("The answer is 42. Actually... maybe 7." is graded as 7); if that
+    sentence offers alternatives (``or`` between different candidates) the completion gets 0.
+* Equivalence is ``math_verify.verify(gold, pred)`` on the graded answer alone.
 * Every item runs in a worker process of :class:`rewards.pool.GraderPool`; an item that exceeds
   ``timeout`` seconds gets 0.0 and its worker is killed and replaced. math-verify's own
   ``signal.alarm`` timeouts stay on inside the workers (each worker grades in its main thread),
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import math as _stdlib_math  # noqa: F401 - this module is rewards.math; stdlib math is unaffected
 import os
+import re
 from typing import Any
 
 from rewards.pool import get_pool
@@ -72,7 +82,8 @@ def configure(num_workers: int | None = None) -> None:
     _pool_workers = num_workers
 
 
-def _pool():
+def grader_pool():
+    """The shared process pool that grades math answers (benchmarks time it directly)."""
     return get_pool("math", num_workers=_pool_workers, preload=("math_verify", "sympy"))
 
 
@@ -95,18 +106,65 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def prepare(completion: Any, tail_chars: int = TAIL_CHARS) -> str | None:
-    """The text graded for one completion (None: nothing gradable).
+_ALTERNATIVES = re.compile(r"\\lor\b|\\vee\b|\\text\{\s*or\s*\}|\bor\b|\\mathrm\{\s*or\s*\}", re.I)
+_CANDIDATE = re.compile(r"\$[^$]+\$|\\\(.+?\\\)|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
-    The last balanced ``\\boxed{}`` of the region after ``</think>`` if there is one (so a
-    corrected final answer wins over an earlier one), else the region's last ``tail_chars``.
-    """
+
+def all_boxed(text: str, limit: int = 64) -> list[str]:
+    """Contents of the balanced ``\\boxed{...}`` in ``text``, in order (at most ``limit``; linear time)."""
+    out, i = [], 0
+    while len(out) < limit:
+        start = text.find("\\boxed{", i)
+        if start < 0:
+            break
+        depth, j = 0, start + len("\\boxed")
+        while j < len(text):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if depth != 0:
+            break   # unbalanced: nothing after it can close either
+        out.append(text[start + len("\\boxed{"):j])
+        i = j + 1
+    return out
+
+
+def _norm(answer: str) -> str:
+    return re.sub(r"\s+|\$|\\[,;!]|\\left|\\right", "", answer)
+
+
+def final_answer(region: str) -> str | None:
+    """The one answer graded in ``region`` per the module's rule, or None (none, or several)."""
+    boxes = all_boxed(region)
+    if boxes:
+        last = boxes[-1]
+        if len({_norm(b) for b in boxes if _norm(b)}) > 1 or _ALTERNATIVES.search(last):
+            return None
+        return f"$\\boxed{{{last}}}$"
+    if "\\boxed" in region:   # a box that never closes: the answer is not readable
+        return None
+    for sentence in reversed([x for x in _SENTENCE_END.split(region) if x.strip()]):
+        cands = _CANDIDATE.findall(sentence)
+        if not cands:
+            continue
+        if len({_norm(c) for c in cands}) > 1 and _ALTERNATIVES.search(sentence):
+            return None
+        c = cands[-1]
+        return c if c.startswith(("$", "\\(")) else f"${c}$"
+    return None
+
+
+def prepare(completion: Any, tail_chars: int = TAIL_CHARS) -> str | None:
+    """The text graded for one completion: its :func:`final_answer` (None: nothing to grade, or hedged)."""
     region = gradable_region(completion_text(completion))
     if region is None or not region.strip():
         return None
-    region = region[-tail_chars:]
-    boxed = last_boxed(region)
-    return f"${boxed}$" if boxed is not None else region
+    return final_answer(region[-tail_chars:])
 
 
 @register_reward("math")
@@ -137,7 +195,7 @@ def math_reward(completions: list, answer: list | None = None, *, timeout: float
         jobs.append((gold, region, inner))
         where.append(i)
     if jobs:
-        out = _pool().map(_FUNC, jobs, timeout=hard, default=0.0)
+        out = grader_pool().map(_FUNC, jobs, timeout=hard, default=0.0)
         for i, r in zip(where, out):
             try:
                 rewards[i] = float(r)

@@ -101,7 +101,7 @@ class _Worker:
             pass
 
 
-def _worker_entry() -> None:
+def worker_entry() -> None:
     """Entry point of a worker process: ``python -c ... <read_fd> <write_fd> [preload...]``."""
     import logging
 
@@ -152,7 +152,7 @@ class GraderPool:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH", "")]))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "from rewards.pool import _worker_entry; _worker_entry()",
+                [sys.executable, "-c", "from rewards.pool import worker_entry; worker_entry()",
                  str(c_r), str(c_w), *self.preload],
                 pass_fds=(c_r, c_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 env=env, close_fds=True, start_new_session=True,

@@ -73,10 +73,10 @@ def test_unknown_key_without_close_match_lists_known_keys():
 
 def test_wrong_type_names_key_and_value():
     with pytest.raises(ConfigError) as ei:
-        _load_tiny("algorithm.prompts_per_step=four", "rollout.backend=tpu")
+        _load_tiny("algorithm.prompts_per_step=four", "rollout.top_p=2")
     msg = str(ei.value)
-    assert sorted(_keys(ei.value)) == ["algorithm.prompts_per_step", "rollout.backend"]
-    assert "valid integer" in msg and "'four'" in msg and "'tpu'" in msg
+    assert sorted(_keys(ei.value)) == ["algorithm.prompts_per_step", "rollout.top_p"]
+    assert "valid integer" in msg and "'four'" in msg and "(got 2)" in msg
 
 
 def test_every_problem_is_listed_at_once():
@@ -294,17 +294,115 @@ def test_unknown_reward_names_are_config_errors():
 def test_tiny_model_is_made_on_first_use_and_loads(tmp_path):
     from transformers import AutoConfig
 
+    from rlmem.train.preflight import resolve_model_path
+
     cfg = _load_tiny(f"output_dir={tmp_path}/run", "model.tiny.layers=1")
-    path = cfg.resolve_model_path()
+    assert not (tmp_path / "run").exists()   # loading and checking a config writes nothing
+    cfg.model_dump(), cfg.to_yaml(), cfg.batch_sizes(), cfg.learner_config("m")
+    assert not (tmp_path / "run").exists()
+    path = resolve_model_path(cfg)
     assert path == str(tmp_path / "run" / "tiny-model")
     assert AutoConfig.from_pretrained(path).num_hidden_layers == 1
     mtime = (tmp_path / "run" / "tiny-model" / "config.json").stat().st_mtime_ns
-    assert cfg.resolve_model_path() == path  # idempotent: not rewritten
+    assert resolve_model_path(cfg) == path  # idempotent: not rewritten
     assert (tmp_path / "run" / "tiny-model" / "config.json").stat().st_mtime_ns == mtime
-    assert _load_tiny("model.path=org/name").resolve_model_path() == "org/name"  # hub id untouched
+
+
+def test_offline_hub_model_missing_from_the_cache_names_model_path(monkeypatch, tmp_path):
+    from rlmem.train.preflight import model_problem
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    key, msg = model_problem(_load_tiny("model.path=nobody-here/no-such-model"))
+    assert key == "model.path" and "nobody-here/no-such-model" in msg and "not in the local Hugging Face cache" in msg
+    assert "\n" not in msg
+    assert model_problem(_load_tiny()) is None   # tiny: nothing to fetch
 
 
 def test_tiny_model_shape_checked():
     with pytest.raises(ConfigError) as ei:
         _load_tiny("model.tiny.hidden=128")
     assert _keys(ei.value) == ["model.tiny"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One definition per concept, and the validation gaps of issue 11 (item 10)
+
+
+def test_eviction_section_is_derived_from_eviction_config():
+    import dataclasses
+
+    from rlmem.train.config import EvictionSection
+
+    fields = [f.name for f in dataclasses.fields(EvictionConfig)]
+    assert [k for k in EvictionSection.model_fields if k not in ("curriculum", "interoception")] == fields
+    defaults = EvictionSection()
+    assert {f: getattr(defaults, f) for f in fields} == dataclasses.asdict(EvictionConfig())
+    assert config_from_dict({"output_dir": "x", "model": {"path": "tiny:"}, "trainer": {"total_steps": 1}}
+                            ).eviction_config() == EvictionConfig()
+
+
+def test_learner_and_optimizer_sections_are_derived_from_learner_config(tmp_path):
+    import dataclasses
+
+    from rlmem.train.learner_config import LearnerConfig
+
+    cfg = _load_tiny("optimizer.lr=2e-5", "algorithm.mem_coef=0.5", "learner.micro_batch_size=2")
+    lc = cfg.learner_config("m")
+    assert isinstance(lc, LearnerConfig)
+    assert (lc.lr, lc.mem_coef, lc.micro_batch_size, lc.max_len) == (2e-5, 0.5, 2, cfg.rollout.max_new_tokens)
+    defaults = {f.name: f.default for f in dataclasses.fields(LearnerConfig)}
+    o = RunConfig.model_fields["optimizer"].default
+    assert {k: getattr(o, k) for k in type(o).model_fields} == {k: defaults[k] for k in type(o).model_fields}
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("optimizer.lr=.inf", "rollout.temperature=.nan")
+    assert sorted(_keys(ei.value)) == ["optimizer.lr", "rollout.temperature"]
+    assert "finite number" in str(ei.value)
+
+
+def test_booleans_are_not_numbers():
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("trainer.total_steps=true", "optimizer.lr=false", "learner.zero_stage=true")
+    assert sorted(_keys(ei.value)) == ["learner.zero_stage", "optimizer.lr", "trainer.total_steps"]
+    assert "got a boolean" in str(ei.value)
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text(TINY.read_text() + "\nseed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert "duplicate key" in str(ei.value) and "'seed' appears twice" in str(ei.value)
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny(f"output_dir={f}")
+    assert ei.value.problems == [("output_dir", f"{f} exists and is not a directory")]
+
+
+def test_retention_rate_error_text_matches_what_is_accepted():
+    ok = _load_tiny("eviction.curriculum.enabled=true", "eviction.curriculum.retention_rates=[1.0, 0.5]")
+    assert ok.eviction.curriculum.retention_rates == [1.0, 0.5]   # 1.0 is accepted ...
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("eviction.curriculum.enabled=true", "eviction.curriculum.retention_rates=[1.5, 0.5]")
+    assert ei.value.problems == [("eviction.curriculum.retention_rates.0", "must be in (0, 1] (got 1.5)")]  # ... and said so
+
+
+def test_kl_penalty_is_refused_at_load_time():
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("algorithm.kl_coef=0.1")
+    assert _keys(ei.value) == ["algorithm.kl_coef"]
+
+
+def test_config_show_prints_the_eviction_defaults_of_eviction_config(tmp_path, capsys):
+    p = tmp_path / "minimal.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: 'tiny:'}}\ntrainer: {{total_steps: 1}}\n")
+    assert cli_main(["config", "show", str(p), "data.countdown.num_problems=8"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["eviction"]
+    assert {k: v for k, v in shown.items() if k not in ("curriculum", "interoception")} == EvictionConfig().to_dict()

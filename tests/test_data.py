@@ -100,7 +100,7 @@ def test_local_mapping_limit_and_errors(tmp_path):
         load_examples(str(missing))
     with pytest.raises(KeyError, match="Countdown-Tasks"):
         load_examples("no/such-dataset")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetError, match="nope.parquet: dataset file not found"):
         load_examples("Jiayi-Pan/Countdown-Tasks-3to4", path=str(tmp_path / "nope.parquet"))
 
 

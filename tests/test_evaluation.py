@@ -39,15 +39,18 @@ def test_evaluate_grades_with_the_verifier_and_measures_peak_kv(tiny_model_dir, 
 
     from rlmem.metrics import peak_no_eviction, schedule_peak
     from rlmem.train.actors import RolloutWorker, remote_class
-    from rlmem.train.driver import _prompt_text
-    from rlmem.train.evaluation import evaluate, load_eval_examples
+    from rlmem.train.evaluation import evaluate
+    from rlmem.train.preflight import Prepared, load_data
+    from rlmem.train.rollouts import prompt_text
 
     # shaping that would make every sample "correct" if it leaked into the score
     cfg = tiny_run_config(tiny_model_dir, tmp_path, eval=EVAL,
                           data={"reward": "test_evaluation:graded_reward", "reward_kwargs": {"reward_scale": 1.0},
                                 "shaping": [{"name": "train_helpers:always_correct", "weight": 5.0}]})
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    examples = load_eval_examples(cfg)
+    prepared = Prepared()
+    load_data(cfg, prepared)
+    examples = prepared.eval_examples
     assert len(examples) == 2 and all(ex["id"].startswith("countdown-gen-test-") for ex in examples)
     GRADED.clear()
     ray.init(num_cpus=1, include_dashboard=False, logging_level="error")
@@ -75,7 +78,7 @@ def test_evaluate_grades_with_the_verifier_and_measures_peak_kv(tiny_model_dir, 
 
     # Peak KV: every sample ran its 16 tokens (random tiny model), so the numbers follow from the
     # schedule: full cache p + 16 - 1; eps 0.5 peaks per rlmem.metrics.schedule_peak.
-    p = [len(tok.encode(_prompt_text(ex, tok, cfg, None), add_special_tokens=False)) for ex in examples]
+    p = [len(tok.encode(prompt_text(ex, tok, cfg, None), add_special_tokens=False)) for ex in examples]
     for r in results:
         assert r["response_length_mean"] == 16.0
     base, half = results
@@ -108,8 +111,8 @@ def test_training_run_evaluates_accuracy_against_compression(tiny_model_dir, tmp
         assert row["eval/eps_0.5/peak_kv_mean"] < row["eval/eps_0/peak_kv_mean"]
         assert row["time/eval"] > 0
     evals = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [(e["step"], e["eps"]) for e in evals] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
-    for step in (0, 1):
+    assert [(e["step"], e["eps"]) for e in evals] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
+    for step in (1, 2):
         png = tmp_path / "run" / "figures" / f"accuracy_vs_compression_step_{step:06d}.png"
         assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -122,19 +125,22 @@ def test_eval_metrics_are_flattened_per_eps():
 
 
 def test_no_eval_source_means_no_evaluation(tiny_model_dir, tmp_path):
-    from rlmem.train.evaluation import evaluate, load_eval_examples
+    from rlmem.train.evaluation import evaluate
+    from rlmem.train.preflight import Prepared, load_data
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path)
-    assert cfg.eval.source is None and load_eval_examples(cfg) == []
+    prepared = Prepared()
+    assert cfg.eval.source is None and load_data(cfg, prepared) == [] and prepared.eval_examples == []
     assert evaluate(cfg, [], None, [], step=0) == []
 
 
 def test_generated_eval_problems_follow_the_training_generator(tiny_model_dir, tmp_path):
-    from rlmem.train.driver import load_train_examples
-    from rlmem.train.evaluation import load_eval_examples
+    from rlmem.train.preflight import Prepared, load_data
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, eval={**EVAL, "limit": 5})
-    test, train = load_eval_examples(cfg), load_train_examples(cfg)
+    prepared = Prepared()
+    assert load_data(cfg, prepared) == []
+    test, train = prepared.eval_examples, prepared.train_examples
     assert len(test) == 5
     assert all(len(ex["numbers"]) == 3 for ex in test)   # data.countdown: min/max_numbers 3
     assert not {(tuple(sorted(e["numbers"])), e["target"]) for e in test} & {
@@ -142,7 +148,7 @@ def test_generated_eval_problems_follow_the_training_generator(tiny_model_dir, t
 
 
 def test_ray_custom_resources_are_configured_and_reach_the_workers(tiny_model_dir, tmp_path, monkeypatch):
-    from rlmem.train import driver
+    from rlmem.train import driver, workers
     from rlmem.train.config import ConfigError
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, ray={"rollout_resources": {"rollout_node": "0.01"},
@@ -166,8 +172,8 @@ def test_ray_custom_resources_are_configured_and_reach_the_workers(tiny_model_di
         seen.append(kw)
         raise Stop
 
-    monkeypatch.setattr(driver, "init_ray", lambda cfg: False)
-    monkeypatch.setattr(driver, "start_workers", fake_start)
+    monkeypatch.setattr(workers, "init_ray", lambda cfg: False)
+    monkeypatch.setattr(workers, "start_workers", fake_start)
     for kw in ({}, {"rollout_resources": {"other": 2.0}}):
         with pytest.raises(Stop):
             driver.run_training(cfg, **kw)

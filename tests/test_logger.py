@@ -37,10 +37,10 @@ def _record() -> RolloutRecord:
 
 def test_metrics_jsonl_rows(tmp_path):
     with _logger(tmp_path) as lg:
-        lg.log(0, {**STEP, "loss/token": torch.tensor(0.5), "loss/eviction": float("nan")})
-        lg.log(1, {**STEP, "reward/mean": 0.75})
+        lg.log(1, {**STEP, "loss/token": torch.tensor(0.5), "loss/eviction": float("nan")})
+        lg.log(2, {**STEP, "reward/mean": 0.75})
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["reward/mean"] == 0.25 and rows[1]["reward/mean"] == 0.75
     assert rows[0]["loss/token"] == 0.5 and rows[0]["loss/eviction"] is None   # strict JSON
     assert rows[0]["replay/max_abs_logprob_diff"] == 3e-6 and rows[0]["eviction/peak_kv_mean"] == 12.5
@@ -50,25 +50,35 @@ def test_metrics_jsonl_rows(tmp_path):
 
 def test_console_summary_and_missing_metric_warning(tmp_path):
     lg = _logger(tmp_path)
-    lg.log(0, {"reward/mean": 0.5})
     lg.log(1, {"reward/mean": 0.5})
+    lg.log(2, {"reward/mean": 0.5})
     out = lg.stream.getvalue()
     assert out.count("lack ['eviction/peak_kv_mean', 'replay/max_abs_logprob_diff']") == 1  # warned once
     assert "step 2/4 | reward 0.5" in out
     lg.close()
-    assert summary_line(2, 10, {"loss/token": 1.5e-7, "perf/tokens_per_s": 2400.0}) == \
+    assert summary_line(3, 10, {"loss/token": 1.5e-7, "perf/tokens_per_s": 2400.0}) == \
         "step 3/10 | L_tok 1.50e-07 | tok/s 2400"
 
 
-def test_resume_drops_rows_after_checkpoint(tmp_path):
+def test_resume_appends_after_the_trimmed_rows_with_the_same_run_id(tmp_path):
+    from rlmem.train.rundir import trim_logs
+
     with _logger(tmp_path, run_id="fixedid1") as lg:
-        for s in range(4):
+        for s in range(1, 5):
             lg.log(s, STEP)
+    trim_logs(tmp_path / "run", 2)   # what a resume from the step-2 checkpoint does first
     with _logger(tmp_path, run_id="fixedid1", start_step=2) as lg:
         assert lg.run_id == "fixedid1"
-        lg.log(2, {**STEP, "reward/mean": 1.0})
+        lg.log(3, {**STEP, "reward/mean": 1.0})
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward/mean"] == 1.0
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["reward/mean"] == 1.0
+
+
+def test_offline_wandb_cannot_rewind_so_a_resume_past_logged_steps_gets_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with _logger(tmp_path, wandb_mode="offline", run_id="oldrun01", start_step=2, rewind=True) as lg:
+        assert lg.run_id != "oldrun01" and lg.wandb_active
+        assert "cannot rewind offline run oldrun01 to step 2" in lg.stream.getvalue()
 
 
 def test_offline_wandb_writes_a_run_dir_and_resumes_same_id(tmp_path, monkeypatch):
@@ -77,12 +87,12 @@ def test_offline_wandb_writes_a_run_dir_and_resumes_same_id(tmp_path, monkeypatc
     with _logger(tmp_path, wandb_mode="auto", config={"seed": 0}) as lg:
         assert lg.wandb_mode == "offline" and lg.wandb_active
         run_id = lg.run_id
-        lg.log(0, STEP)
-        lg.log_samples(0, [_record()], ["12+3"], prompts=["use 1 2 3"])
+        lg.log(1, STEP)
+        lg.log_samples(1, [_record()], ["12+3"], prompts=["use 1 2 3"])
     runs = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob(f"run-{run_id}.wandb"))[0].stat().st_size > 0
     with _logger(tmp_path, wandb_mode="offline", run_id=run_id, start_step=1) as lg:
-        lg.log(1, STEP)
+        lg.log(2, STEP)
     names = [p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*") if p.is_dir()]
     # a resume in the same second as the first run gets W&B's "-1" suffix; the run id is what matters
     assert len(names) >= 1 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", n) for n in names), names
@@ -194,15 +204,15 @@ def test_from_config_with_progress_bar(tmp_path, capsys):
             cfg.trainer.total_steps, cfg.logging.sample_table_size, cfg.logging.mask_image_every)
         lg.log(1, STEP)
     cap = capsys.readouterr()
-    assert f"step 2/{cfg.trainer.total_steps} | reward 0.25" in cap.out and "train" in cap.err   # summary on stdout, bar on stderr
+    assert f"step 1/{cfg.trainer.total_steps} | reward 0.25" in cap.out and "train" in cap.err   # summary on stdout, bar on stderr
     assert read_metrics(tmp_path / "r")[0]["step"] == 1
 
 
 def test_log_every_thins_the_console_not_the_metrics_file(tmp_path):
     lg = _logger(tmp_path, log_every=3)     # 4 steps: console lines after steps 3 and 4 (the last)
-    for s in range(4):
+    for s in range(1, 5):
         lg.log(s, STEP)
     out = lg.stream.getvalue()
     lg.close()
     assert [l.split("|")[0].strip() for l in out.splitlines() if l.startswith("step")] == ["step 3/4", "step 4/4"]
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]

@@ -33,8 +33,8 @@ def test_rollout_and_learner_on_different_nodes(tiny_model_dir, tmp_path):
         assert nodes["learner worker 0 (rank 0)"] == learner_node.node_id
         assert nodes["rollout worker 0"] != nodes["learner worker 0 (rank 0)"]
         rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [0] and rows[0]["replay/max_abs_logprob_diff"] <= 1e-4
-        assert (tmp_path / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
+        assert [r["step"] for r in rows] == [1] and rows[0]["replay/max_abs_logprob_diff"] <= 1e-4
+        assert (tmp_path / "checkpoints" / "step_000001" / "manifest.json").is_file()
         # the run cleaned up after itself on a cluster it did not start: actors and bundles released
         deadline = time.monotonic() + 20
         while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:

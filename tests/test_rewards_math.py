@@ -31,7 +31,8 @@ def test_adversarial():
         ("<think>clearly \\boxed{5}</think> I think \\boxed{6}", "5", 0.0),    # answer before </think>
         ("<think>clearly \\boxed{5}", "5", 0.0),                               # think never closed
         ("<think>\\boxed{5}</think>", "5", 0.0),                               # nothing after </think>
-        ("</think>\\boxed{6} no wait, \\boxed{5}", "5", 1.0),                  # boxed first; last boxed
+        ("</think>\\boxed{6} no wait, \\boxed{5}", "5", 0.0),                  # two final answers: hedged
+        ("</think>\\boxed{5}. So again: \\boxed{ 5 }", "5", 1.0),              # the same answer twice
         ("", "5", 0.0),
         ("\\boxed{}", "5", 0.0),
         ("\\boxed{\\frac{1}{0}}", "5", 0.0),
@@ -103,3 +104,42 @@ def test_pool_hard_kill_and_replacement():
         # exceptions (including BaseException) -> default
         assert pool.map("sys:exit", [(1,)], timeout=5, default="err") == ["err"]
         assert pool.map("builtins:int", [("x",)], timeout=5, default="err") == ["err"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hedging (issue 11, item 12): exactly one final answer is graded; several different ones get 0.
+
+HEDGES = [
+    # (completion, gold, reward): patterns a policy under RL finds when any candidate may match
+    ("The answer is 42. Actually... maybe 7.", "42", 0.0),               # the issue's example: 7 is graded
+    ("The answer is 42. Actually... maybe 7.", "7", 1.0),                #   (committing to 7 is fine)
+    ("The answer is 42 or 7.", "42", 0.0),                              # alternatives in the last sentence
+    ("It is either 7 or 42.", "7", 0.0),
+    ("Final answer: 42 (or possibly 7)", "42", 0.0),
+    ("</think>\\boxed{42} or \\boxed{7}", "42", 0.0),                   # two boxes
+    ("</think>\\boxed{42}\n\nWait, maybe \\boxed{7}", "7", 0.0),
+    ("</think>\\boxed{42 \\text{ or } 7}", "42", 0.0),                  # alternatives inside the box
+    ("</think>\\boxed{42 \\lor 7}", "7", 0.0),
+    ("</think>\\boxed{42 \\vee 7}", "42", 0.0),
+    ("</think>$\\boxed{42}$ or $\\boxed{7}$ or $\\boxed{13}$", "13", 0.0),
+    ("Candidates: 7, 13, 42. The answer is 42.", "42", 1.0),            # a committed last sentence
+    ("We get 3 + 4 = 7, so the answer is \\boxed{7}.", "7", 1.0),       # numbers in the work are not answers
+    ("x = 1 or x = 2, but only x = 2 works. So \\boxed{2}", "2", 1.0),   # alternatives before one box: fine
+]
+
+
+def test_hedged_completions_get_zero_and_committed_ones_are_graded():
+    out = grade([c for c, _, _ in HEDGES], [g for _, g, _ in HEDGES], timeout=4)
+    for (text, gold, want), got in zip(HEDGES, out):
+        assert got == want, (text, gold, got)
+
+
+def test_final_answer_rule():
+    from rewards.math import all_boxed, final_answer
+
+    assert all_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c \\boxed{") == ["1", "\\frac{1}{2}"]
+    assert final_answer("so \\boxed{\\frac{1}{2}}") == "$\\boxed{\\frac{1}{2}}$"
+    assert final_answer("The answer is 42. Actually... maybe 7.") == "$7$"
+    assert final_answer("It is $x^2$ or $x^3$.") is None
+    assert final_answer("no numbers here") is None
+    assert final_answer("\\boxed{5") is None   # a box that never closes is not read as a plain 5

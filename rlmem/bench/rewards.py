@@ -70,7 +70,7 @@ def run(args) -> int:
     from rewards import math as rmath
 
     rmath.configure(args.workers)
-    pool = rmath._pool()
+    pool = rmath.grader_pool()
     math_reward(["\\boxed{1}"] * pool.num_workers, answer=["1"] * pool.num_workers)  # warm-up: start workers
 
     comps, targets, numbers = _countdown_batch(args.n, args.seed)

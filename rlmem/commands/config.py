@@ -1,6 +1,8 @@
 """``rlmem config show CONFIG.yaml [key=value ...]``: the resolved config and its batch sizes.
 
-Exits 2 with the full list of problems when the config is invalid, so it doubles as a validator.
+It runs every check ``rlmem train`` runs before Ray starts (the config's own, the environment's:
+engine, model, datasets, learner; and what the run directory allows) and exits 2 with the full
+list of problems when any fails, so it doubles as a validator.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show = csub.add_parser("show", help="print the resolved config (YAML) and the derived batch sizes")
     show.add_argument("config", help="run config YAML")
     show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, values parsed as YAML")
-    show.add_argument("--no-check-files", action="store_true", help="skip the checks that local paths exist")
+    show.add_argument("--no-check-files", action="store_true",
+                      help="skip the checks of this machine (paths, engine, model cache, datasets, run directory): "
+                           "for validating a cluster config on a laptop")
     show.set_defaults(func=run)
 
 
@@ -27,10 +31,25 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    start = "not checked (--no-check-files)"
+    if not args.no_check_files:
+        from rlmem.train.errors import TrainingError
+        from rlmem.train.preflight import preflight
+        from rlmem.train.rundir import plan_start
+
+        _, problems = preflight(cfg)
+        try:
+            start = plan_start(cfg).describe()
+        except TrainingError as e:
+            problems.append(("output_dir", str(e)))
+        if problems:
+            print(ConfigError(problems, args.config), file=sys.stderr)
+            return 2
     print(f"# resolved config: {args.config}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
     print(cfg.to_yaml(), end="")
     print()
     print(batch_table(cfg))
+    print(f"# run directory: {start}")
     return 0
 
 

@@ -1,13 +1,15 @@
 """``rlmem train CONFIG.yaml [key=value ...]``: validate the config, then run the Ray driver.
 
-The config is loaded and checked completely before anything heavy (Ray, DeepSpeed, vLLM) is
-imported: a typo costs a second, not a cluster start-up. Exit codes: 0 done, 2 bad config,
-1 the run failed (a one-line reason, e.g. a worker died), 130 interrupted (Ctrl-C).
+The config, the environment (engine, model, datasets) and the run directory are all checked
+before anything heavy (Ray, DeepSpeed, vLLM) starts: a typo costs a second, not a cluster start-up.
+Exit codes: 0 done, 2 bad input (config, data, run directory, checkpoint), 1 the run failed (a
+one-line reason, e.g. a worker died), 130 interrupted (Ctrl-C), 143 stopped (SIGTERM, ``ray job stop``).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -22,9 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print("\nrlmem train: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\nrlmem train: {'interrupted' if signum == signal.SIGINT else 'stopped by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + int(signum)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -39,7 +43,10 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         run_training(cfg)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
     except TrainingError as e:
         print(f"rlmem train: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     return 0

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rlmem.data.countdown import countdown_prompt_text, generate_countdown
+from rlmem.data.passkey import generate_passkey
 from rlmem.data.toy import TASK as COUNTDOWN_TOY
 from rlmem.data.toy import toy_problems
 from rlmem.jsonl import iter_json_lines
@@ -182,7 +183,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted({s.hub_id for s in DATASETS.values()}))}, "
-                       "'countdown-generated', 'countdown-toy', or a local .jsonl/.parquet path")
+                       "'countdown-generated', 'countdown-toy', 'passkey', 'passkey-write', or a local .jsonl/.parquet path")
     return DATASETS[name]
 
 
@@ -243,6 +244,9 @@ register_dataset(DatasetSpec("MathArena/aime_2025", math_row, "train", "math", a
 # ---------------------------------------------------------------------------------------------
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+# generated memory tasks (rlmem/data/passkey.py): source name -> generator settings
+PASSKEY_SOURCES = {"passkey": {"write_items": 0}, "passkey-write": {"write_items": 12}}
+
 
 def is_local_path(source: str) -> bool:
     return source.lower().endswith(LOCAL_SUFFIXES) or os.path.exists(source)
@@ -250,27 +254,43 @@ def is_local_path(source: str) -> bool:
 
 def read_rows(path: str) -> list[dict]:
     """Rows of a local ``.jsonl``/``.json``/``.parquet`` file (errors name the file and line)."""
+    return read_located_rows(path)[0]
+
+
+def read_located_rows(path: str) -> tuple[list[dict], list[str]]:
+    """Rows of a local file and where each one is (``file:line`` for JSON lines, 1-based)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DatasetError(f"{path}: dataset file not found" if not os.path.exists(path) else f"{path}: not a file")
     low = path.lower()
     if low.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise DatasetError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
     if low.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if isinstance(data, dict):  # {"data": [...]} or column-oriented
             data = data.get("data", data.get("rows", data))
         if not isinstance(data, list):
             raise DatasetError(f"{path}: expected a list of rows")
-        return data
-    rows = []
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path} row {i + 1}: a row must be a JSON object")
+        return data, [f"{path} row {i + 1}" for i in range(len(data))]
+    rows, locs = [], []
     for where, row in iter_json_lines(path, DatasetError):
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: a row must be a JSON object")
         rows.append(row)
-    return rows
+        locs.append(where)
+    return rows, locs
 
 
 def _read_hub(spec: DatasetSpec) -> list[dict]:
@@ -282,7 +302,8 @@ def _read_hub(spec: DatasetSpec) -> list[dict]:
         ds = datasets.load_dataset(spec.hub_id, split=spec.hub_split)
     except Exception as e:
         raise RuntimeError(f"cannot load {spec.hub_id!r} (split {spec.hub_split!r}) from the hub or its cache: {e}. "
-                           f"Offline? Pass path=<local .jsonl/.parquet copy>.") from e
+                           f"Offline? Use a local .jsonl/.parquet copy (data.source / eval.source in a run config, "
+                           f"path= in load_examples).") from e
     return ds.to_list()
 
 
@@ -296,15 +317,27 @@ def _guess_spec(rows: list[dict], path: str) -> DatasetSpec | None:
         return DATASETS["BytedTsinghua-SIA/DAPO-Math-17k"]
     if "answer" in cols and ("problem" in cols or "question" in cols):
         return DATASETS["math-ai/amc23"] if "question" in cols else DATASETS["HuggingFaceH4/aime_2024"]
-    raise DatasetError(f"{path}: cannot recognise the schema from columns {sorted(cols)}; "
-                       "pass dataset=<id> or mapping={...}")
+    raise DatasetError(f"{path}: cannot recognise the schema from columns {sorted(cols)}; expected Countdown "
+                       "('target' and 'nums' or 'numbers') or math ('problem' or 'question' with 'answer', or "
+                       "'reward_model')")
+
+
+def _convert(spec: DatasetSpec, row: dict, index: int, origin: str, mapping: dict | None, where: str | None) -> dict:
+    """One example; a bad row's error names ``where`` (``file:line``) when the row came from a file."""
+    try:
+        return spec.convert(row, index, origin, mapping)
+    except DatasetError as e:
+        if where is None:
+            raise
+        msg = str(e).replace(f"{origin}: row {index} ", "row ", 1)
+        raise DatasetError(f"{where}: {msg}") from None
 
 
 def load_examples(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, dataset: str | None = None, mapping: dict | None = None,
                   **kwargs) -> list[dict]:
-    """Examples from a dataset id, ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py)
-    or a local ``.jsonl``/``.parquet``.
+    """Examples from a dataset id, ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py),
+    ``"passkey"``/``"passkey-write"``, or a local ``.jsonl``/``.parquet``.
 
     ``split`` is ``"train"`` or ``"test"`` (the evaluation sets return their single split for
     either). ``limit`` keeps the first ``limit`` examples (after shuffling with ``seed`` if
@@ -314,7 +347,11 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
-    if source in ("countdown-generated", "countdown_generated"):
+    if source in PASSKEY_SOURCES:
+        gen_kw = {**PASSKEY_SOURCES[source], **{k: kwargs[k] for k in ("filler_repeats", "write_items") if k in kwargs}}
+        examples = generate_passkey(kwargs.get("num_examples", limit or 100), seed * 2 + (split == "test"),
+                                    variant=source, **gen_kw)
+    elif source in ("countdown-generated", "countdown_generated"):
         gen_kw = {k: kwargs[k] for k in ("num_examples", "num_numbers", "number_range", "target_range",
                                            "max_tries_per_example") if k in kwargs}
         gen_kw.setdefault("num_examples", limit or 1000)
@@ -331,10 +368,12 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
     else:
         if source in DATASETS:
             spec = _spec(source)
-            rows = read_rows(path) if path else _read_hub(spec)
+            rows, locs = read_located_rows(path) if path else (_read_hub(spec), None)
             origin = os.path.basename(path) if path else spec.hub_id
         elif is_local_path(source):
-            rows = read_rows(source)
+            rows, locs = read_located_rows(source)
+            if not rows:
+                raise DatasetError(f"{source}: no rows (the file is empty)")
             origin = os.path.basename(source)
             spec = _spec(dataset) if dataset else (None if mapping else _guess_spec(rows, source))
             if spec is None:  # explicit mapping without a dataset hint
@@ -345,7 +384,7 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
             raise AssertionError
         if split not in spec.splits:
             raise ValueError(f"{spec.hub_id} has no {split!r} split (has {spec.splits})")
-        examples = [spec.convert(r, i, origin, mapping) for i, r in enumerate(rows)]
+        examples = [_convert(spec, r, i, origin, mapping, locs[i] if locs else None) for i, r in enumerate(rows)]
         if spec.post is not None:
             examples = spec.post(examples, split, **kwargs)
     if shuffle:

@@ -23,8 +23,6 @@ from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.eviction.record import RolloutRecord
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
 
 def _node_id() -> str:
     import ray
@@ -38,20 +36,15 @@ def _set_threads(num_threads: int | None) -> None:
 
 
 class RolloutWorker:
-    """An NGC rollout engine on its own copy of the policy (torch reference backend)."""
+    """A rollout engine (any registered backend, by name) on its own copy of the policy."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, index: int = 0,
-                 num_threads: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from rlmem.engine.reference import ReferenceEngine
+    def __init__(self, model_path: str, *, backend: str = "torch", dtype: str = "float32", seed: int = 0,
+                 index: int = 0, num_threads: int | None = None, **engine_options):
+        from rlmem.engine.registry import create_engine
 
         _set_threads(num_threads)
         self.index = index
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
-        model.eval()
-        self.engine = ReferenceEngine(model, self.tokenizer, seed=seed)
+        self.engine = create_engine(backend, model_path, dtype=dtype, seed=seed, **engine_options)
         self.num_layers = self.engine.num_layers
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams,
@@ -72,7 +65,7 @@ class RolloutWorker:
         return len(pairs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The engine's current weights (tests compare them with the learner's)."""
+        """The engine's current weights (tests compare them with the learner's; in-process engines only)."""
         return {k: v.detach().clone() for k, v in self.engine.model.named_parameters()}
 
     def node_id(self) -> str:

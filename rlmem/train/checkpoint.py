@@ -1,20 +1,26 @@
-"""Checkpoint layout, the trainer state, rotation and RNG capture, for exact resume.
+"""Checkpoint layout, verification, the trainer state, rotation and RNG capture, for exact resume.
 
 Layout::
 
-    <output_dir>/checkpoints/step_000050/
+    <output_dir>/checkpoints/step_000050/     after step 50 (steps count from 1)
         engine/              the learner's DeepSpeed state (weights, optimizer, scheduler), any ranks
         hf/                  HF-format export (config, safetensors, tokenizer): from_pretrained / vLLM
-        trainer_state.json   written LAST, atomically: its presence marks the checkpoint complete
+        trainer_state.json   step, RNG states, W&B run id
+        config.yaml          the resolved run config this checkpoint was trained with
+        manifest.json        written LAST: every file with its size, SHA-256 of the small ones
 
-A crash while saving leaves a directory without ``trainer_state.json``; :func:`latest_checkpoint`
-ignores it, so resume never picks up half a checkpoint. The engine parts are written by a callback
-(the learner's ``save_checkpoint``), this module only arranges directories and the trainer state.
+A checkpoint is written into ``checkpoints/.tmp-step_000050-<pid>/`` and renamed into place only
+once its manifest is written, so a ``step_*`` directory is never half-written by a save. A
+checkpoint *verifies* when its manifest parses and every listed file exists with its size (and,
+for files up to :data:`CHECKSUM_MAX_BYTES`, its checksum): a truncated weight file, a deleted
+``engine/`` or a damaged ``trainer_state.json`` are all caught, and :func:`verify_checkpoint`
+names the bad file. The engine parts are written by a callback (the learner's ``save_checkpoint``).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -26,6 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.yaml"
+CHECKSUM_MAX_BYTES = 1 << 20
 ENGINE_SUBDIR = "engine"
 HF_SUBDIR = "hf"
 FORMAT_VERSION = 1
@@ -55,13 +64,12 @@ class CheckpointPaths:
 class TrainerState:
     """Everything besides the engine needed to continue a run exactly where it stopped.
 
-    ``step`` is the number of completed training steps (resume starts at step ``step``);
-    ``data_position`` is whatever the data loader needs to continue (an int or a JSON mapping).
+    ``step`` is the number of completed training steps (the last one done; resume runs
+    ``step + 1`` next). The prompt stream and curriculum are pure functions of it, so nothing else
+    about the data is stored.
     """
 
     step: int
-    data_position: Any = 0
-    curriculum_step: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
     wandb_run_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,44 +95,94 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return checkpoints_root(output_dir) / f"step_{int(step):06d}"
 
 
-def is_complete(ckpt: str | os.PathLike) -> bool:
-    """A checkpoint is complete iff its trainer state exists and parses."""
+class CheckpointError(ValueError):
+    """A checkpoint that does not verify; the message names the bad file."""
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(root: Path) -> dict[str, Any]:
+    """List every file under ``root`` with its size (and SHA-256 if small); written last, atomically."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(f".{MANIFEST_FILE}"):
+            rel = p.relative_to(root).as_posix()
+            size = p.stat().st_size
+            files[rel] = {"size": size, **({"sha256": file_digest(p)} if size <= CHECKSUM_MAX_BYTES else {})}
+    manifest = {"version": FORMAT_VERSION, "files": files}
+    atomic_write_json(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, truncated or altered file."""
+    root = Path(ckpt)
+    mpath = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
     try:
-        load_trainer_state(ckpt)
-    except (OSError, ValueError, TypeError):
-        return False
-    return True
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or STATE_FILE not in files:
+            raise ValueError("no trainer state listed")
+    except FileNotFoundError:
+        raise CheckpointError(f"{mpath}: missing (the checkpoint was never completed)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+    if not any(name.startswith(ENGINE_SUBDIR + "/") for name in files):
+        raise CheckpointError(f"{root / ENGINE_SUBDIR}: the manifest lists no engine files")
+    for name, meta in files.items():
+        p = root / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing")
+        size = p.stat().st_size
+        if size != meta.get("size"):
+            raise CheckpointError(f"{p}: {size} bytes, the manifest says {meta.get('size')} (truncated or altered)")
+        if "sha256" in meta and file_digest(p) != meta["sha256"]:
+            raise CheckpointError(f"{p}: checksum differs from the manifest (altered)")
+    try:
+        load_trainer_state(root)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{root / STATE_FILE}: unreadable ({e})") from None
 
 
-def list_checkpoints(output_dir: str | os.PathLike, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """``(step, dir)`` pairs, oldest first."""
+def checkpoint_problem(ckpt: str | os.PathLike) -> str | None:
+    """Why ``ckpt`` does not verify, or None."""
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every ``step_*`` directory as ``(step, dir)``, oldest first, verified or not."""
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (not complete_only or is_complete(p)):
+        if m and p.is_dir():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def resolve_resume(output_dir: str | os.PathLike, resume: str) -> Path | None:
-    """``trainer.resume``: ``auto`` (latest complete checkpoint, if any), ``never``, or a path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(output_dir)
-    p = Path(resume).expanduser()
-    if not is_complete(p):
-        raise FileNotFoundError(f"trainer.resume: {p} is not a complete checkpoint (no readable {STATE_FILE})")
-    return p
+def latest_verified(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped with the reason for each."""
+    skipped: list[tuple[Path, str]] = []
+    for _, p in reversed(list_checkpoints(output_dir)):
+        why = checkpoint_problem(p)
+        if why is None:
+            return p, skipped
+        skipped.append((p, why))
+    return None, skipped
 
 
 def save_checkpoint(
@@ -132,23 +190,39 @@ def save_checkpoint(
     state: TrainerState,
     save_parts: Callable[[CheckpointPaths], None] | None = None,
     keep_last: int | None = None,
+    config_yaml: str | None = None,
 ) -> Path:
-    """Write checkpoint ``state.step``: the parts via ``save_parts``, then the state, then rotate.
+    """Write checkpoint ``state.step`` into a temporary directory: the parts via ``save_parts``, the
+    state, the config, then the manifest; rename it into place; rotate.
 
-    A stale incomplete directory of the same step (an earlier crash) is cleared first. If
-    ``save_parts`` raises, no trainer state is written and the directory stays incomplete.
+    If ``save_parts`` raises, the temporary directory is left for the next rotation to remove and no
+    ``step_*`` directory appears. An existing directory of the same step (from a run that was
+    resumed from an earlier checkpoint) is replaced only after the new one is complete.
     """
-    paths = CheckpointPaths(checkpoint_dir(output_dir, state.step))
-    if paths.root.exists() and not is_complete(paths.root):
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(output_dir, state.step)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    paths = CheckpointPaths(tmp)
     if save_parts is not None:
         save_parts(paths)
     state.saved_at = time.time()
-    _atomic_write_json(paths.state, state.to_dict())
+    atomic_write_json(paths.state, state.to_dict())
+    if config_yaml is not None:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+    write_manifest(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
     if keep_last is not None:
         rotate_checkpoints(output_dir, keep_last)
-    return paths.root
+    return final
 
 
 def load_trainer_state(ckpt: str | os.PathLike) -> TrainerState:
@@ -161,24 +235,40 @@ def load_trainer_state(ckpt: str | os.PathLike) -> TrainerState:
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete leftovers older
-    than the newest complete one (a newer incomplete directory may be a save in progress)."""
+    """Delete all but the newest ``keep_last`` verified checkpoints, unverified ones older than the
+    newest verified one, and temporary directories of saves that died (their process is gone)."""
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
-    complete = list_checkpoints(output_dir)
+    ckpts = list_checkpoints(output_dir)
+    ok = [(s, p) for s, p in ckpts if checkpoint_problem(p) is None]
     removed: list[Path] = []
-    if not complete:
-        return removed
-    newest = complete[-1][0]
-    doomed = [p for _, p in complete[:-keep_last]]
-    doomed += [p for s, p in list_checkpoints(output_dir, complete_only=False) if s < newest and not is_complete(p)]
+    doomed = [p for _, p in ok[:-keep_last]]
+    if ok:
+        doomed += [p for s, p in ckpts if s < ok[-1][0] and (s, p) not in ok]
+    root = checkpoints_root(output_dir)
+    for p in root.glob(".tmp-step_*") if root.is_dir() else []:
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            doomed.append(p)
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -186,8 +276,13 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

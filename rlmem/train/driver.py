@@ -1,341 +1,88 @@
 """The training driver: one NGC (Dr. GRPO) run on Ray, from a validated :class:`RunConfig`.
 
-Each step: take the next prompts (a pure function of the data position, so resume is exact) →
-ε per group (curriculum / interoception, tag in the prompt) → rollouts on the rollout workers
-(each prompt repeated ``rollouts_per_prompt`` times, groups contiguous) → decode → rewards →
-group advantages → learner ``train_step`` on data-parallel shards → weight sync → metrics, samples,
-pictures → checkpoint. All randomness of a step is derived from ``(seed, step)`` (data order,
-ε draws, sampling seeds), so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
+Steps are numbered from 1 everywhere (console, ``step`` in every JSON-lines log, figures,
+checkpoint names): checkpoint ``step_000002`` holds the state after steps 1 and 2, and resuming
+from it runs step 3 next. Each step (:func:`run_step`): take the next prompts (a pure function of
+the step, so resume is exact) → ε per group (curriculum / interoception, tag in the prompt) →
+rollouts on the rollout workers (each prompt repeated ``rollouts_per_prompt`` times, groups
+contiguous) → decode → rewards → group advantages → learner ``train_step`` on data-parallel
+shards → weight sync → metrics, samples, pictures, evaluation → checkpoint. All randomness of a step
+is derived from ``(seed, step)``, so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
 
-Ray: ``ray.address`` set → join it; inside a Ray job (``RAY_ADDRESS`` set) → join the job's
-cluster; otherwise a small local Ray without dashboard, shut down at the end (also on Ctrl-C).
-Placement groups are checked with a deadline so a run that cannot get its resources says so
-instead of hanging.
+Before Ray starts: the environment checks (:mod:`rlmem.train.preflight`), the run-directory lock
+and start plan (:mod:`rlmem.train.rundir`). SIGINT and SIGTERM (``ray job stop``) take the same
+path: abandon the step, keep the last checkpoint, close W&B, stop Ray, exit 130 / 143.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
+from rlmem.train.config import ConfigError, RunConfig
+from rlmem.train.errors import TrainingError, first_line
 
-from rlmem.train.config import COUNTDOWN_GENERATED, RunConfig
-
-PLACEMENT_TIMEOUT_S = 120.0
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue (dead worker, unavailable backend); says what to do next."""
+__all__ = ["TrainingError", "Stopped", "run_training"]
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: a deterministic, resumable prompt stream
+class Stopped(KeyboardInterrupt):
+    """Raised in the driver by SIGINT or SIGTERM; ``signum`` says which (exit code 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def load_task_examples(cfg: RunConfig, source: str, split: str, limit: int | None) -> list[dict]:
-    """Problems of ``source``/``split`` in file/generator order. Generated Countdown always uses the
-    training generator's settings (``data.countdown``), so train and eval splits are the same kind of
-    problem, from disjoint seeds, with train leaks dropped from the test split."""
-    from rlmem.data import load_examples
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Stopped` in the main thread (elsewhere: left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    if source == COUNTDOWN_GENERATED:
-        c = cfg.data.countdown
-        return load_examples(COUNTDOWN_GENERATED, split, limit=limit, seed=c.seed,
-                             num_examples=c.num_problems, num_numbers=(c.min_numbers, c.max_numbers),
-                             number_range=(1, c.max_number), target_range=(c.min_target, c.max_target))
-    return load_examples(source, split, limit=limit, seed=cfg.seed)
+    def handler(signum, _frame):
+        raise Stopped(signum)
 
-
-def load_train_examples(cfg: RunConfig) -> list[dict]:
-    """The training problems (shuffling is per epoch, see :func:`prompt_indices`)."""
-    return load_task_examples(cfg, cfg.data.source, cfg.data.split, cfg.data.limit)
-
-
-def prompt_indices(position: int, count: int, num_examples: int, seed: int, shuffle: bool) -> list[int]:
-    """Indices of the ``count`` prompts starting at stream ``position``; epoch ``e`` is a permutation
-    seeded by ``(seed, e)``, so any position can be reproduced without replaying earlier steps."""
-    out = []
-    for p in range(position, position + count):
-        epoch, i = divmod(p, num_examples)
-        if shuffle:
-            perm = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0xDA7A]).permutation(num_examples)
-            out.append(int(perm[i]))
-        else:
-            out.append(i)
-    return out
-
-
-def step_seed(seed: int, step: int, worker: int) -> int:
-    """The sampling seed of rollout worker ``worker`` at ``step`` (token and eviction sampling)."""
-    return int(np.random.default_rng([seed & 0xFFFFFFFF, step, worker, 0x5EED]).integers(0, 2**62))
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray start-up and workers
-
-
-def _learner_config(cfg: RunConfig, model_path: str):
-    from rlmem.train.learner import LearnerConfig
-
-    a, o, lr = cfg.algorithm, cfg.optimizer, cfg.learner
-    return LearnerConfig(
-        model_path=model_path, dtype=lr.dtype, zero_stage=lr.zero_stage, micro_batch_size=lr.micro_batch_size,
-        lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-        schedule=o.schedule, warmup_steps=o.warmup_steps,
-        total_steps=cfg.trainer.total_steps * a.mini_batches * a.ppo_epochs, min_lr_ratio=o.min_lr_ratio,
-        gradient_checkpointing=lr.gradient_checkpointing, offload_optimizer=lr.offload_optimizer,
-        aggregation=a.aggregation, max_len=a.loss_constant or cfg.rollout.max_new_tokens, mem_coef=a.mem_coef,
-        clip_eps=a.clip_eps, clip_eps_high=a.clip_eps_high, mini_batches=a.mini_batches, ppo_epochs=a.ppo_epochs,
-        replay_kernel=lr.replay_kernel, replay_mask=lr.replay_mask, seed=cfg.seed)
-
-
-def check_supported(cfg: RunConfig) -> None:
-    """What the config schema allows but this driver does not do yet: fail before Ray starts."""
-    if cfg.rollout.backend == "vllm":
-        raise TrainingError("rollout.backend: vllm is not available yet in the training driver; "
-                            "use rollout.backend: torch (the reference engine)")
-    if cfg.algorithm.kl_coef > 0:
-        raise TrainingError("algorithm.kl_coef: a KL penalty is not implemented (NGC uses 0); set it to 0")
-
-
-def _actor_env() -> dict[str, str]:
-    import torch
-
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
-    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    return env
-
-
-def init_ray(cfg: RunConfig) -> bool:
-    """Connect to or start Ray; return True when we started it (then we shut it down).
-
-    No runtime_env here: inside a job it would have to merge with the job's (Ray refuses duplicate
-    keys); the actors get their environment variables themselves (:func:`_actor_env`).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-        return False
-    if os.environ.get("RAY_ADDRESS"):   # inside `ray job submit`: the job's cluster
-        ray.init(log_to_driver=True)
-        return False
-    need = (cfg.rollout.num_workers + cfg.learner.num_workers) * cfg.ray.num_cpus_per_actor
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-             log_to_driver=True, logging_level="warning")
-    return True
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass
-class Workers:
-    rollout: list[Any]
-    learners: list[Any]
-    placement_groups: list[Any] = field(default_factory=list)
-    rollout_names: list[str] = field(default_factory=list)
-    learner_names: list[str] = field(default_factory=list)
+class Run:
+    """Everything the phases of a step share."""
 
-    def name_of(self, actor_id) -> str | None:
-        """The worker name of a Ray actor id (hex string or ActorID), for error messages."""
-        if actor_id is None:
-            return None
-        want = actor_id if isinstance(actor_id, str) else actor_id.hex()
-        for names, actors in ((self.rollout_names, self.rollout), (self.learner_names, self.learners)):
-            for n, a in zip(names, actors):
-                if a._actor_id.hex() == want:
-                    return n
-        return None
+    cfg: RunConfig
+    tokenizer: Any
+    examples: list[dict]
+    eval_examples: list[dict]
+    workers: Any
+    logger: Any
+    num_layers: int
+    last_ckpt: Path | None
+    current_step: int | None = None          # the step in progress, None between steps
+    row: dict[str, Any] = field(default_factory=dict)
 
 
-def _placement_group(bundles: list[dict], name: str):
-    import ray
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group
+@dataclass
+class Batch:
+    """One step's prompts: per group the example, its ε, its prompt text; per sample the ids and config."""
 
-    pg = placement_group(bundles, strategy="PACK", name=name)
-    try:
-        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except GetTimeoutError:
-        raise TrainingError(f"Ray could not reserve {name} resources {bundles} within {PLACEMENT_TIMEOUT_S:.0f}s; "
-                            f"cluster resources: {ray.cluster_resources()} (lower ray.num_cpus_per_actor or "
-                            f"the number of workers, or add nodes)") from None
-    return pg
-
-
-def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[str, float] | None = None,
-                  learner_resources: dict[str, float] | None = None) -> Workers:
-    """Placement groups, then rollout and learner actors; the learners join their process group.
-
-    ``ray.placement: colocated`` puts rollout worker i and learner rank i in bundle i of one group;
-    ``separate`` gives each role its own group. ``*_resources`` are extra per-actor custom Ray
-    resources (e.g. ``{"rollout_node": 0.01}``) that pin a role to nodes advertising them.
-    """
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from rlmem.train.actors import LearnerWorker, RolloutWorker, remote_class
-
-    r = cfg.ray
-    n_roll, n_learn = cfg.rollout.num_workers, cfg.learner.num_workers
-    cpu, gpu = r.num_cpus_per_actor, r.num_gpus_per_actor
-    roll_res, learn_res = dict(rollout_resources or {}), dict(learner_resources or {})
-    threads = max(1, (os.cpu_count() or 1) // max(n_roll, n_learn))
-
-    def bundle(res: dict) -> dict:
-        b = {"CPU": cpu, **res}
-        if gpu:
-            b["GPU"] = gpu
-        return b
-
-    if r.placement == "colocated":
-        n = max(n_roll, n_learn)
-        pgs = [_placement_group([_merge(bundle(roll_res) if i < n_roll else {}, bundle(learn_res) if i < n_learn else {})
-                                 for i in range(n)], "rlmem-colocated")]
-        roll_pg = learn_pg = pgs[0]
-    else:
-        roll_pg = _placement_group([bundle(roll_res) for _ in range(n_roll)], "rlmem-rollout")
-        learn_pg = _placement_group([bundle(learn_res) for _ in range(n_learn)], "rlmem-learner")
-        pgs = [roll_pg, learn_pg]
-
-    def opts(pg, i: int, res: dict) -> dict:
-        o = dict(num_cpus=cpu, resources=res or None, runtime_env={"env_vars": _actor_env()},
-                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-        if gpu:
-            o["num_gpus"] = gpu
-        return o
-
-    Rollout, Learner = remote_class(RolloutWorker), remote_class(LearnerWorker)
-    rollout = [Rollout.options(**opts(roll_pg, i, roll_res)).remote(
-        model_path, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads) for i in range(n_roll)]
-    lcfg = _learner_config(cfg, model_path)
-    learners = [Learner.options(**opts(learn_pg, i, learn_res)).remote(
-        lcfg, rank=i, world_size=n_learn, num_threads=threads) for i in range(n_learn)]
-    w = Workers(rollout, learners, pgs, [f"rollout worker {i}" for i in range(n_roll)],
-                [f"learner worker {i} (rank {i})" for i in range(n_learn)])
-    addr, port = ray.get(learners[0].rendezvous_address.remote())
-    ray.get([lw.setup.remote(addr, port) for lw in learners])
-    ray.get([rw.ping.remote() for rw in rollout])
-    return w
-
-
-def stop_workers(w: Workers) -> None:
-    """Kill our actors and free their placement groups (matters when the cluster outlives the run)."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for a in w.rollout + w.learners:
-        try:
-            ray.kill(a)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
-    for pg in w.placement_groups:
-        try:
-            remove_placement_group(pg)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def worker_nodes(w: Workers) -> dict[str, str]:
-    """``{worker name: Ray node id}`` (where each actor actually runs)."""
-    import ray
-
-    ids = ray.get([a.node_id.remote() for a in w.rollout + w.learners])
-    return dict(zip(w.rollout_names + w.learner_names, ids))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = out.get(k, 0) + v
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# One step's pieces (pure functions where possible)
-
-
-def split_even(items: list, parts: int) -> list[list]:
-    """Contiguous, equal-sized parts (the config checked divisibility); groups stay contiguous."""
-    n = len(items) // parts
-    return [items[i * n:(i + 1) * n] for i in range(parts)]
-
-
-def decode_completion(tokenizer, ids: list[int]) -> str:
-    """Completion text for the verifier: special tokens kept (``<answer>`` may be one), final EOS dropped."""
-    eos = tokenizer.eos_token_id
-    if ids and eos is not None and ids[-1] == eos:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def compute_rewards(cfg: RunConfig, texts: list[str], examples: list[dict], prompts: list[str]) -> tuple[list[float], list[float]]:
-    """The configured verifier, TRL-style (completions plus the example columns as lists), plus the
-    weighted shaping rewards. Returns ``(total, verifier)``: accuracy is measured on the verifier alone."""
-    from rewards import get_reward
-
-    cols: dict[str, list] = {}
-    for k in examples[0]:
-        if k not in ("prompt", "completions"):
-            cols[k] = [ex.get(k) for ex in examples]
-
-    def call(name: str, kwargs: dict) -> list[float]:
-        out = get_reward(name)(texts, prompts=prompts, **cols, **kwargs)
-        if len(out) != len(texts):
-            raise TrainingError(f"reward {name!r} returned {len(out)} values for {len(texts)} completions")
-        return [0.0 if v is None else float(v) for v in out]
-
-    verifier = call(cfg.data.reward, cfg.data.reward_kwargs)
-    total = list(verifier)
-    for sh in cfg.data.shaping:
-        total = [t + sh.weight * v for t, v in zip(total, call(sh.name, sh.kwargs))]
-    return total, verifier
-
-
-def rollout_metrics(records, rewards: list[float], verifier: list[float], group_eps: list[float],
-                    num_layers: int) -> dict[str, float]:
-    """Reward (with shaping), accuracy (verifier alone), lengths and eviction statistics of one step."""
-    from rlmem.eviction.record import peak_kv
-    from rlmem.metrics import peak_kv_reduction
-
-    r = np.asarray(rewards, dtype=np.float64)
-    comp = np.asarray([len(x.completion_ids) for x in records], dtype=np.float64)
-    prm = np.asarray([len(x.prompt_ids) for x in records], dtype=np.float64)
-    peaks = [max(1, peak_kv(x, num_layers)) for x in records]
-    rounds = np.asarray([x.num_rounds for x in records], dtype=np.float64)
-    finish = [x.extra.get("finish_reason", "") for x in records]
-    return {
-        "reward/mean": float(r.mean()), "reward/std": float(r.std()),
-        "reward/verifier_mean": float(np.mean(verifier)),
-        "accuracy/mean": float((np.asarray(verifier) >= 1.0).mean()),   # binary verifiers: 1 = correct
-        "response_length/mean": float(comp.mean()), "response_length/max": float(comp.max()),
-        "response_length/min": float(comp.min()), "prompt_length/mean": float(prm.mean()),
-        "response/clipped_frac": float(np.mean([f == "length" for f in finish])),
-        "eviction/eps": float(np.mean(group_eps)), "eviction/rounds_mean": float(rounds.mean()),
-        "eviction/no_round_frac": float((rounds == 0).mean()),
-        "eviction/peak_kv_mean": float(np.mean(peaks)), "eviction/peak_kv_max": float(np.max(peaks)),
-        "eviction/peak_kv_reduction": peak_kv_reduction(prm.astype(int).tolist(), comp.astype(int).tolist(), peaks),
-    }
-
-
-_LEARNER_RENAME = {"grad_norm": "optim/grad_norm", "lr": "optim/lr", "global_step": "optim/global_step",
-                   "optimizer_steps": "optim/steps", "time/train_step": "learner/time_train_step",
-                   "time/replay_forward": "learner/time_replay_forward", "time/backward": "learner/time_backward",
-                   "time/optimizer": "learner/time_optimizer"}
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
+    step: int
+    examples: list[dict]
+    eps: list[float]
+    prompt_texts: list[str]
+    prompt_ids: list[list[int]]           # per sample (group-major)
+    eviction: list[Any]                   # per sample EvictionConfig or None
 
 
 def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None = None,
@@ -344,210 +91,299 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
 
     ``rollout_resources`` / ``learner_resources`` default to ``ray.rollout_resources`` /
     ``ray.learner_resources`` (custom Ray resources that pin each role to its nodes)."""
+    from rlmem.train.preflight import preflight
+    from rlmem.train.rundir import RunDirLock
+
+    prepared, problems = preflight(cfg)
+    if problems:
+        raise ConfigError(problems)
+    with stop_signals():
+        lock = RunDirLock(cfg.output_path).acquire()
+        try:
+            return _run_locked(cfg, prepared, lock,
+                               cfg.ray.rollout_resources if rollout_resources is None else rollout_resources,
+                               cfg.ray.learner_resources if learner_resources is None else learner_resources)
+        finally:
+            lock.release()
+
+
+def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resources) -> dict[str, Any]:
     import ray
-    import torch
-    from transformers import AutoTokenizer
 
-    from rlmem.engine.sampling import SamplingParams
-    from rlmem.eviction.record import evicted_at
-    from rlmem.loss import group_advantages
+    from rlmem.models.loading import load_tokenizer
     from rlmem.train import checkpoint as ckpt
-    from rlmem.train.curriculum import group_eps
-    from rlmem.train.evaluation import eval_metrics, evaluate, load_eval_examples
     from rlmem.train.logger import RunLogger
+    from rlmem.train.preflight import resolve_model_path
+    from rlmem.train.rundir import apply_plan, describe_holder, plan_start
     from rlmem.train.weight_sync import sync_weights
+    from rlmem.train.workers import init_ray, start_workers, stop_workers, worker_nodes
 
-    check_supported(cfg)
-    if rollout_resources is None:
-        rollout_resources = cfg.ray.rollout_resources
-    if learner_resources is None:
-        learner_resources = cfg.ray.learner_resources
     out = cfg.output_path
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    model_path = cfg.resolve_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    examples = load_train_examples(cfg)
-    if not examples:
-        raise TrainingError(f"data.source {cfg.data.source!r} gave no training examples")
-    eval_examples = load_eval_examples(cfg)
-    if cfg.eval.source and not eval_examples:
-        raise TrainingError(f"eval.source {cfg.eval.source!r} (split {cfg.eval.split!r}) gave no evaluation examples")
-
-    resume_dir = ckpt.resolve_resume(out, cfg.trainer.resume)
-    state = ckpt.load_trainer_state(resume_dir) if resume_dir else ckpt.TrainerState(step=0)
-    start = state.step
-    if start >= cfg.trainer.total_steps:
-        print(f"[rlmem] {resume_dir} already has {start} >= trainer.total_steps={cfg.trainer.total_steps} steps; "
-              f"nothing to do", flush=True)
-        return {"steps": start, "resumed_from": str(resume_dir), "output_dir": str(out), "metrics": None}
-
-    a = cfg.algorithm
-    P, G = a.prompts_per_step, a.rollouts_per_prompt
-    n_samples = P * G
-    sampling_base = dict(temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k or 0,
-                         top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                         stop=list(cfg.rollout.stop))
-    min_len_rule = a.min_length_rule
+    plan = plan_start(cfg)
+    if lock.took_over:
+        print(f"[rlmem] took over a stale lock ({describe_holder(lock.took_over)}: not running)", flush=True)
+    print(f"[rlmem] {out}: {plan.describe()}", flush=True)
+    if plan.resume_from is not None and plan.step >= cfg.trainer.total_steps:
+        print(f"[rlmem] {plan.resume_from} already has {plan.step} >= trainer.total_steps={cfg.trainer.total_steps} "
+              f"steps; nothing to do", flush=True)
+        return {"steps": plan.step, "resumed_from": str(plan.resume_from), "output_dir": str(out), "metrics": None,
+                "checkpoint": str(plan.resume_from)}
+    state = ckpt.load_trainer_state(plan.resume_from) if plan.resume_from else ckpt.TrainerState(step=0)
+    trimmed = _logged_past(out, plan.step)
+    apply_plan(cfg, plan)
+    try:
+        model_path = resolve_model_path(cfg)
+        tokenizer = load_tokenizer(model_path)
+    except Exception as e:  # noqa: BLE001 - the hub and the loaders raise many types
+        raise TrainingError(f"model.path {cfg.model.path!r}: cannot load: {first_line(e)}", exit_code=2) from None
 
     started_ray = init_ray(cfg)
-    logger = None
-    workers: Workers | None = None
-    last_ckpt = resume_dir
-    step = start
-    row: dict[str, Any] = {}
-    nodes: dict[str, str] = {}
+    run: Run | None = None
+    workers = logger = None
     try:
         t0 = time.perf_counter()
         workers = start_workers(cfg, model_path, rollout_resources=rollout_resources,
                                 learner_resources=learner_resources)
         num_layers = ray.get(workers.rollout[0].info.remote())["num_layers"]
         nodes = worker_nodes(workers)
-        if resume_dir is not None:
-            ray.get([lw.load_checkpoint.remote(str(resume_dir)) for lw in workers.learners])
+        if plan.resume_from is not None:
+            ray.get([lw.load_checkpoint.remote(str(plan.resume_from)) for lw in workers.learners])
             if state.rng:
                 ckpt.restore_rng_state(state.rng)
         # Rollout workers start from the learner's weights (also after resume, and when dtypes differ).
         sync0 = sync_weights(workers.learners, workers.rollout, bucket_mb=cfg.ray.weight_sync_bucket_mb,
                              timeout_s=cfg.ray.weight_sync_timeout_s, worker_names=workers.rollout_names)
-        startup_s = time.perf_counter() - t0
-        logger = RunLogger.from_config(cfg, run_id=state.wandb_run_id, start_step=start)
+        logger = RunLogger.from_config(cfg, run_id=state.wandb_run_id, start_step=plan.step, rewind=trimmed)
+        run = Run(cfg, tokenizer, prepared.train_examples, prepared.eval_examples, workers, logger, num_layers,
+                  plan.resume_from)
         bs = cfg.batch_sizes()
-        logger.print(f"[rlmem] {'resumed from ' + str(resume_dir) if resume_dir else 'new run'}; "
-                      f"{P} prompts x {G} rollouts = {n_samples} samples/step on {bs.rollout_workers} rollout + "
-                      f"{bs.learner_workers} learner workers; start-up {startup_s:.1f}s "
-                      f"(weight sync {sync0['time/sync']:.2f}s)")
-
-        for step in range(start, cfg.trainer.total_steps):
-            t_step = time.perf_counter()
-            # 1. prompts and per-group ε
-            idx = prompt_indices(step * P, P, len(examples), cfg.seed, cfg.data.shuffle)
-            exs = [examples[i] for i in idx]
-            eps = group_eps(cfg.eviction, P, step, cfg.seed)
-            tagged = cfg.eviction.interoception.enabled
-            texts_p = [_prompt_text(ex, tokenizer, cfg, e if tagged else None) for ex, e in zip(exs, eps)]
-            ids_p = [tokenizer.encode(t, add_special_tokens=False) for t in texts_p]
-            ev_cfgs = [cfg.eviction_config(e) if e > 0 else None for e in eps]
-            prompt_ids = [ids_p[g] for g in range(P) for _ in range(G)]
-            sample_cfgs = [ev_cfgs[g] for g in range(P) for _ in range(G)]
-
-            # 2. rollouts
-            t = time.perf_counter()
-            futs = [w.generate.remote(p, SamplingParams(**sampling_base, seed=step_seed(cfg.seed, step, i)), c)
-                    for i, (w, p, c) in enumerate(zip(workers.rollout, split_even(prompt_ids, len(workers.rollout)),
-                                                       split_even(sample_cfgs, len(workers.rollout))))]
-            results = ray.get(futs)
-            records = [r for recs, _ in results for r in recs]
-            gen_tokens = sum(s["new_tokens"] for _, s in results)
-            time_rollout = time.perf_counter() - t
-
-            # 3. rewards and advantages
-            t = time.perf_counter()
-            texts_c = [decode_completion(tokenizer, r.completion_ids) for r in records]
-            rows_ex = [exs[g] for g in range(P) for _ in range(G)]
-            rewards, verifier = compute_rewards(cfg, texts_c, rows_ex, [texts_p[g] for g in range(P) for _ in range(G)])
-            zeroed = 0
-            if min_len_rule:
-                for i, r in enumerate(records):
-                    if r.eviction_config is not None and r.num_rounds == 0 and rewards[i] != 0.0:
-                        rewards[i], zeroed = 0.0, zeroed + 1
-            for r, v in zip(records, rewards):
-                r.reward = v
-            adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), G, scale_by_std=a.scale_by_std)
-            time_reward = time.perf_counter() - t
-
-            # 4. learner
-            t = time.perf_counter()
-            shards = split_even(list(range(n_samples)), len(workers.learners))
-            lm = ray.get([lw.train_step.remote([records[i] for i in s], adv[s].tolist(), n_samples)
-                          for lw, s in zip(workers.learners, shards)])[0]
-            time_learner = time.perf_counter() - t
-
-            # 5. weight sync
-            sm = sync_weights(workers.learners, workers.rollout, bucket_mb=cfg.ray.weight_sync_bucket_mb,
-                              timeout_s=cfg.ray.weight_sync_timeout_s, worker_names=workers.rollout_names)
-
-            # 6. metrics, samples, pictures
-            metrics = rollout_metrics(records, rewards, verifier,
-                                      [ev_cfgs[g].eps if ev_cfgs[g] else 0.0 for g in range(P)], num_layers)
-            metrics["reward/zeroed_before_first_round"] = float(zeroed)
-            metrics["curriculum/step"] = float(step)
-            metrics.update({_LEARNER_RENAME.get(k, k): v for k, v in lm.items()})
-            step_s = time.perf_counter() - t_step
-            metrics.update({"time/rollout": time_rollout, "time/reward": time_reward, "time/learner": time_learner,
-                            "time/sync": sm["time/sync"], "sync/bytes": sm["sync/bytes"],
-                            "sync/buckets": sm["sync/buckets"], "time/step_s": step_s,
-                            "perf/tokens_per_s": gen_tokens / max(time_rollout, 1e-9),
-                            "perf/learner_tokens_per_s": lm.get("tokens/replayed", 0.0) / max(time_learner, 1e-9),
-                            "data/position": float((step + 1) * P)})
-            done = step + 1
-            if eval_examples and ((cfg.trainer.eval_every and done % cfg.trainer.eval_every == 0)
-                                  or done == cfg.trainer.total_steps):
-                t = time.perf_counter()
-                results = evaluate(cfg, workers.rollout, tokenizer, eval_examples, step)
-                metrics.update(eval_metrics(results))
-                metrics["time/eval"] = time.perf_counter() - t
-                logger.log_eval(step, results)
-            row = logger.log(step, metrics)
-            logger.log_samples(step, records, texts_c, prompts=[texts_p[i // G] for i in range(n_samples)],
-                               num_layers=num_layers)
-            if logger.should_log_mask(step):
-                rec = next((r for r in records if r.num_rounds > 0), records[0])
-                logger.log_mask_image(evicted_at(rec, num_layers), len(rec.prompt_ids), step,
-                                      title=f"replay mask, step {step} (eps={rec.eviction_config.eps if rec.eviction_config else 0:g})")
-
-            # 7. checkpoint
-            if (cfg.trainer.save_every and done % cfg.trainer.save_every == 0) or done == cfg.trainer.total_steps:
-                last_ckpt = _save(cfg, workers, ckpt, done, logger.run_id)
-                logger.print(f"[rlmem] checkpoint {last_ckpt}")
-        step = cfg.trainer.total_steps
-    except KeyboardInterrupt:
-        print(f"\n[rlmem] interrupted at step {step}; last complete checkpoint: {last_ckpt or 'none'} "
+        logger.print(f"[rlmem] {'resumed from ' + str(plan.resume_from) if plan.resume_from else 'new run'}; "
+                     f"{bs.prompts_per_step} prompts x {bs.rollouts_per_prompt} rollouts = {bs.samples_per_step} "
+                     f"samples/step on {bs.rollout_workers} rollout + {bs.learner_workers} learner workers; "
+                     f"start-up {time.perf_counter() - t0:.1f}s (weight sync {sync0['time/sync']:.2f}s)")
+        for step in range(plan.step + 1, cfg.trainer.total_steps + 1):
+            run.current_step = step
+            run_step(run, step)
+            run.current_step = None
+    except Stopped as e:
+        where = (f"during step {run.current_step}" if run and run.current_step
+                 else "while starting" if run is None else "between steps")
+        last = (run.last_ckpt if run else plan.resume_from) or "none"
+        print(f"\n[rlmem] interrupted ({signal.Signals(e.signum).name}) {where}; last complete checkpoint: {last} "
               f"(rerun the same command to resume)", file=sys.stderr, flush=True)
         raise
     except ray.exceptions.RayActorError as e:
         who = (workers.name_of(getattr(e, "actor_id", None)) if workers is not None else None) or "a Ray worker"
-        raise TrainingError(f"{who} died during step {step}: {_first_line(e)}\nlast complete checkpoint: "
-                            f"{last_ckpt or 'none'}; rerun with trainer.resume=auto to continue from it") from e
+        where = f"during step {run.current_step}" if run and run.current_step else "while starting"
+        last = (run.last_ckpt if run else plan.resume_from) or "none"
+        raise TrainingError(f"{who} died {where}: {first_line(e)}\nlast complete checkpoint: {last}; rerun with "
+                            f"trainer.resume=auto to continue from it") from e
     finally:
-        if logger is not None:
-            logger.close()
-        if started_ray:
-            ray.shutdown()
-        elif workers is not None:
-            stop_workers(workers)
+        with _ignoring(Stopped):   # a second Ctrl-C must not skip the clean-up
+            if logger is not None:
+                logger.close()
+            if started_ray:
+                ray.shutdown()
+            elif workers is not None:
+                stop_workers(workers)
 
-    summary = {"steps": step, "output_dir": str(out), "metrics_path": str(out / "metrics.jsonl"),
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "resumed_from": str(resume_dir) if resume_dir else None,
-               "metrics": row, "nodes": nodes}
-    print(f"[rlmem] done: {step} steps\n[rlmem] metrics:     {out / 'metrics.jsonl'}\n"
-          f"[rlmem] samples:     {out / 'samples.jsonl'}\n[rlmem] checkpoint:  {last_ckpt}\n"
-          f"[rlmem] HF weights:  {Path(last_ckpt) / ckpt.HF_SUBDIR if last_ckpt else None}\n"
+    last = run.last_ckpt
+    print(f"[rlmem] done: {cfg.trainer.total_steps} steps\n[rlmem] metrics:     {out / 'metrics.jsonl'}\n"
+          f"[rlmem] samples:     {out / 'samples.jsonl'}\n[rlmem] checkpoint:  {last}\n"
+          f"[rlmem] HF weights:  {Path(last) / ckpt.HF_SUBDIR if last else None}\n"
           f"[rlmem] W&B (local): {out / 'wandb'}", flush=True)
-    return summary
+    return {"steps": cfg.trainer.total_steps, "output_dir": str(out), "metrics_path": str(out / "metrics.jsonl"),
+            "checkpoint": str(last) if last else None,
+            "resumed_from": str(plan.resume_from) if plan.resume_from else None, "metrics": run.row, "nodes": nodes}
 
 
-def _prompt_text(example: dict, tokenizer, cfg: RunConfig, eps: float | None) -> str:
-    from rlmem.data.templates import build_prompt
+@contextmanager
+def _ignoring(exc: type[BaseException]) -> Iterator[None]:
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    for s in old:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
-    return build_prompt(example, tokenizer, template=cfg.data.template,
-                        eviction_rate=eps if eps is not None and eps > 0 else None)
+
+def _logged_past(out: Path, step: int) -> bool:
+    """Whether metrics.jsonl has rows after ``step`` (then W&B has them too and must be rewound)."""
+    from rlmem.train.logger import read_metrics
+
+    try:
+        return any(int(r.get("step", 0)) > step for r in read_metrics(out))
+    except (ValueError, OSError):
+        return True
 
 
-def _save(cfg: RunConfig, workers: Workers, ckpt, done: int, run_id: str) -> Path:
-    """Engine state (every rank) + HF export, then the trainer state; rotation per ``keep_last``."""
+# ----------------------------------------------------------------------------------------------
+# One step, phase by phase
+
+
+def run_step(run: Run, step: int) -> None:
+    """Step ``step`` (1-based): prompts → rollouts → rewards → learner → weight sync → logs → checkpoint."""
+    t_step = time.perf_counter()
+    batch = make_batch(run, step)
+    t = time.perf_counter()
+    records, gen_tokens = roll_out(run, batch)
+    time_rollout = time.perf_counter() - t
+    t = time.perf_counter()
+    texts, rewards, verifier, advantages, zeroed = score(run, batch, records)
+    time_reward = time.perf_counter() - t
+    t = time.perf_counter()
+    learner_metrics = learn(run, records, advantages)
+    time_learner = time.perf_counter() - t
+    sync = sync_rollout_weights(run)
+    metrics = step_metrics(run, batch, records, rewards, verifier, zeroed, learner_metrics, sync, gen_tokens,
+                           {"time/rollout": time_rollout, "time/reward": time_reward, "time/learner": time_learner,
+                            "time/step_s": time.perf_counter() - t_step})
+    eval_results = evaluate_if_due(run, step, metrics)
+    log_step(run, batch, records, texts, metrics, eval_results)
+    checkpoint_if_due(run, step)
+
+
+def make_batch(run: Run, step: int) -> Batch:
+    """The step's prompts (stream position ``(step-1) * P``) and each group's ε."""
+    from rlmem.data.stream import prompt_indices
+    from rlmem.train.curriculum import group_eps
+    from rlmem.train.rollouts import prompt_text
+
+    cfg, tok = run.cfg, run.tokenizer
+    P, G = cfg.algorithm.prompts_per_step, cfg.algorithm.rollouts_per_prompt
+    done = step - 1
+    exs = [run.examples[i] for i in prompt_indices(done * P, P, len(run.examples), cfg.seed, cfg.data.shuffle)]
+    eps = group_eps(cfg.eviction, P, done, cfg.seed)
+    tagged = cfg.eviction.interoception.enabled
+    texts = [prompt_text(ex, tok, cfg, e if tagged else None) for ex, e in zip(exs, eps)]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    ev = [cfg.eviction_config(e) if e > 0 else None for e in eps]
+    return Batch(step, exs, eps, texts, [ids[g] for g in range(P) for _ in range(G)],
+                 [ev[g] for g in range(P) for _ in range(G)])
+
+
+def roll_out(run: Run, batch: Batch) -> tuple[list, float]:
+    from rlmem.train.rollouts import generate, sampling_params, step_seed
+
+    cfg = run.cfg
+    return generate(run.workers.rollout, batch.prompt_ids, batch.eviction,
+                    lambda i: sampling_params(cfg, step_seed(cfg.seed, batch.step, i)))
+
+
+def score(run: Run, batch: Batch, records: list):
+    """Decode, reward (verifier + shaping), the min-length rule, group advantages."""
+    import torch
+
+    from rlmem.loss import group_advantages
+    from rlmem.train.rollouts import compute_rewards, decode_completion
+
+    cfg, G = run.cfg, run.cfg.algorithm.rollouts_per_prompt
+    texts = [decode_completion(run.tokenizer, r.completion_ids) for r in records]
+    rows = [ex for ex in batch.examples for _ in range(G)]
+    rewards, verifier = compute_rewards(cfg, texts, rows, [p for p in batch.prompt_texts for _ in range(G)])
+    zeroed = 0
+    if cfg.algorithm.min_length_rule:
+        for i, r in enumerate(records):
+            if r.eviction_config is not None and r.num_rounds == 0 and rewards[i] != 0.0:
+                rewards[i], zeroed = 0.0, zeroed + 1
+    for r, v in zip(records, rewards):
+        r.reward = v
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), G, scale_by_std=cfg.algorithm.scale_by_std)
+    return texts, rewards, verifier, adv, zeroed
+
+
+def learn(run: Run, records: list, advantages) -> dict[str, float]:
+    """One learner ``train_step`` over data-parallel shards (every rank returns the same metrics)."""
     import ray
 
+    from rlmem.train.rollouts import split_even
+
+    n = len(records)
+    shards = split_even(list(range(n)), len(run.workers.learners))
+    return ray.get([lw.train_step.remote([records[i] for i in s], advantages[s].tolist(), n)
+                    for lw, s in zip(run.workers.learners, shards)])[0]
+
+
+def sync_rollout_weights(run: Run) -> dict[str, float]:
+    from rlmem.train.weight_sync import sync_weights
+
+    r = run.cfg.ray
+    return sync_weights(run.workers.learners, run.workers.rollout, bucket_mb=r.weight_sync_bucket_mb,
+                        timeout_s=r.weight_sync_timeout_s, worker_names=run.workers.rollout_names)
+
+
+LEARNER_METRIC_NAMES = {"grad_norm": "optim/grad_norm", "lr": "optim/lr", "global_step": "optim/global_step",
+                        "optimizer_steps": "optim/steps", "time/train_step": "learner/time_train_step",
+                        "time/replay_forward": "learner/time_replay_forward", "time/backward": "learner/time_backward",
+                        "time/optimizer": "learner/time_optimizer"}
+
+
+def step_metrics(run: Run, batch: Batch, records, rewards, verifier, zeroed, lm, sync, gen_tokens,
+                 times: dict[str, float]) -> dict[str, float]:
+    from rlmem.train.rollouts import rollout_metrics
+
+    P = run.cfg.algorithm.prompts_per_step
+    m = rollout_metrics(records, rewards, verifier, [e if e > 0 else 0.0 for e in batch.eps], run.num_layers)
+    m["reward/zeroed_before_first_round"] = float(zeroed)
+    m.update({LEARNER_METRIC_NAMES.get(k, k): v for k, v in lm.items()})
+    m.update(times)
+    m.update({"time/sync": sync["time/sync"], "sync/bytes": sync["sync/bytes"], "sync/buckets": sync["sync/buckets"],
+              "perf/tokens_per_s": gen_tokens / max(times["time/rollout"], 1e-9),
+              "perf/learner_tokens_per_s": lm.get("tokens/replayed", 0.0) / max(times["time/learner"], 1e-9),
+              "data/position": float(batch.step * P)})
+    return m
+
+
+def evaluate_if_due(run: Run, step: int, metrics: dict[str, float]) -> list[dict] | None:
+    from rlmem.train.evaluation import eval_metrics, evaluate
+
+    t = run.cfg.trainer
+    if not run.eval_examples or not ((t.eval_every and step % t.eval_every == 0) or step == t.total_steps):
+        return None
+    t0 = time.perf_counter()
+    results = evaluate(run.cfg, run.workers.rollout, run.tokenizer, run.eval_examples, step)
+    metrics.update(eval_metrics(results))
+    metrics["time/eval"] = time.perf_counter() - t0
+    return results
+
+
+def log_step(run: Run, batch: Batch, records, texts, metrics, eval_results) -> None:
+    """metrics.jsonl / W&B row, eval rows, sample table, replay-mask picture: all tagged ``batch.step``."""
+    from rlmem.eviction.record import evicted_at
+
+    lg, step, G = run.logger, batch.step, run.cfg.algorithm.rollouts_per_prompt
+    if eval_results is not None:
+        lg.log_eval(step, eval_results)
+    lg.log_samples(step, records, texts, prompts=[batch.prompt_texts[i // G] for i in range(len(records))],
+                   num_layers=run.num_layers)
+    if lg.should_log_mask(step):
+        rec = next((r for r in records if r.num_rounds > 0), records[0])
+        eps = rec.eviction_config.eps if rec.eviction_config else 0
+        lg.log_mask_image(evicted_at(rec, run.num_layers), len(rec.prompt_ids), step,
+                          title=f"replay mask, step {step} (eps={eps:g})")
+    run.row = lg.log(step, metrics)
+
+
+def checkpoint_if_due(run: Run, step: int) -> None:
+    """After ``save_every`` steps and at the end: engine state (every rank), HF export, trainer state,
+    the resolved config, then the manifest (:func:`rlmem.train.checkpoint.save_checkpoint`)."""
+    import ray
+
+    from rlmem.train import checkpoint as ckpt
+
+    cfg, t = run.cfg, run.cfg.trainer
+    if not ((t.save_every and step % t.save_every == 0) or step == t.total_steps):
+        return
+
     def parts(paths) -> None:
-        ray.get([lw.save_checkpoint.remote(str(paths.root), {"step": done}) for lw in workers.learners])
-        ray.get([lw.export_hf.remote(str(paths.hf)) for lw in workers.learners])
+        ray.get([lw.save_checkpoint.remote(str(paths.root), {"step": step}) for lw in run.workers.learners])
+        ray.get([lw.export_hf.remote(str(paths.hf)) for lw in run.workers.learners])
 
-    state = ckpt.TrainerState(step=done, data_position=done * cfg.algorithm.prompts_per_step, curriculum_step=done,
-                              rng=ckpt.capture_rng_state(), wandb_run_id=run_id,
+    state = ckpt.TrainerState(step=step, rng=ckpt.capture_rng_state(), wandb_run_id=run.logger.run_id,
                               extra={"samples_per_step": cfg.batch_sizes().samples_per_step})
-    return ckpt.save_checkpoint(cfg.output_path, state, parts, keep_last=cfg.trainer.keep_last)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
+    run.last_ckpt = ckpt.save_checkpoint(cfg.output_path, state, parts, keep_last=t.keep_last,
+                                         config_yaml=cfg.to_yaml())
+    run.logger.print(f"[rlmem] checkpoint {run.last_ckpt}")

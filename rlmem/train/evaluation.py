@@ -2,10 +2,10 @@
 
 For each ε of ``eval.eps`` (ε = 0, the full cache, is always run: it is the baseline of the
 reduction) every evaluation problem gets ``eval.num_samples`` completions from the rollout workers,
-with deterministic top-k evictions (evaluation mode, DESIGN.md section 1), graded by the run's
+with deterministic top-k evictions (evaluation mode), graded by the run's
 verifier alone (shaping rewards are a training signal, not a score).
 
-Peak-KV reduction (DESIGN.md "Metric"): per problem, the full-cache peak for the baseline run's
+Peak-KV reduction (docs/design.md section 1, Metric): per problem, the full-cache peak for the baseline run's
 completion length over the method's peak. **Choice** with ``n`` samples per problem: sample ``j``
 of the method is paired with sample ``j`` of the ε = 0 run of the same problem (independent draws,
 so the pairing is as good as any), and the ratio is averaged over all pairs, i.e. over samples and
@@ -23,31 +23,18 @@ import numpy as np
 from rlmem.train.config import RunConfig
 
 
-def load_eval_examples(cfg: RunConfig) -> list[dict]:
-    """The evaluation problems; ``[]`` when ``eval.source`` is null (no evaluation)."""
-    from rlmem.train.driver import load_task_examples
-
-    e = cfg.eval
-    return load_task_examples(cfg, e.source, e.split, e.limit) if e.source else []
-
-
 def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[dict], step: int) -> list[dict[str, Any]]:
     """One result dict per ε: ``eps``, ``accuracy``, ``pass@k`` / ``pass@k_stderr`` per k,
     ``peak_kv_mean``, ``peak_kv_reduction``, ``response_length_mean``."""
-    import ray
-
-    from rlmem.engine.sampling import SamplingParams
     from rlmem.eviction.record import peak_kv
     from rlmem.metrics import pass_at_k_summary, peak_kv_reduction
-    from rlmem.train.driver import _prompt_text, compute_rewards, decode_completion, split_even, step_seed
+    from rlmem.train.rollouts import compute_rewards, decode_completion, generate, prompt_text, sampling_params, step_seed
 
     e = cfg.eval
     if not examples:
         return []
     n = e.num_samples
     workers = len(rollout_workers)
-    sampling_kw = dict(temperature=e.temperature, max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens,
-                       top_k=cfg.rollout.top_k or 0, top_p=cfg.rollout.top_p, stop=list(cfg.rollout.stop))
     tagged = cfg.eviction.interoception.enabled
     rows = [ex for ex in examples for _ in range(n)]
     # pad so the rows split evenly over the workers; padding rows are dropped before grading
@@ -55,13 +42,14 @@ def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[di
     results, baseline = [], None
     for eps in sorted({0.0, *e.eps}):
         ev = cfg.eviction_config(eps) if eps > 0 else None
-        texts_p = [_prompt_text(ex, tokenizer, cfg, eps if tagged else None) for ex in rows]
+        texts_p = [prompt_text(ex, tokenizer, cfg, eps if tagged else None) for ex in rows]
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts_p]
         ids += ids[:1] * pad
-        futs = [w.generate.remote(part, SamplingParams(**sampling_kw, seed=step_seed(cfg.seed, step, 1000 + i)),
-                                  [ev] * len(part), True)
-                for i, (w, part) in enumerate(zip(rollout_workers, split_even(ids, workers)))]
-        records = [r for recs, _ in ray.get(futs) for r in recs][: len(rows)]
+        records, _ = generate(rollout_workers, ids, [ev] * len(ids),
+                              lambda i: sampling_params(cfg, step_seed(cfg.seed, step, 1000 + i),
+                                                        temperature=e.temperature, max_new_tokens=e.max_new_tokens),
+                              greedy=True)
+        records = records[: len(rows)]
         texts_c = [decode_completion(tokenizer, r.completion_ids) for r in records]
         _, verifier = compute_rewards(cfg, texts_c, rows, texts_p)
         correct = np.asarray(verifier).reshape(len(examples), n) >= 1.0

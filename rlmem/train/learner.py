@@ -39,94 +39,18 @@ token counts and per-phase seconds (slowest rank).
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 
 from rlmem.eviction.record import RolloutRecord
-from rlmem.loss import LossConfig, ngc_loss
+from rlmem.loss import ngc_loss
+from rlmem.train.learner_config import LearnerConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-@dataclass
-class LearnerConfig:
-    """Everything one learner rank needs. Names follow ``rlmem.train.config`` where they overlap."""
-
-    model_path: str
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
-    zero_stage: Literal[0, 2, 3] = 0
-    micro_batch_size: int = 1                 # sequences per forward/backward
-    # optimizer (AdamW, DESIGN.md paper settings)
-    lr: float = 5e-6
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-15
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    schedule: Literal["constant", "warmup", "warmup_cosine"] = "constant"
-    warmup_steps: int = 0
-    total_steps: int | None = None            # optimizer steps; needed by warmup_cosine
-    min_lr_ratio: float = 0.0
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False           # ZeRO offload of optimizer states to CPU (untested here)
-    # loss (rlmem.loss.LossConfig)
-    aggregation: Literal["constant", "token_mean", "seq_mean"] = "constant"
-    max_len: int | None = None                # Dr. GRPO constant: the max completion length
-    mem_coef: float = 1.0
-    clip_eps: float | None = None
-    clip_eps_high: float | None = None
-    mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
-    ppo_epochs: int = 1
-    replay_kernel: Literal["sdpa", "flex"] = "sdpa"
-    replay_mask: Literal["evicted", "causal"] = "evicted"   # causal: the paper's off-policy ablation
-    compute_eviction: bool = True             # False: token loss only (eviction actions not trained)
-    seed: int = 0
-    ds_config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"learner.dtype: must be one of {tuple(DTYPES)} (got {self.dtype!r})")
-        if self.zero_stage not in (0, 2, 3):
-            raise ValueError(f"learner.zero_stage: must be 0, 2 or 3 (got {self.zero_stage!r})")
-        if self.dtype == "float64" and self.zero_stage != 0:
-            # ZeRO keeps fp32 master partitions: fp64 weights would silently be updated in fp32.
-            raise ValueError("learner.dtype: float64 needs learner.zero_stage 0 (ZeRO masters are fp32)")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"learner.micro_batch_size: must be >= 1 (got {self.micro_batch_size})")
-        if self.mini_batches < 1 or self.ppo_epochs < 1:
-            raise ValueError("learner.mini_batches and learner.ppo_epochs must be >= 1")
-        if (self.mini_batches > 1 or self.ppo_epochs > 1) and self.clip_eps is None:
-            raise ValueError("learner.clip_eps: must be set when a batch is reused (mini_batches > 1 or "
-                             "ppo_epochs > 1); the unclipped loss is only valid on-policy")
-        if self.schedule not in ("constant", "warmup", "warmup_cosine"):
-            raise ValueError(f"learner.schedule: must be constant, warmup or warmup_cosine (got {self.schedule!r})")
-        if self.schedule == "warmup_cosine" and not self.total_steps:
-            raise ValueError("learner.total_steps: needed by schedule warmup_cosine")
-        if self.replay_kernel not in ("sdpa", "flex"):
-            raise ValueError(f"learner.replay_kernel: must be sdpa or flex (got {self.replay_kernel!r})")
-        if self.replay_mask not in ("evicted", "causal"):
-            raise ValueError(f"learner.replay_mask: must be evicted or causal (got {self.replay_mask!r})")
-        self.loss_config()  # validates aggregation / max_len / clip values
-
-    def loss_config(self) -> LossConfig:
-        return LossConfig(aggregation=self.aggregation, max_len=self.max_len, mem_coef=self.mem_coef,
-                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high)
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` for optimizer step ``step`` (0-based)."""
-        if self.schedule == "constant":
-            return 1.0
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        if self.schedule == "warmup" or step < self.warmup_steps:
-            return warm
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+__all__ = ["Learner", "LearnerConfig", "init_distributed"]
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
@@ -204,7 +128,7 @@ class Learner:
     def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, local_rank: int | None = None):
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rlmem.models.loading import load_model, load_tokenizer
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         if cfg.dtype == "float64" and world_size != 1:
@@ -212,9 +136,8 @@ class Learner:
             raise ValueError("learner.dtype: float64 is for single-process parity checks (world_size 1)")
         init_distributed(rank, world_size, master_addr, master_port, local_rank)
         torch.manual_seed(cfg.seed)
-        dtype = DTYPES[cfg.dtype]
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        policy = load_model(cfg.model_path, cfg.dtype)
+        self.tokenizer = load_tokenizer(cfg.model_path)
         policy.config.use_cache = False
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,8 +7,11 @@ later W&B error is reported once and W&B is switched off for the rest of the run
 
 Files under ``<output_dir>``: ``metrics.jsonl`` (one object per step, non-finite numbers as null),
 ``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``figures/*.png``, ``wandb/``.
-On resume from step S the logger drops ``metrics.jsonl`` lines with ``step >= S`` (written after
-the checkpoint by the run that crashed) and reopens the same W&B run id.
+Every row carries ``step``, the 1-based number of the training step it belongs to. On resume from
+the checkpoint of step S, :func:`rlmem.train.rundir.trim_logs` has already cut every file back to
+``step <= S``; the W&B run is reopened with the same id and, when it had logged past S
+(``rewind``), rewound to S (online; W&B cannot rewind an offline run, which then continues under a
+new id in the same group, named in the console).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ REQUIRED_METRICS = ("reward/mean", "eviction/peak_kv_mean", "replay/max_abs_logp
 # (metric key, short label) shown in the one-line console summary, when present.
 SUMMARY_KEYS = (
     ("reward/mean", "reward"), ("accuracy/mean", "acc"), ("response_length/mean", "len"),
-    ("eviction/eps", "eps"), ("eviction/peak_kv_mean", "peakKV"), ("eviction/peak_kv_reduction", "kv÷"),
+    ("eviction/eps", "eps"), ("eviction/peak_kv_mean", "peakKV"), ("eviction/kv_saving_vs_own_length", "kv÷own"),
     ("loss/token", "L_tok"), ("loss/eviction", "L_evict"), ("optim/grad_norm", "|g|"),
     ("replay/max_abs_logprob_diff", "Δlogp"), ("perf/tokens_per_s", "tok/s"), ("time/step_s", "s/step"),
 )
@@ -94,6 +97,7 @@ class RunLogger:
         config: dict[str, Any] | None = None,
         run_id: str | None = None,
         start_step: int = 0,
+        rewind: bool = False,
         progress_bar: bool = True,
         sample_table_size: int = 8,
         mask_image_every: int = 10,
@@ -115,12 +119,19 @@ class RunLogger:
         self._warned: set[str] = set()
         self._t_last = time.monotonic()
         self._bar = None
-        _truncate_jsonl(self.metrics_path, start_step)
         self.wandb_mode = resolve_wandb_mode(wandb_mode)
         self._wandb = None
         if self.wandb_mode != "disabled":
-            self._wandb = self._init_wandb(dict(project=wandb_project, entity=wandb_entity, name=run_name,
-                                                group=group, tags=list(tags) or None, config=config))
+            kw = dict(project=wandb_project, entity=wandb_entity, name=run_name, group=group,
+                      tags=list(tags) or None, config=config)
+            if rewind and run_id and self.wandb_mode == "online":
+                kw["resume_from"] = f"{run_id}?_step={int(start_step)}"
+            elif rewind and run_id:
+                self.run_id = new_run_id()
+                kw["group"] = group or f"rlmem-{run_id}"
+                self._warn("rewind", f"W&B cannot rewind offline run {run_id} to step {start_step}; "
+                                     f"continuing as W&B run {self.run_id} in group {kw['group']!r}")
+            self._wandb = self._init_wandb(kw)
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -128,12 +139,13 @@ class RunLogger:
                              dynamic_ncols=True, file=sys.stderr, leave=True)
 
     @classmethod
-    def from_config(cls, cfg, *, run_id: str | None = None, start_step: int = 0, **kw) -> "RunLogger":
+    def from_config(cls, cfg, *, run_id: str | None = None, start_step: int = 0, rewind: bool = False,
+                    **kw) -> "RunLogger":
         """Build from a :class:`~rlmem.train.config.RunConfig` (the resolved config goes to W&B)."""
         w = cfg.logging.wandb
         return cls(cfg.output_dir, total_steps=cfg.trainer.total_steps, wandb_project=w.project,
                    wandb_entity=w.entity, wandb_mode=w.mode, run_name=w.run_name, group=w.group, tags=w.tags,
-                   config=cfg.model_dump(mode="json"), run_id=run_id, start_step=start_step,
+                   config=cfg.model_dump(mode="json"), run_id=run_id, start_step=start_step, rewind=rewind,
                    progress_bar=cfg.logging.progress_bar, sample_table_size=cfg.logging.sample_table_size,
                    mask_image_every=cfg.logging.mask_image_every, log_every=cfg.trainer.log_every, **kw)
 
@@ -151,8 +163,11 @@ class RunLogger:
             return None
         modes = [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else [])
         for mode in modes:
+            resume = {} if "resume_from" in kwargs and mode == "online" else {"id": self.run_id, "resume": "allow"}
+            if mode != "online":
+                kwargs = {k: v for k, v in kwargs.items() if k != "resume_from"}
             try:
-                return wandb.init(id=self.run_id, resume="allow", dir=str(self.output_dir), mode=mode,
+                return wandb.init(**resume, dir=str(self.output_dir), mode=mode,
                                   settings=wandb.Settings(init_timeout=90, console="off", silent=True),
                                   reinit="create_new", **kwargs)
             except Exception as e:  # noqa: BLE001
@@ -195,8 +210,8 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append ``{"step": step, **metrics}`` to metrics.jsonl, mirror to W&B, advance the bar.
 
-        ``step`` is the 0-based index of the step just finished (so after it, ``step + 1`` steps are
-        done: the ``TrainerState.step`` of a checkpoint taken now).
+        ``step`` is the 1-based number of the step just finished (the ``TrainerState.step`` of a
+        checkpoint taken now).
         """
         now = time.monotonic()
         row = {"step": int(step), **{k: to_jsonable(v) for k, v in metrics.items()}, "time/wall": time.time()}
@@ -209,10 +224,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wb("log", self._wandb.log, numeric, step=int(step))
         if self._bar is not None:
-            self._bar.n = min(int(step) + 1, self.total_steps)
+            self._bar.n = min(int(step), self.total_steps)
             self._bar.refresh()
-        done = int(step) + 1
-        if done % self.log_every == 0 or done == self.total_steps:   # the console line; the file gets every step
+        if int(step) % self.log_every == 0 or int(step) == self.total_steps:   # the console line; the file gets every step
             self.print(summary_line(step, self.total_steps, row, now - self._t_last))
             self._t_last = now
         return row
@@ -305,7 +319,7 @@ class RunLogger:
 
 
 def summary_line(step: int, total: int, row: dict[str, Any], dt: float | None = None) -> str:
-    parts = [f"step {int(step) + 1}/{total}"]
+    parts = [f"step {int(step)}/{total}"]
     for key, label in SUMMARY_KEYS:
         v = row.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -331,22 +345,6 @@ def record_stats(rec: Any, num_layers: int | None = None) -> dict[str, Any]:
     return {"reward": rec.reward, "prompt_tokens": len(rec.prompt_ids), "completion_tokens": len(rec.completion_ids),
             "eps": cfg.eps if cfg is not None else 0.0, "rounds": rec.num_rounds,
             "peak_kv": peak_kv(rec, num_layers)}
-
-
-def _truncate_jsonl(path: Path, start_step: int) -> None:
-    """Keep only rows with ``step < start_step`` (atomically); a fresh run (0) starts an empty file."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line).get("step", -1)) < start_step:
-                kept.append(line)
-        except (ValueError, AttributeError, TypeError):
-            continue   # a torn last line from a crash
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
-    os.replace(tmp, path)
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

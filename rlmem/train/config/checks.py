@@ -1,0 +1,162 @@
+"""Cross-field and file-system checks of a run config, as ``(dotted key, message)`` problems.
+
+The schema validates each field; these rules involve several fields (batch sizes that divide, the
+eviction rules of :class:`~rlmem.eviction.policy.EvictionConfig` for every ε the run can use) or
+the disk (paths that must exist). Cheap and import-light; the checks that need the environment
+(engine availability, model cache, datasets) are :func:`rlmem.train.preflight.preflight`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rlmem.train.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
+
+def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str, str]]:
+    """Problems that involve several fields or the file system, as ``(dotted key, message)``."""
+    out: list[tuple[str, str]] = []
+    a, r, lr, ev = cfg.algorithm, cfg.rollout, cfg.learner, cfg.eviction
+    samples = a.prompts_per_step * a.rollouts_per_prompt
+    sz = f"{a.prompts_per_step} prompts x {a.rollouts_per_prompt} rollouts = {samples} samples per step"
+
+    for key, name in [("data.reward", cfg.data.reward)] + [
+            (f"data.shaping.{i}.name", sh.name) for i, sh in enumerate(cfg.data.shaping)]:
+        try:
+            from rewards import get_reward
+
+            get_reward(name)
+        except KeyError as e:
+            out.append((key, str(e).strip('"')))
+    if samples % r.num_workers:
+        out.append(("rollout.num_workers", f"{sz} do not divide evenly over {r.num_workers} rollout workers"))
+    if samples % a.mini_batches:
+        out.append(("algorithm.mini_batches", f"{sz} do not split into {a.mini_batches} mini-batches"))
+    else:
+        per_opt = samples // a.mini_batches
+        unit = lr.num_workers * lr.micro_batch_size
+        if per_opt % unit:
+            out.append(("learner.micro_batch_size",
+                        f"{per_opt} samples per optimizer step are not divisible by learner.num_workers x "
+                        f"learner.micro_batch_size = {lr.num_workers} x {lr.micro_batch_size} = {unit}"))
+    if (a.mini_batches > 1 or a.ppo_epochs > 1) and a.clip_eps is None:
+        out.append(("algorithm.clip_eps", "must be set (e.g. 0.2) when a batch is reused "
+                                          "(algorithm.mini_batches > 1 or algorithm.ppo_epochs > 1)"))
+    if a.clip_eps_high is not None:
+        if a.clip_eps is None:
+            out.append(("algorithm.clip_eps_high", "needs algorithm.clip_eps"))
+        elif a.clip_eps_high < a.clip_eps:
+            out.append(("algorithm.clip_eps_high", f"({a.clip_eps_high}) must be >= algorithm.clip_eps ({a.clip_eps})"))
+    if a.kl_coef > 0:
+        out.append(("algorithm.kl_coef", "a KL penalty is not implemented (NGC uses 0); set it to 0"))
+    if a.rollouts_per_prompt < 2:
+        out.append(("algorithm.rollouts_per_prompt", "must be >= 2: group advantages need at least two rollouts"))
+
+    # Eviction: the rules live in EvictionConfig; build one per ε the run can use.
+    base_ok = True
+    try:
+        cfg.eviction_config()
+    except ValueError as e:
+        out.append(eviction_problem(e))
+        base_ok = False   # then every other ε would repeat the same complaint
+    cur, intro = ev.curriculum, ev.interoception
+    if cur.enabled:
+        rates = cur.retention_rates
+        if not rates:
+            out.append(("eviction.curriculum.retention_rates", "must not be empty"))
+        for i, rho in enumerate(rates):
+            if not 0.0 < rho <= 1.0:
+                why = "retention 0 would evict everything" if rho == 0.0 else f"must be in (0, 1] (got {rho})"
+                out.append((f"eviction.curriculum.retention_rates.{i}", why))
+        if any(x < y for x, y in zip(rates, rates[1:])):
+            out.append(("eviction.curriculum.retention_rates", f"must be non-increasing (got {rates})"))
+    if intro.enabled:
+        if not intro.eps_choices:
+            out.append(("eviction.interoception.eps_choices", "must not be empty"))
+        for i, e in enumerate(intro.eps_choices if base_ok else []):
+            try:
+                cfg.eviction_config(e)
+            except ValueError as err:
+                out.append(eviction_problem(err, f"eviction.interoception.eps_choices.{i}"))
+    for i, e in enumerate(cfg.eval.eps if base_ok else []):
+        try:
+            cfg.eviction_config(e)
+        except ValueError as err:
+            out.append(eviction_problem(err, f"eval.eps.{i}"))
+
+    for key in ("rollout_resources", "learner_resources"):
+        for name, amount in (getattr(cfg.ray, key) or {}).items():
+            if name in ("CPU", "GPU", "memory"):
+                out.append((f"ray.{key}.{name}", f"{name} is not a custom resource; use ray.num_cpus_per_actor / "
+                                                 f"ray.num_gpus_per_actor"))
+            elif amount <= 0:
+                out.append((f"ray.{key}.{name}", f"must be > 0 (got {amount})"))
+    for i, k in enumerate(cfg.eval.k):
+        if k < 1 or k > cfg.eval.num_samples:
+            out.append((f"eval.k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples ({cfg.eval.num_samples})"))
+    if cfg.data.countdown.min_numbers > cfg.data.countdown.max_numbers:
+        out.append(("data.countdown.min_numbers", "must be <= data.countdown.max_numbers"))
+    if cfg.data.countdown.min_target > cfg.data.countdown.max_target:
+        out.append(("data.countdown.min_target", "must be <= data.countdown.max_target"))
+    t = cfg.model.tiny
+    if cfg.model.is_tiny and (t.hidden % t.heads or t.hidden // t.heads != 64 or t.heads % t.kv_heads):
+        out.append(("model.tiny", f"hidden/heads must be 64 and heads a multiple of kv_heads "
+                                  f"(got hidden={t.hidden}, heads={t.heads}, kv_heads={t.kv_heads})"))
+    if cfg.optimizer.warmup_steps > cfg.trainer.total_steps:
+        out.append(("optimizer.warmup_steps", f"({cfg.optimizer.warmup_steps}) exceeds trainer.total_steps "
+                                              f"({cfg.trainer.total_steps})"))
+    if cfg.rollout.backend != "vllm" and r.vllm.tensor_parallel_size > 1:
+        out.append(("rollout.vllm.tensor_parallel_size", "only applies to rollout.backend: vllm"))
+
+    if check_files:
+        out += check_files_exist(cfg)
+    return out
+
+
+def check_files_exist(cfg: RunConfig) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    m = cfg.model.path
+    if not cfg.model.is_tiny and looks_local(m):
+        mp = Path(m).expanduser()
+        if not mp.exists():
+            out.append(("model.path", f"local model directory not found: {mp} (absolute: {mp.absolute()})"))
+        elif mp.is_dir() and not (mp / "config.json").exists():
+            out.append(("model.path", f"{mp} has no config.json (not a Hugging Face model directory)"))
+    for key, src in (("data.source", cfg.data.source), ("eval.source", cfg.eval.source)):
+        if src and src not in (COUNTDOWN_GENERATED, COUNTDOWN_TOY) and looks_local(src) and not Path(src).expanduser().exists():
+            out.append((key, f"file not found: {src} (absolute: {Path(src).expanduser().absolute()})"))
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
+        out.append(("trainer.resume", f"must be auto, never or a checkpoint directory; {resume} is not a directory"))
+    od = cfg.output_path
+    if od.exists() and not od.is_dir():
+        out.append(("output_dir", f"{od} exists and is not a directory"))
+    elif not od.exists() and od.parent.exists() and not od.parent.is_dir():
+        out.append(("output_dir", f"{od.parent} is not a directory"))
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_local(path: str) -> bool:
+    """Local paths must exist; ``org/name`` that is not on disk is a hub id, resolved at load time."""
+    if path.startswith(("/", "./", "../", "~")) or path.endswith((".jsonl", ".json", ".parquet", ".csv")):
+        return True
+    if Path(path).exists():
+        return True
+    return not _HUB_ID.match(path)
+
+
+def eviction_problem(err: ValueError, key: str | None = None) -> tuple[str, str]:
+    """Map EvictionConfig's message (``eviction.window: why`` / ``eviction.delta (16) must ...``) to a key.
+
+    ``key`` overrides the key (an ε from a list such as ``eval.eps.2``); the text is kept verbatim.
+    """
+    msg = str(err)
+    m = re.match(r"eviction\.(\w+)(: )?(.*)", msg, re.S)
+    if not m:
+        return (key or "eviction", msg)
+    return (key or f"eviction.{m.group(1)}", m.group(3) if m.group(2) else msg)
+
+

@@ -1,0 +1,378 @@
+"""The run-config schema: one typed section per part of a run, pure data (nothing here writes files).
+
+Sections whose settings are defined elsewhere are *derived* from that one definition, field names,
+types and defaults included: ``eviction`` from :class:`rlmem.eviction.policy.EvictionConfig`,
+``optimizer``, ``learner`` and the loss fields of ``algorithm`` from
+:class:`rlmem.train.learner_config.LearnerConfig`. Loading (YAML, overrides) lives in
+:mod:`rlmem.train.config.loading`, the cross-field checks in :mod:`rlmem.train.config.checks`.
+
+Batch semantics (the thing users of other frameworks find most confusing) are spelled out once in
+:meth:`RunConfig.batch_sizes`, in prompts and in samples; ``rlmem config show`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
+from rlmem.train.learner_config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
+
+TINY_MODEL = "tiny:"          # model.path value: make a random tiny Qwen2 on the fly (see ModelConfig)
+COUNTDOWN_GENERATED = "countdown-generated"  # data.source value: Countdown problems generated locally
+COUNTDOWN_TOY = "countdown-toy"  # data.source value: the toy task's fixed problem set (rlmem/data/toy.py)
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, numbers are finite, booleans are not numbers."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        # YAML `true` is not a step count: pydantic's lax mode would take it as 1.
+        if isinstance(v, bool) and info.field_name and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean")
+        return v
+
+
+def _is_number(tp: Any) -> bool:
+    if tp in (int, float):
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in typing.get_args(tp))
+    return any(_is_number(a) for a in typing.get_args(tp) if a is not type(None)) if typing.get_args(tp) else False
+
+
+def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, *,
+                    constraints: dict[str, dict[str, Any]] | None = None,
+                    defaults: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> type[Section]:
+    """A section whose ``fields`` are those of the dataclass ``source``: same names, types and defaults.
+
+    ``constraints`` adds pydantic bounds (``{"lr": {"gt": 0}}``); ``defaults`` overrides a default on
+    purpose (document why at the call); ``extra`` adds section-only fields as ``(type, FieldInfo)``.
+    """
+    hints = typing.get_type_hints(source)
+    by_name = {f.name: f for f in dataclasses.fields(source)}
+    spec: dict[str, Any] = {}
+    for f in fields:
+        d = (defaults or {}).get(f, by_name[f].default)
+        help_ = by_name[f].metadata.get("help") if by_name[f].metadata else None
+        spec[f] = (hints[f], Field(d, description=help_, **(constraints or {}).get(f, {})))
+    spec.update(extra or {})
+    model = create_model(name, __base__=Section, __doc__=doc, **spec)
+    model.__module__ = __name__
+    return model
+
+
+class TinyModelConfig(Section):
+    """Shape of the random model made when ``model.path`` is ``"tiny:"`` (rlmem.models.tiny)."""
+
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(256, ge=64)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    """The policy. ``path`` is a local HF directory, a hub id (``org/name``) or ``"tiny:"``.
+
+    ``"tiny:"`` writes a random tiny Qwen2 + character tokenizer to ``<output_dir>/tiny-model`` on
+    first use (shape from ``model.tiny``); quote it in YAML (``path: "tiny:"``): unquoted it is a
+    YAML syntax error, which load_config explains.
+    """
+
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tiny: TinyModelConfig = TinyModelConfig()
+    trust_remote_code: bool = False
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _unquoted_tiny(cls, v: Any) -> Any:
+        # ``path: tiny:`` unquoted in YAML parses as the mapping {"tiny": None}; accept what was meant.
+        if isinstance(v, dict) and list(v) == ["tiny"] and v["tiny"] is None:
+            return TINY_MODEL
+        return v
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path == TINY_MODEL
+
+
+class CountdownGenConfig(Section):
+    """Countdown problems generated locally (``data.source: countdown-generated``)."""
+
+    num_problems: int = Field(10000, ge=1)
+    min_numbers: int = Field(3, ge=2)
+    max_numbers: int = Field(4, ge=2)
+    max_number: int = Field(99, ge=1)
+    min_target: int = Field(10, ge=0)
+    max_target: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class ShapingReward(Section):
+    """An extra reward added to the verifier's, ``weight`` × ``name(completions, **kwargs)``.
+
+    Accuracy is still measured by ``data.reward`` alone.
+    """
+
+    name: str
+    weight: float = 0.1
+    kwargs: dict[str, Any] = {}
+
+
+class DataConfig(Section):
+    """Training prompts: ``source`` is ``countdown-generated``, ``countdown-toy``, a hub dataset id or a local
+    JSONL/Parquet file."""
+
+    source: str = COUNTDOWN_GENERATED
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)          # use at most this many problems
+    shuffle: bool = True
+    template: Literal["auto", "plain"] = "auto"    # auto: the tokenizer's chat template if it has one
+    reward: str = "countdown"                      # a name in rewards.registry or "module:function"
+    reward_kwargs: dict[str, Any] = {}             # keyword arguments of the reward (e.g. format_score)
+    shaping: list[ShapingReward] = []              # extra weighted rewards added to the verifier's
+    countdown: CountdownGenConfig = CountdownGenConfig()
+
+
+class VllmConfig(Section):
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = False
+    cpu_kvcache_space_gb: int = Field(2, ge=1)     # VLLM_CPU_KVCACHE_SPACE for the CPU build
+
+
+class RolloutConfig(Section):
+    """Generation. Log-probs are always under softmax(logits/temperature) without top-k/top-p."""
+
+    backend: str = "torch"                         # an engine name in rlmem.engine's registry
+    num_workers: int = Field(1, ge=1)
+    temperature: float = Field(0.9, gt=0)
+    top_k: int | None = Field(None, ge=1)          # null: no top-k truncation
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    stop: list[str] = []
+    vllm: VllmConfig = VllmConfig()
+
+
+class CurriculumConfig(Section):
+    """Staircase over retention rates ρ_0 ≥ … ≥ ρ_K (ε = 1 − ρ), blending into the next level."""
+
+    enabled: bool = False
+    retention_rates: list[float] = [1.0, 0.75, 0.5]
+    steps_per_stage: int = Field(50, ge=1)
+    blend_fraction: float = Field(0.6, ge=0, le=1)
+
+
+class InteroceptionConfig(Section):
+    """One ε per group, drawn from ``eps_choices``; its tag is appended to the group's prompts.
+
+    With the curriculum also enabled, a group draws from the choices not above the curriculum's
+    current ε (the curriculum's ε itself when none is): the curriculum caps the rate."""
+
+    enabled: bool = False
+    eps_choices: list[float] = [0.25, 0.5, 0.75]
+
+
+EVICTION_POLICY_FIELDS = EVICTION_FIELDS
+
+EvictionSection = derived_section(
+    "EvictionSection", EvictionConfig, EVICTION_POLICY_FIELDS,
+    "NGC hyper-parameters: exactly EvictionConfig's fields and defaults (its rules are applied by the "
+    "checks), plus how ε varies over groups and steps.",
+    extra={"curriculum": (CurriculumConfig, Field(default_factory=CurriculumConfig)),
+           "interoception": (InteroceptionConfig, Field(default_factory=InteroceptionConfig))})
+
+
+def policy_config(eviction: BaseModel, eps: float | None = None) -> EvictionConfig:
+    """The :class:`EvictionConfig` of an ``eviction`` section at rate ``eps`` (default its own ``eps``).
+
+    Raises ValueError (naming the field) when the policy refuses the values."""
+    values = {f: getattr(eviction, f) for f in EVICTION_POLICY_FIELDS}
+    if eps is not None:
+        values["eps"] = float(eps)
+    return EvictionConfig(**values)
+
+
+AlgorithmConfig = derived_section(
+    "AlgorithmConfig", LearnerConfig, ALGORITHM_FIELDS,
+    "Dr. GRPO. One step = ``prompts_per_step`` prompts × ``rollouts_per_prompt`` rollouts. The loss "
+    "fields (aggregation, mem_coef, clip_eps, clip_eps_high, mini_batches, ppo_epochs) are LearnerConfig's.",
+    constraints={"mem_coef": {"ge": 0}, "clip_eps": {"gt": 0}, "clip_eps_high": {"gt": 0},
+                 "mini_batches": {"ge": 1}, "ppo_epochs": {"ge": 1}},
+    extra={"prompts_per_step": (int, Field(32, ge=1)),
+           "rollouts_per_prompt": (int, Field(16, ge=1)),
+           # "constant" normaliser; null: rollout.max_new_tokens (becomes LearnerConfig.max_len)
+           "loss_constant": (int | None, Field(None, ge=1)),
+           "scale_by_std": (bool, Field(False)),
+           "kl_coef": (float, Field(0.0, ge=0)),
+           "min_length_rule": (bool, Field(False))})
+
+OptimizerConfig = derived_section(
+    "OptimizerConfig", LearnerConfig, OPTIMIZER_FIELDS, "AdamW and its learning-rate schedule (LearnerConfig's fields).",
+    constraints={"lr": {"gt": 0}, "eps": {"gt": 0}, "weight_decay": {"ge": 0}, "grad_clip": {"gt": 0},
+                 "warmup_steps": {"ge": 0}, "min_lr_ratio": {"ge": 0, "le": 1}})
+
+LearnerSection = derived_section(
+    "LearnerSection", LearnerConfig, LEARNER_FIELDS,
+    "The learner ranks (LearnerConfig's fields) and how many there are. dtype defaults to bfloat16 here "
+    "on purpose (real runs), while LearnerConfig itself defaults to float32 (exact tests).",
+    constraints={"micro_batch_size": {"ge": 1}},
+    defaults={"dtype": "bfloat16"},
+    extra={"num_workers": (int, Field(1, ge=1))})
+
+
+class RayConfig(Section):
+    address: str | None = None                     # null: start a local Ray; "auto": join the cluster
+    placement: Literal["colocated", "separate"] = "separate"
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    weight_sync_timeout_s: float = Field(300, gt=0)
+    weight_sync_bucket_mb: int = Field(256, ge=1)
+    # Custom Ray resources per actor (e.g. {rollout_node: 0.01}): pin a role to the nodes that
+    # advertise them (`ray start --resources`). Defaults of run_training's *_resources arguments.
+    rollout_resources: dict[str, float] | None = None
+    learner_resources: dict[str, float] | None = None
+
+
+class TrainerConfig(Section):
+    total_steps: int = Field(ge=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0)               # 0: only at the end (when eval.source is set)
+    save_every: int = Field(0, ge=0)               # 0: only at the end
+    keep_last: int | None = Field(3, ge=1)         # null: keep every checkpoint
+    # auto: the newest verified checkpoint if any, else a fresh start; never: a fresh start;
+    # or the path of a checkpoint directory. A fresh start refuses a directory holding another run.
+    resume: str = "auto"
+    start_over: bool = False                       # move an earlier run's files aside (never deleted)
+    allow_config_change: bool = False              # resume although the config's meaning changed
+
+
+class WandbConfig(Section):
+    project: str = "rlmem"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = []
+
+
+class LoggingConfig(Section):
+    wandb: WandbConfig = WandbConfig()
+    sample_table_size: int = Field(8, ge=0)
+    mask_image_every: int = Field(10, ge=0)        # 0: never
+    progress_bar: bool = True
+
+
+class EvalConfig(Section):
+    source: str | None = None                      # null: no evaluation
+    split: str = "test"
+    limit: int | None = Field(None, ge=1)
+    num_samples: int = Field(1, ge=1)              # n per problem for the unbiased pass@k
+    k: list[int] = [1]
+    eps: list[float] = [0.0, 0.5]                  # accuracy vs compression sweep
+    temperature: float = Field(0.6, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1)  # null: rollout.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Derived batch sizes of one training step, in prompts and in samples (= rollouts)."""
+
+    prompts_per_step: int
+    rollouts_per_prompt: int
+    samples_per_step: int
+    rollout_workers: int
+    samples_per_rollout_worker: int
+    prompts_per_rollout_worker: float   # groups may straddle workers when this is not whole
+    mini_batches: int
+    ppo_epochs: int
+    optimizer_steps_per_step: int
+    samples_per_optimizer_step: int     # DeepSpeed train_batch_size
+    learner_workers: int
+    samples_per_learner: int            # per optimizer step
+    micro_batch_size: int
+    micro_batches_per_learner: int      # per training step (all mini-batches, one epoch)
+    gradient_accumulation_steps: int    # micro-batches per learner per optimizer step
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+class RunConfig(Section):
+    """A whole run. Build it with :func:`load_config` (which also runs the cross-field checks)."""
+
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    eviction: EvictionSection = EvictionSection()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    learner: LearnerSection = LearnerSection()
+    ray: RayConfig = RayConfig()
+    trainer: TrainerConfig
+    logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    def eviction_config(self, eps: float | None = None) -> EvictionConfig:
+        """The policy config at rate ``eps`` (default ``eviction.eps``); raises ValueError if invalid."""
+        return policy_config(self.eviction, eps)
+
+    def learner_config(self, model_path: str) -> LearnerConfig:
+        """What each learner rank gets: the sections' LearnerConfig fields plus the derived ones."""
+        a = self.algorithm
+        return LearnerConfig(
+            model_path=model_path, seed=self.seed, **self.optimizer.model_dump(),
+            **self.learner.model_dump(include=set(LEARNER_FIELDS)), **a.model_dump(include=set(ALGORITHM_FIELDS)),
+            total_steps=self.trainer.total_steps * a.mini_batches * a.ppo_epochs,
+            max_len=a.loss_constant or self.rollout.max_new_tokens)
+
+    def batch_sizes(self) -> BatchSizes:
+        """Every derived batch size; integer divisions are exact once :func:`check_config` passed."""
+        a, r, lr = self.algorithm, self.rollout, self.learner
+        samples = a.prompts_per_step * a.rollouts_per_prompt
+        per_opt = samples // a.mini_batches
+        per_learner = per_opt // lr.num_workers
+        accum = per_learner // lr.micro_batch_size
+        return BatchSizes(
+            prompts_per_step=a.prompts_per_step, rollouts_per_prompt=a.rollouts_per_prompt,
+            samples_per_step=samples, rollout_workers=r.num_workers,
+            samples_per_rollout_worker=samples // r.num_workers,
+            prompts_per_rollout_worker=a.prompts_per_step / r.num_workers,
+            mini_batches=a.mini_batches, ppo_epochs=a.ppo_epochs,
+            optimizer_steps_per_step=a.mini_batches * a.ppo_epochs,
+            samples_per_optimizer_step=per_opt, learner_workers=lr.num_workers,
+            samples_per_learner=per_learner, micro_batch_size=lr.micro_batch_size,
+            micro_batches_per_learner=accum * a.mini_batches, gradient_accumulation_steps=accum)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser()
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.output_path / "tiny-model"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100)
+
+

@@ -1,0 +1,255 @@
+"""Who owns a run directory and what a start does with it: lock, fresh / resume / start over.
+
+* **Lock.** A run holds ``<output_dir>/.rlmem.lock`` (host, pid, start time) with an exclusive
+  ``flock`` for its whole life. A second run into the same directory is refused, naming the holder.
+  A lock file whose process is gone (same host: the ``flock`` is free) is stale and taken over.
+* **Fresh start** (``trainer.resume: never``, or ``auto`` without a checkpoint) into a directory
+  holding another run's files is refused, unless ``trainer.start_over=true``, which moves them into
+  ``<output_dir>/previous/<UTC time>/`` (nothing is ever deleted).
+* **Resume** takes the newest checkpoint that verifies (``auto``, saying why newer ones were
+  skipped) or the one named (a damaged one fails in one line naming the file). The config must mean
+  the same as the checkpoint's own ``config.yaml`` (:func:`meaning_differences`), unless
+  ``trainer.allow_config_change=true``. Checkpoints newer than the one resumed from belong to an
+  abandoned continuation: they are moved aside, so they can never be resumed by mistake later.
+  Every log is trimmed to the checkpoint's step (:func:`trim_logs`).
+
+:func:`plan_start` only reads, so ``rlmem config show`` can report what ``train`` would do;
+:func:`apply_plan` does the moves and trims once the lock is held.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlmem.train import checkpoint as ckpt
+from rlmem.train.config import RunConfig
+from rlmem.train.errors import TrainingError
+
+LOCK_FILE = ".rlmem.lock"
+PREVIOUS_DIR = "previous"
+CONFIG_FILE = "config.yaml"
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")
+# Entries that do not make a directory "another run's": ours, or made by any start.
+_OWN_ENTRIES = {LOCK_FILE, PREVIOUS_DIR}
+
+# Config keys that do not change what a run computes: where and how it runs, how it logs, how long.
+OPERATIONAL_KEYS = (
+    "output_dir", "trainer.total_steps", "trainer.resume", "trainer.start_over", "trainer.allow_config_change",
+    "trainer.log_every", "trainer.save_every", "trainer.keep_last", "logging", "ray", "eval",
+    "learner.num_workers", "learner.micro_batch_size", "learner.gradient_checkpointing",
+    "learner.offload_optimizer", "rollout.vllm",
+)
+
+
+class RunDirLock:
+    """An exclusive, process-lifetime lock on a run directory (see the module docstring)."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fd: int | None = None
+        self.took_over: dict[str, Any] | None = None   # the stale holder we replaced, if any
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise TrainingError(f"{self.path.parent} is in use by another run ({describe_holder(holder)}); "
+                                f"wait for it, stop it, or choose another output_dir", exit_code=2) from None
+        holder = _read_holder(fd)
+        if holder and holder.get("host") not in (None, socket.gethostname()):
+            os.close(fd)
+            raise TrainingError(f"{self.path.parent} is locked by a run on another host ({describe_holder(holder)}); "
+                                f"if that run is gone, delete {self.path}", exit_code=2)
+        self.took_over = holder or None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)   # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        d = json.loads(raw.decode() or "{}")
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(h: dict[str, Any]) -> str:
+    if not h:
+        return "holder unknown"
+    when = _dt.datetime.fromtimestamp(h.get("started", 0), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"pid {h.get('pid')} on {h.get('host')}, started {when}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Deciding how a run starts
+
+
+@dataclass
+class StartPlan:
+    """What a start will do. ``resume_from`` None means a fresh start from step 0."""
+
+    resume_from: Path | None = None
+    step: int = 0                                   # steps already done (the checkpoint's)
+    move_aside: list[Path] = field(default_factory=list)   # old entries to move into previous/
+    notes: list[str] = field(default_factory=list)  # what to tell the user (skipped checkpoints, ...)
+
+    def describe(self) -> str:
+        head = f"resume from {self.resume_from} (step {self.step})" if self.resume_from else "fresh start"
+        return "; ".join([head] + self.notes)
+
+
+def foreign_entries(out: Path) -> list[Path]:
+    """Entries of ``out`` besides the lock and ``previous/``: another run's files."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name not in _OWN_ENTRIES)
+
+
+def plan_start(cfg: RunConfig) -> StartPlan:
+    """Decide fresh / resume / start over from ``trainer.*`` and the directory (reads only).
+
+    Raises :class:`TrainingError` (exit code 2) with one line saying what to do when refused."""
+    out, t = cfg.output_path, cfg.trainer
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output_dir {out} exists and is not a directory", exit_code=2)
+    existing = foreign_entries(out)
+    if t.resume not in ("auto", "never"):
+        where = Path(t.resume).expanduser()
+        try:
+            ckpt.verify_checkpoint(where)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(f"trainer.resume: checkpoint {where} is damaged: {e}", exit_code=2) from None
+        return _resume_plan(cfg, where, [])
+    if t.resume == "auto" and not t.start_over:
+        found, skipped = ckpt.latest_verified(out)
+        notes = [f"skipped newer {p.name}: {why}" for p, why in skipped]
+        if found is not None:
+            return _resume_plan(cfg, found, notes)
+        if skipped:
+            raise TrainingError(f"{out}: no checkpoint verifies ({'; '.join(notes)}); set trainer.start_over=true "
+                                f"to move this run aside and start again", exit_code=2)
+        if existing and _same_run_without_checkpoint(cfg):
+            return StartPlan(notes=["no checkpoint yet: this run starts again from step 1"])
+    if existing and not t.start_over:
+        names = ", ".join(p.name for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise TrainingError(f"output_dir {out} already holds another run's files ({names}) and no checkpoint to "
+                            f"resume; set trainer.start_over=true to move them into {out / PREVIOUS_DIR}/ and start "
+                            f"fresh, or choose another output_dir", exit_code=2)
+    plan = StartPlan(move_aside=existing)
+    if existing:
+        plan.notes.append(f"moving {len(existing)} earlier entries into {out / PREVIOUS_DIR}/")
+    return plan
+
+
+def _same_run_without_checkpoint(cfg: RunConfig) -> bool:
+    """The directory holds this very run (same meaning), stopped before its first checkpoint."""
+    saved = cfg.output_path / CONFIG_FILE
+    if ckpt.list_checkpoints(cfg.output_path) or not saved.is_file():
+        return False
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(old, dict) and not meaning_differences(old, cfg.model_dump(mode="json"))
+
+
+def _resume_plan(cfg: RunConfig, where: Path, notes: list[str]) -> StartPlan:
+    state = ckpt.load_trainer_state(where)
+    saved = where / CONFIG_FILE
+    if saved.is_file():
+        diffs = meaning_differences(yaml.safe_load(saved.read_text()) or {}, cfg.model_dump(mode="json"))
+        if diffs and not cfg.trainer.allow_config_change:
+            raise TrainingError(f"the config differs from the one {where.name} was trained with: {'; '.join(diffs)}; "
+                                f"undo the change, or set trainer.allow_config_change=true to resume anyway",
+                                exit_code=2)
+        if diffs:
+            notes.append(f"config changed on purpose: {'; '.join(diffs)}")
+    newer = [p for s, p in ckpt.list_checkpoints(cfg.output_path) if s > state.step]
+    if newer:
+        notes.append(f"moving newer checkpoints {', '.join(p.name for p in newer)} into "
+                     f"{cfg.output_path / PREVIOUS_DIR}/")
+    return StartPlan(resume_from=where, step=state.step, move_aside=newer, notes=notes)
+
+
+def meaning_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every leaf that differs, ignoring :data:`OPERATIONAL_KEYS`."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"{key}: {a!r} -> {b!r}")
+
+    walk(old, new, "")
+    return out
+
+
+def apply_plan(cfg: RunConfig, plan: StartPlan) -> None:
+    """Move old entries aside, trim the logs to the start step, record the resolved config."""
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    if plan.move_aside:
+        dest = out / PREVIOUS_DIR / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        for p in plan.move_aside:
+            target = dest / p.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(p), str(target))
+    trim_logs(out, plan.step)
+    (out / CONFIG_FILE).write_text(cfg.to_yaml())
+
+
+def trim_logs(out: Path, last_step: int) -> None:
+    """Keep only rows with ``step <= last_step`` in every JSON-lines log (atomically); torn lines go."""
+    for name in LOG_FILES:
+        path = out / name
+        if not path.exists():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 1 << 62)) <= last_step:
+                    kept.append(line)
+            except (ValueError, AttributeError, TypeError):
+                continue   # a torn last line from a crash
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, path)
