@@ -142,3 +142,39 @@ def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+TRAINING_CURVES = (("reward/mean", "reward"), ("accuracy/mean", "verifier accuracy"),
+                   ("eviction/eps", "eviction rate ε (mean over groups)"),
+                   ("eviction/peak_kv_reduction", "peak-KV reduction (×)"))
+
+
+def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, window: int = 3) -> Path:
+    """Reward, accuracy, eviction rate and peak-KV reduction over training steps, one line per run.
+
+    ``runs`` maps a label to the rows of its metrics.jsonl; reward and accuracy are also drawn as a
+    trailing mean over ``window`` steps (single steps of a small batch are noisy).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4 * len(TRAINING_CURVES), 3.2))
+    for ax, (key, label) in zip(axes, TRAINING_CURVES):
+        for name, rows in runs.items():
+            pts = [(r["step"] + 1, r[key]) for r in rows if key in r and "step" in r]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            noisy = key.startswith(("reward", "accuracy"))
+            line, = ax.plot(xs, ys, alpha=0.35 if noisy else 1.0, label=None if noisy else name)
+            if noisy:
+                smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1])
+                          for i in range(len(ys))]
+                ax.plot(xs, smooth, color=line.get_color(), label=name)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -19,11 +19,14 @@ import torch
 
 from rlmem.engine.sampling import token_log_softmax
 from rlmem.eviction.policy import pad_orders, plackett_luce_logprob, selection_logits
-from rlmem.eviction.record import RolloutRecord, evicted_at
+from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at
 from rlmem.eviction.scorers import ScoringInputs, get_scorer
 from rlmem.models.interface import check_supported, decoder, install, lm_head, num_layers, register_attention
 
 Kernel = Literal["sdpa", "flex"]
+# "evicted": the per-layer replay masks (exact, on-policy). "causal": a plain causal mask for the
+# tokens, the paper's off-policy ablation (eviction log-probs still score the true alive keys).
+ReplayMask = Literal["evicted", "causal"]
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _ReplayState:
     batch: ReplayBatch
     kernel: Kernel
     compute_eviction: bool
+    mask: ReplayMask = "evicted"
     eviction_logprobs: dict[int, list[torch.Tensor]] = field(default_factory=dict)   # layer -> per-row [R_i]
 
 
@@ -106,10 +110,12 @@ def _replay_attention(module, query, key, value, attention_mask, *, state: _Repl
     layer = module.layer_idx
     batch = state.batch
     ea = batch.evicted_at[:, layer]
+    # the causal ablation: no key is ever evicted for the tokens (padding stays invisible)
+    ea_tokens = ea if state.mask == "evicted" else torch.where(ea >= 0, torch.full_like(ea, NEVER), ea)
     if state.kernel == "flex":
-        out = _flex_attention(query, key, value, ea, batch.seq_lens, scaling)
+        out = _flex_attention(query, key, value, ea_tokens, batch.seq_lens, scaling)
     else:
-        mask = visibility_mask(ea, batch.seq_lens)
+        mask = visibility_mask(ea_tokens, batch.seq_lens)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
     if state.compute_eviction:
@@ -169,15 +175,21 @@ class ReplayOutput:
 
 
 def replay_forward(model: torch.nn.Module, records: list[RolloutRecord], *, kernel: Kernel = "sdpa",
-                   compute_eviction: bool = True, pad_id: int = 0) -> ReplayOutput:
-    """Replay ``records`` through ``model`` in one forward pass (gradients flow when enabled)."""
+                   compute_eviction: bool = True, pad_id: int = 0, mask: ReplayMask = "evicted") -> ReplayOutput:
+    """Replay ``records`` through ``model`` in one forward pass (gradients flow when enabled).
+
+    ``mask="causal"`` is the paper's ablation: tokens see every earlier key (off-policy when the
+    rollout evicted), eviction log-probs are still recomputed over the keys alive at each round.
+    """
     check_supported(model)
     if kernel not in ("sdpa", "flex"):
         raise ValueError(f"replay kernel must be 'sdpa' or 'flex' (got {kernel!r})")
+    if mask not in ("evicted", "causal"):
+        raise ValueError(f"replay mask must be 'evicted' or 'causal' (got {mask!r})")
     n_layers = num_layers(model)
     device = next(model.parameters()).device
     batch = ReplayBatch.from_records(records, n_layers, pad_id, device)
-    state = _ReplayState(batch, kernel, compute_eviction)
+    state = _ReplayState(batch, kernel, compute_eviction, mask)
     install(model)   # stays installed: gradient-checkpointed backward re-enters the same attention
     hidden = decoder(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
                             use_cache=False, rlmem_replay=state).last_hidden_state

@@ -62,3 +62,14 @@ def test_group_eps_precedence():
     intro = fixed.model_copy(update={"interoception": InteroceptionConfig(enabled=True, eps_choices=[0.2, 0.8])})
     g = group_eps(intro, 16, step=3, seed=5)
     assert g == interoception_eps([0.2, 0.8], 16, 5, 3) and set(g) <= {0.2, 0.8}
+
+
+def test_curriculum_caps_interoception():
+    ev = EvictionSection(delta=16, eps=0.5, block_size=4, window=4,
+                         curriculum=CurriculumConfig(enabled=True, retention_rates=[1.0, 0.75, 0.5], steps_per_stage=2,
+                                                     blend_fraction=0.0),
+                         interoception=InteroceptionConfig(enabled=True, eps_choices=[0.25, 0.5, 0.75]))
+    assert group_eps(ev, 8, step=0, seed=3) == [0.0] * 8              # no choice <= 0: the curriculum's ε
+    assert group_eps(ev, 8, step=2, seed=3) == [0.25] * 8             # only 0.25 <= 0.25
+    late = group_eps(ev, 64, step=9, seed=3)                          # cap 0.5: 0.25 and 0.5, never 0.75
+    assert late == interoception_eps([0.25, 0.5], 64, 3, 9) and set(late) == {0.25, 0.5}

@@ -41,6 +41,29 @@ def test_plain_causal_mask_does_not_match(tok, tiny_model_dir):
     assert diff > 1e-2
 
 
+def test_causal_mask_ablation_sees_every_key_but_scores_the_alive_ones(tok, tiny_model_dir):
+    """learner.replay_mask=causal: token log-probs of a full-cache replay, eviction log-probs as recorded."""
+    import copy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=0).generate([tok(PROMPTS[0]).input_ids], SamplingParams(max_new_tokens=60), cfg)
+    no_eviction = copy.deepcopy(records)
+    no_eviction[0].eviction = None
+    with torch.no_grad():
+        causal = replay_forward(model, records, mask="causal")
+        full = replay_forward(model, no_eviction)
+    assert torch.allclose(causal.token_logprobs, full.token_logprobs, atol=1e-12)
+    want = torch.tensor([[l.logprob for l in r.layers] for r in records[0].eviction.rounds], dtype=torch.float64)
+    assert causal.eviction_logprobs.shape[1] == len(want) > 0
+    # layer 0's queries and keys come from the embeddings alone: its rounds score exactly as recorded;
+    # deeper layers' queries and keys were computed from the whole past, so they are off-policy
+    assert (causal.eviction_logprobs[0, :, 0] - want[:, 0]).abs().max().item() < 1e-9
+    assert (causal.eviction_logprobs[0, 1:, 1:] - want[1:, 1:]).abs().max().item() > 1e-6
+    with pytest.raises(ValueError, match="replay mask must be"):
+        replay_forward(model, records, mask="sliding")
+
+
 def test_full_cache_replay_equals_plain_hf_forward(tok, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     records = ReferenceEngine(model, tok, seed=0).generate([tok(PROMPTS[0]).input_ids], SamplingParams(max_new_tokens=20))

@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 from rlmem.data.countdown import countdown_prompt_text, generate_countdown
 from rlmem.data.passkey import generate_passkey
+from rlmem.data.toy import TASK as COUNTDOWN_TOY
+from rlmem.data.toy import toy_problems
 from rlmem.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted({s.hub_id for s in DATASETS.values()}))}, "
-                       "'countdown-generated', 'passkey', 'passkey-write', or a local .jsonl/.parquet path")
+                       "'countdown-generated', 'countdown-toy', 'passkey', 'passkey-write', or a local .jsonl/.parquet path")
     return DATASETS[name]
 
 
@@ -334,8 +336,8 @@ def _convert(spec: DatasetSpec, row: dict, index: int, origin: str, mapping: dic
 def load_examples(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, dataset: str | None = None, mapping: dict | None = None,
                   **kwargs) -> list[dict]:
-    """Examples from a dataset id, ``"countdown-generated"``, ``"passkey"``/``"passkey-write"``, or a local
-    ``.jsonl``/``.parquet``.
+    """Examples from a dataset id, ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py),
+    ``"passkey"``/``"passkey-write"``, or a local ``.jsonl``/``.parquet``.
 
     ``split`` is ``"train"`` or ``"test"`` (the evaluation sets return their single split for
     either). ``limit`` keeps the first ``limit`` examples (after shuffling with ``seed`` if
@@ -361,6 +363,8 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
             train = generate_countdown(seed=seed * 2, **gen_kw)
             bad = set(find_leaks(train, examples))
             examples = [e for i, e in enumerate(examples) if i not in bad]
+    elif source == COUNTDOWN_TOY:  # the toy task's fixed problem set, sampled with ``seed``
+        examples = toy_problems(split, None, seed=seed)
     else:
         if source in DATASETS:
             spec = _spec(source)

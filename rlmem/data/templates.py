@@ -24,8 +24,8 @@ COUNTDOWN_INSTRUCTION = (
     "for example <answer> (1 + 2) / 3 </answer>."
 )
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-# passkey prompts (rlmem/data/passkey.py) carry their own question: no instruction is appended
-INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION, "passkey": ""}
+# The toy task (rlmem/data/toy.py) and passkey prompts (rlmem/data/passkey.py) carry no instruction.
+INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION, "passkey": "", "countdown-toy": ""}
 PLAIN_FRAME = "User: {user}\nAssistant: <think>\n"
 
 

@@ -7,7 +7,8 @@ Curriculum (docs/design.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``�
 last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, reaching it exactly at
 the stage boundary; after K stages it stays at ρ_K. ε = 1 − ρ.
 
-Interoception: one ε per group drawn uniformly from ``eps_choices``; the tag
+Interoception: one ε per group drawn uniformly from ``eps_choices`` (with the curriculum on too,
+from those not above its current ε: the curriculum caps the rate); the tag
 ``<eviction_rate>{percent}%</eviction_rate>`` (rlmem.data.templates) is appended to its prompts.
 """
 
@@ -57,9 +58,14 @@ def interoception_eps(choices: Sequence[float], num_groups: int, seed: int, step
 def group_eps(eviction: EvictionSection, num_groups: int, step: int, seed: int) -> list[float]:
     """The ε of each of the ``num_groups`` groups of ``step``: what the driver hands to rollouts.
 
-    Interoception if enabled, else the curriculum if enabled, else the fixed ``eviction.eps``.
+    Interoception if enabled (its choices capped by the curriculum's current ε when both are
+    enabled), else the curriculum if enabled, else the fixed ``eviction.eps``.
     """
     intro: InteroceptionConfig = eviction.interoception
+    if intro.enabled and eviction.curriculum.enabled:
+        cap = curriculum_eps(step, eviction.curriculum)
+        allowed = [e for e in intro.eps_choices if e <= cap + 1e-9] or [cap]
+        return interoception_eps(allowed, num_groups, seed, step)
     if intro.enabled:
         return interoception_eps(intro.eps_choices, num_groups, seed, step)
     if eviction.curriculum.enabled:

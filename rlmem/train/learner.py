@@ -91,7 +91,7 @@ class _ReplayLoss(torch.nn.Module):
         from rlmem.replay import replay_forward, rollout_logprobs
 
         out = replay_forward(self.policy, records, kernel=self.cfg.replay_kernel,
-                             compute_eviction=self.cfg.compute_eviction)
+                             compute_eviction=self.cfg.compute_eviction, mask=self.cfg.replay_mask)
         dev = out.token_logprobs.device
         old = rollout_logprobs(records, self.policy.config.num_hidden_layers, device=dev,
                                dtype=out.token_logprobs.dtype)

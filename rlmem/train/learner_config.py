@@ -17,7 +17,7 @@ LEARNER_DTYPES = ("float32", "bfloat16", "float64")
 # Which run-config section each field lives in (the rest are derived by the driver).
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
 LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "dtype", "offload_optimizer",
-                  "replay_kernel")
+                  "replay_kernel", "replay_mask")
 ALGORITHM_FIELDS = ("aggregation", "mem_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
 
 
@@ -50,6 +50,7 @@ class LearnerConfig:
     mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
     ppo_epochs: int = 1
     replay_kernel: Literal["sdpa", "flex"] = "sdpa"
+    replay_mask: Literal["evicted", "causal"] = "evicted"   # causal: plain causal mask, the paper's ablation
     compute_eviction: bool = True             # False: token loss only (eviction actions not trained)
     seed: int = 0
     ds_config_overrides: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +79,8 @@ class LearnerConfig:
             raise ValueError("optimizer.schedule: warmup_cosine needs the total number of optimizer steps")
         if self.replay_kernel not in ("sdpa", "flex"):
             raise ValueError(f"learner.replay_kernel: must be sdpa or flex (got {self.replay_kernel!r})")
+        if self.replay_mask not in ("evicted", "causal"):
+            raise ValueError(f"learner.replay_mask: must be evicted or causal (got {self.replay_mask!r})")
         self.loss_config()  # validates aggregation / max_len / clip values
 
     def loss_config(self):

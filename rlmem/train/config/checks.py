@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rlmem.train.config.schema import COUNTDOWN_GENERATED, RunConfig
+from rlmem.train.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
 
 def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str, str]]:
     """Problems that involve several fields or the file system, as ``(dotted key, message)``."""
@@ -60,9 +60,6 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
         out.append(eviction_problem(e))
         base_ok = False   # then every other ε would repeat the same complaint
     cur, intro = ev.curriculum, ev.interoception
-    if cur.enabled and intro.enabled:
-        out.append(("eviction.curriculum.enabled", "curriculum and interoception cannot both be enabled "
-                                                   "(each decides the per-group eviction rate)"))
     if cur.enabled:
         rates = cur.retention_rates
         if not rates:
@@ -126,7 +123,7 @@ def check_files_exist(cfg: RunConfig) -> list[tuple[str, str]]:
         elif mp.is_dir() and not (mp / "config.json").exists():
             out.append(("model.path", f"{mp} has no config.json (not a Hugging Face model directory)"))
     for key, src in (("data.source", cfg.data.source), ("eval.source", cfg.eval.source)):
-        if src and src != COUNTDOWN_GENERATED and looks_local(src) and not Path(src).expanduser().exists():
+        if src and src not in (COUNTDOWN_GENERATED, COUNTDOWN_TOY) and looks_local(src) and not Path(src).expanduser().exists():
             out.append((key, f"file not found: {src} (absolute: {Path(src).expanduser().absolute()})"))
     resume = cfg.trainer.resume
     if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():

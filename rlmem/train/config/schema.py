@@ -26,6 +26,7 @@ from rlmem.train.learner_config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZ
 
 TINY_MODEL = "tiny:"          # model.path value: make a random tiny Qwen2 on the fly (see ModelConfig)
 COUNTDOWN_GENERATED = "countdown-generated"  # data.source value: Countdown problems generated locally
+COUNTDOWN_TOY = "countdown-toy"  # data.source value: the toy task's fixed problem set (rlmem/data/toy.py)
 
 
 class Section(BaseModel):
@@ -131,7 +132,8 @@ class ShapingReward(Section):
 
 
 class DataConfig(Section):
-    """Training prompts: ``source`` is ``countdown-generated``, a hub dataset id or a local JSONL/Parquet file."""
+    """Training prompts: ``source`` is ``countdown-generated``, ``countdown-toy``, a hub dataset id or a local
+    JSONL/Parquet file."""
 
     source: str = COUNTDOWN_GENERATED
     split: str = "train"
@@ -174,7 +176,10 @@ class CurriculumConfig(Section):
 
 
 class InteroceptionConfig(Section):
-    """One ε per group, drawn from ``eps_choices``; its tag is appended to the group's prompts."""
+    """One ε per group, drawn from ``eps_choices``; its tag is appended to the group's prompts.
+
+    With the curriculum also enabled, a group draws from the choices not above the curriculum's
+    current ε (the curriculum's ε itself when none is): the curriculum caps the rate."""
 
     enabled: bool = False
     eps_choices: list[float] = [0.25, 0.5, 0.75]
