@@ -39,17 +39,26 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """Route SIGINT and SIGTERM to :class:`Stopped` (main thread only). Called again after
+    ``ray.init``: Ray's core installs a native SIGTERM handler that dumps a stack and aborts."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _raise_stopped)
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Stopped` in the main thread (elsewhere: left alone)."""
+    """SIGINT and SIGTERM raise :class:`Stopped` inside; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, _frame):
-        raise Stopped(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()
     try:
         yield
     finally:
@@ -138,6 +147,7 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
         raise TrainingError(f"model.path {cfg.model.path!r}: cannot load: {first_line(e)}", exit_code=2) from None
 
     started_ray = init_ray(cfg)
+    install_stop_handlers()
     run: Run | None = None
     workers = logger = None
     try:
