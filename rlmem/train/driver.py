@@ -39,8 +39,17 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []   # signals seen: Ray turns an exception raised in ray.get into a bare KeyboardInterrupt
+
+
 def _raise_stopped(signum, _frame):
+    _received.append(signum)
     raise Stopped(signum)
+
+
+def stop_signal(e: KeyboardInterrupt) -> int:
+    """Which signal a KeyboardInterrupt stands for (the last one received; SIGINT if none)."""
+    return getattr(e, "signum", None) or (_received[-1] if _received else signal.SIGINT)
 
 
 def install_stop_handlers() -> None:
@@ -103,6 +112,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     from rlmem.train.preflight import preflight
     from rlmem.train.rundir import RunDirLock
 
+    _received.clear()
     prepared, problems = preflight(cfg)
     if problems:
         raise ConfigError(problems)
@@ -175,13 +185,14 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
             run.current_step = step
             run_step(run, step)
             run.current_step = None
-    except Stopped as e:
+    except KeyboardInterrupt as e:
+        signum = stop_signal(e)
         where = (f"during step {run.current_step}" if run and run.current_step
                  else "while starting" if run is None else "between steps")
         last = (run.last_ckpt if run else plan.resume_from) or "none"
-        print(f"\n[rlmem] interrupted ({signal.Signals(e.signum).name}) {where}; last complete checkpoint: {last} "
+        print(f"\n[rlmem] interrupted ({signal.Signals(signum).name}) {where}; last complete checkpoint: {last} "
               f"(rerun the same command to resume)", file=sys.stderr, flush=True)
-        raise
+        raise Stopped(signum) from None
     except ray.exceptions.RayActorError as e:
         who = (workers.name_of(getattr(e, "actor_id", None)) if workers is not None else None) or "a Ray worker"
         where = f"during step {run.current_step}" if run and run.current_step else "while starting"
