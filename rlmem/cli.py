@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order ``rlmem --help`` lists them.
-COMMANDS = ["train", "config", "rollout", "replay_check", "bench", "tiny_model", "inspect"]
+COMMANDS = ["train", "config", "rollout", "replay_check", "eval", "bench", "model", "tiny_model", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

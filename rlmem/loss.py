@@ -1,4 +1,4 @@
-"""NGC losses (DESIGN.md section 1, "Losses (Dr. GRPO)"): group advantages, token loss, eviction loss.
+"""NGC losses (docs/design.md section 1, "Losses (Dr. GRPO)"): group advantages, token loss, eviction loss.
 
 Token choices and eviction choices are both actions of one policy, trained from one advantage per
 rollout. Everything here is a plain function on tensors so the learner, tests and outside tools
@@ -12,7 +12,7 @@ ranks gives exactly the full-batch gradient. ``seq_mean`` and the eviction loss 
 global number of sequences; ``token_mean`` needs the global token count as well.
 
 **On-policy vs clipped.** Without ``clip_eps`` the per-action term is ``logπ · A`` whose gradient is
-the plain policy gradient ``A ∇logπ`` (one on-policy update per batch, DESIGN.md default). With
+the plain policy gradient ``A ∇logπ`` (one on-policy update per batch, docs/design.md section 1 default). With
 ``clip_eps`` it is the PPO surrogate ``min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A)`` with
 ``ρ = exp(logπ - logπ_old)`` (DAPO-style asymmetric when ``clip_eps_high`` is given); at ``ρ = 1``
 both have the same gradient.
@@ -171,7 +171,7 @@ def eviction_loss(
     """Eviction loss over Plackett-Luce log-probs ``[B, R, L]`` with ``round_mask [B, R]``.
 
     For each rollout and layer, the mean over that rollout's rounds of the term; averaged over the
-    ``S = num_sequences`` rollouts (default ``B``); summed over layers (DESIGN.md section 1). A rollout
+    ``S = num_sequences`` rollouts (default ``B``); summed over layers (docs/design.md section 1). A rollout
     without rounds (it ended before its first round) contributes 0 but still counts in ``S``, so
     the eviction and token losses weigh each rollout by the same ``1/S``.
     """

@@ -63,7 +63,7 @@ def plot_eviction_strip(record: RolloutRecord, num_layers: int, path: str | os.P
 def replay_mask_codes(evicted_at, max_side: int = 512):
     """``[L, q, k]`` uint8 picture codes: 0 = future (k > q), 1 = evicted, 2 = visible.
 
-    Visible iff ``k <= q < evicted_at[k]`` (DESIGN.md section 1). Long sequences are subsampled
+    Visible iff ``k <= q < evicted_at[k]`` (docs/design.md section 1). Long sequences are subsampled
     evenly to at most ``max_side`` queries and keys so that 28 layers × 1.3k tokens stay cheap.
     """
     import numpy as np

@@ -113,43 +113,51 @@ def _replay_attention(module, query, key, value, attention_mask, *, state: _Repl
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask[:, None], scale=scaling, enable_gqa=True)
     if state.compute_eviction:
-        state.eviction_logprobs[layer] = [
-            _eviction_logprobs(query[i], key[i], ea[i], rec, layer, scaling) for i, rec in enumerate(batch.records)]
+        state.eviction_logprobs[layer] = eviction_logprobs(query, key, ea, batch.records, layer, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
 register_attention("rlmem_replay", _replay_attention)
 
 
-def _eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, rec: RolloutRecord, layer: int,
-                       scaling: float) -> torch.Tensor:
-    """Recompute one layer's Plackett-Luce log-prob of every recorded round of one rollout, ``[R]``.
+def eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, records: list[RolloutRecord], layer: int,
+                      scaling: float) -> list[torch.Tensor]:
+    """Recompute one layer's Plackett-Luce log-prob of every recorded round, per record ``[R_i]``.
 
-    q ``[Hq, n, d]``, k ``[Hkv, n, d]``; all rounds of the rollout are scored as one batch, through
-    the same scorer and :func:`selection_logits` the engine used. The alive keys at round ``t`` are
-    ``{k < t : evicted_at[k] >= t}`` (evicted *at* t means it was still alive when the round scored
-    it). A heuristic scorer's decisions are not actions of the policy: their log-prob is 0.
+    q ``[B, Hq, n, d]``, k ``[B, Hkv, n, d]``, ea ``[B, n]`` (this layer's ``evicted_at``). All rounds
+    of all records that share a scorer and block settings are scored as one batch, through the same
+    scorer and :func:`selection_logits` the engine used (docs/design.md section 1). The alive keys at
+    round ``t`` are ``{k < t : evicted_at[k] >= t}`` (evicted *at* t means it was still alive when
+    the round scored it). A heuristic scorer's decisions are not actions: their log-prob is 0.
     """
-    trace = rec.eviction
-    if trace is None or not trace.rounds:
-        return q.new_zeros(0)
-    cfg = trace.config
-    scorer = get_scorer(cfg.scorer)
-    if not scorer.learned:
-        return q.new_zeros(len(trace.rounds))
-    times = torch.tensor([r.t for r in trace.rounds], device=q.device)
-    win = times[:, None] - cfg.window + torch.arange(cfg.window, device=q.device)[None, :]    # [R, w]
-    queries = q[:, win].permute(1, 0, 2, 3)                                                   # [R, Hq, w, d]
-    n = k.shape[1]
+    out = [q.new_zeros(r.num_rounds) for r in records]
+    groups: dict[tuple, list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec.num_rounds and get_scorer(rec.eviction.config.scorer).learned:
+            c = rec.eviction.config
+            groups.setdefault((c.scorer, c.block_size, c.window, c.score_transform, c.tau), []).append(i)
+    n = k.shape[2]
     pos = torch.arange(n, device=q.device)
-    valid = (pos[None, :] < times[:, None]) & (ea[None, :] >= times[:, None])                 # [R, n]
-    keys = k[None].expand(len(trace.rounds), *k.shape)
-    positions = torch.where(valid, pos[None, :], torch.full_like(valid, -1, dtype=torch.long))
-    inputs = ScoringInputs(queries, keys, valid, positions, scaling, layer)
-    cfgs = [cfg] * len(trace.rounds)
-    z, _ = selection_logits(scorer.scores(inputs), valid, cfgs, learned=True)
-    orders = pad_orders([rnd.layers[layer].kept for rnd in trace.rounds], q.device)
-    return plackett_luce_logprob(z, orders)
+    for rows in groups.values():
+        cfgs = [records[i].eviction.config for i in rows for _ in records[i].eviction.rounds]
+        rec_idx = torch.tensor([i for i in rows for _ in records[i].eviction.rounds], device=q.device)   # [S]
+        times = torch.tensor([r.t for i in rows for r in records[i].eviction.rounds], device=q.device)  # [S]
+        w = cfgs[0].window
+        win = times[:, None] - w + torch.arange(w, device=q.device)[None, :]                            # [S, w]
+        queries = q.transpose(1, 2)[rec_idx[:, None], win].transpose(1, 2)                               # [S, Hq, w, d]
+        keys = k.index_select(0, rec_idx)                                                                # [S, Hkv, n, d]
+        valid = (pos[None, :] < times[:, None]) & (ea.index_select(0, rec_idx) >= times[:, None])       # [S, n]
+        positions = torch.where(valid, pos[None, :], torch.full_like(pos, -1)[None, :])
+        scorer = get_scorer(cfgs[0].scorer)
+        z, _ = selection_logits(scorer.scores(ScoringInputs(queries, keys, valid, positions, scaling, layer)),
+                                valid, cfgs, learned=True)
+        orders = pad_orders([r.layers[layer].kept for i in rows for r in records[i].eviction.rounds], q.device)
+        lp = plackett_luce_logprob(z, orders)
+        start = 0
+        for i in rows:
+            out[i] = lp[start: start + records[i].num_rounds]
+            start += records[i].num_rounds
+    return out
 
 
 @dataclass

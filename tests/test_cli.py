@@ -1,19 +1,48 @@
-"""The ``rlmem`` command: tiny-model, rollout, replay-check, and clear errors on bad input."""
+"""The ``rlmem`` command: tiny-model, rollout, replay-check, inspect, and clear errors on bad input.
 
+The commands run in-process through ``rlmem.cli.main`` (fast: no torch import per call); one
+subprocess test checks the installed entry point end to end.
+"""
+
+import contextlib
+import dataclasses
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 
-RLMEM = [sys.executable, "-m", "rlmem.cli"]
+from rlmem.cli import main
 
 
-def rlmem(*args, check=True):
-    proc = subprocess.run(RLMEM + [str(a) for a in args], capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"rlmem {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def rlmem(*args, check=True) -> Result:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:          # argparse errors
+            code = e.code if isinstance(e.code, int) else 1
+    res = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"rlmem {args} failed ({code}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def test_entry_point_runs_in_a_fresh_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlmem.cli", "tiny-model", tmp_path / "m", "--layers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and (tmp_path / "m" / "config.json").is_file(), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rlmem.cli", "inspect", tmp_path / "none.jsonl"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "none.jsonl" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +87,19 @@ def test_bad_inputs_get_clear_errors(rollout_files, tmp_path):
     bad_prompts = tmp_path / "p.jsonl"
     bad_prompts.write_text('{"text": "no prompt field"}\n')
     proc = rlmem("rollout", "--model", d / "model", "--prompts", bad_prompts, "--out", tmp_path / "o.jsonl", check=False)
-    assert proc.returncode != 0 and "p.jsonl:1" in proc.stderr and "prompt" in proc.stderr
+    assert proc.returncode == 2 and "p.jsonl:1" in proc.stderr and "prompt" in proc.stderr
     proc = rlmem("rollout", "--model", d / "model", "--prompts", bad_prompts, "--out", tmp_path / "o.jsonl",
                  "--delta", 4, "--window", 8, check=False)
-    assert proc.returncode != 0 and "eviction.delta" in proc.stderr and "window" in proc.stderr
+    assert proc.returncode == 2 and "--delta" in proc.stderr and "--window" in proc.stderr
     proc = rlmem("rollout", "--model", d / "model", "--prompts", bad_prompts, "--out", tmp_path / "o.jsonl",
                  "--eps", 1.5, check=False)
-    assert proc.returncode != 0 and "eviction.eps" in proc.stderr
+    assert proc.returncode == 2 and "--eps" in proc.stderr
     broken = tmp_path / "broken.jsonl"
     broken.write_text(out.read_text().splitlines()[0].replace('"logprobs"', '"logprobz"') + "\n")
     proc = rlmem("replay-check", broken, "--model", d / "model", check=False)
-    assert proc.returncode != 0 and "broken.jsonl:1" in proc.stderr and "logprobs" in proc.stderr
+    assert proc.returncode == 2 and "broken.jsonl:1" in proc.stderr and "logprobs" in proc.stderr
     proc = rlmem("replay-check", out, "--model", tmp_path / "nope", check=False)
-    assert proc.returncode != 0 and "nope" in proc.stderr and "config.json" in proc.stderr
+    assert proc.returncode == 2 and "nope" in proc.stderr and "tiny-model" in proc.stderr
 
 
 def test_inspect_draws_what_was_evicted(rollout_files, tmp_path):
@@ -81,4 +110,30 @@ def test_inspect_draws_what_was_evicted(rollout_files, tmp_path):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     proc = rlmem("inspect", out, "--index", 9, "--out", tmp_path, check=False)
-    assert proc.returncode != 0 and "--index 9" in proc.stderr
+    assert proc.returncode == 2 and "--index 9" in proc.stderr
+
+
+def test_rollout_help_shows_the_eviction_config_defaults():
+    """One definition: every eviction flag's default is EvictionConfig()'s (docs/design.md section 1)."""
+    from rlmem.eviction.policy import EvictionConfig
+
+    help_text = " ".join(rlmem("rollout", "--help", check=False).stdout.split())
+    for field in dataclasses.fields(EvictionConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in help_text
+        assert f"(default {getattr(EvictionConfig(), field.name)})" in help_text.split(flag, 2)[-1].split(" --")[0]
+
+
+def test_replay_check_generates_with_a_backend_then_checks(rollout_files, tmp_path):
+    d, _ = rollout_files
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Using 3 5 7, make 22."}) + "\n")
+    out = tmp_path / "made.jsonl"
+    proc = rlmem("replay-check", out, "--prompts", prompts, "--backend", "torch", "--model", d / "model",
+                 "--delta", 16, "--block-size", 4, "--window", 4, "--max-new-tokens", 50)
+    assert "generated 1 records with backend torch" in proc.stdout and "OK" in proc.stdout
+    assert json.loads(out.read_text())["eviction"]["rounds"]
+    proc = rlmem("replay-check", "--model", d / "model", check=False)
+    assert proc.returncode == 2 and "records file" in proc.stderr
+    proc = rlmem("rollout", "--model", d / "model", "--prompts", prompts, "--out", out, "--backend", "nope", check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr

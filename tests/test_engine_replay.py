@@ -1,4 +1,5 @@
-"""Rollout/replay parity: the torch engine's log-probs (tokens and evictions) equal the replay's."""
+"""The torch engine and the replay beyond the engine-parametrised parity suite (test_engine_parity.py):
+negative checks, kernels, gradients, peak memory, record round trips, stop conditions, bf16."""
 
 import pytest
 import torch
@@ -19,11 +20,6 @@ def tok(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
-def model(request, tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=request.param)
-
-
 def max_diffs(model, records, kernel="sdpa"):
     with torch.no_grad():
         out = replay_forward(model, records, kernel=kernel)
@@ -31,22 +27,6 @@ def max_diffs(model, records, kernel="sdpa"):
     dt = (out.token_logprobs - old.token_logprobs)[out.token_mask].abs().max().item()
     de = (out.eviction_logprobs - old.eviction_logprobs)[out.round_mask].abs().max().item() if out.round_mask.any() else 0.0
     return dt, de
-
-
-@pytest.mark.parametrize("protect_recent", [0, 1])
-@pytest.mark.parametrize("transform", ["log", "linear"])
-def test_rollout_replay_parity(model, tok, protect_recent, transform):
-    tol = 1e-9 if model.dtype == torch.float64 else 1e-4
-    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4, protect_recent=protect_recent,
-                         score_transform=transform, tau=0.7)
-    engine = ReferenceEngine(model, tok, seed=3)
-    prompts = [tok(p).input_ids for p in PROMPTS]
-    assert len(prompts[1]) > cfg.delta
-    records = engine.generate(prompts, SamplingParams(temperature=0.9, top_k=20, max_new_tokens=70), cfg)
-    assert all(r.num_rounds >= 2 for r in records)
-    assert records[1].eviction.rounds[0].t == len(prompts[1])    # first round right after a long prefill
-    dt, de = max_diffs(model, records)
-    assert dt < tol and de < tol
 
 
 def test_plain_causal_mask_does_not_match(tok, tiny_model_dir):
@@ -131,7 +111,8 @@ def test_evicted_at_and_record_roundtrip(tok, tiny_model_dir, tmp_path):
     ea = evicted_at(back[0], 2)
     r0 = back[0].eviction.rounds[0]
     # at the first round (t=16, 4 blocks, keep 2: one sampled + the protected newest) 8 keys go
-    assert int((ea[0] == r0.t).sum()) == 8 and int((ea[0, 12:16] == NEVER).sum()) >= 0
+    assert int((ea[0] == r0.t).sum()) == 8
+    assert not (ea[0, 12:16] == r0.t).any()          # the protected newest block (keys 12-15) survives it
     assert set(ea.unique().tolist()) <= {NEVER} | {r.t for r in back[0].eviction.rounds}
 
 
@@ -153,29 +134,6 @@ def test_engine_stop_conditions_and_seeding(tok, tiny_model_dir):
     r = engine.generate([prompts[0]], SamplingParams(max_new_tokens=30, seed=7, stop=[stop]))[0]
     assert r.extra["finish_reason"] == "stop" and tok.decode(r.completion_ids).endswith(stop)
     assert r.completion_ids == a[0].completion_ids[: ascii_at[0] + 1]
-
-
-def test_eval_mode_evictions_are_deterministic(tok, tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
-    engine = ReferenceEngine(model, tok, seed=0)
-    prompt = [tok(PROMPTS[0]).input_ids]
-    r1 = engine.generate(prompt, SamplingParams(max_new_tokens=50, seed=1), cfg, greedy_evictions=True)[0]
-    r2 = engine.generate(prompt, SamplingParams(max_new_tokens=50, seed=1), cfg, greedy_evictions=True)[0]
-    assert r1.to_dict() == r2.to_dict()
-    assert max_diffs(model, [r1])[1] < 1e-4
-
-
-def test_llama_style_model_parity(tmp_path, tok):
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
-    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
-    records = ReferenceEngine(model, tok, seed=0).generate([tok(p).input_ids for p in PROMPTS], SamplingParams(max_new_tokens=50), cfg)
-    dt, de = max_diffs(model, records)
-    assert dt < 1e-9 and de < 1e-9
 
 
 def test_model_without_rope_is_rejected(tok):
@@ -217,3 +175,31 @@ def test_gradient_checkpointing_recomputes_with_the_eviction_masks(tok, tiny_mod
         (out.token_logprobs.sum() + out.eviction_logprobs.sum()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-10)
+
+
+def test_token_log_softmax_upcasts_before_dividing_by_the_temperature():
+    from rlmem.engine.sampling import token_log_softmax
+
+    logits = (torch.randn(3, 50) * 8).to(torch.bfloat16)
+    want = torch.log_softmax(logits.float() / torch.tensor(0.9, dtype=torch.float32), dim=-1)
+    assert torch.equal(token_log_softmax(logits, 0.9), want)
+    assert torch.equal(token_log_softmax(logits, torch.tensor([0.9, 0.9, 0.9], dtype=torch.float64)), want)
+    # the old order (divide in bf16, where 0.9 is 0.8984375, then upcast) is measurably different
+    assert not torch.equal(torch.log_softmax((logits / 0.9).float(), dim=-1), want)
+
+
+def test_bf16_rollout_replay_parity_is_within_stated_bounds(tok, tiny_model_dir):
+    """bf16 parity (docs/design.md section 4): measured max token diff about 0.05 nats, mean about
+    0.006, on this 2-layer model at T=0.9 (bf16 rounds the attention and the MLP differently in the
+    one-token decode steps and the full-sequence replay). Evictions replay within the same bound."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    records = ReferenceEngine(model, tok, seed=0).generate(
+        [tok(p).input_ids for p in PROMPTS], SamplingParams(temperature=0.9, max_new_tokens=100), cfg)
+    with torch.no_grad():
+        out = replay_forward(model, records)
+    old = rollout_logprobs(records, 2, dtype=out.token_logprobs.dtype)
+    dt = (out.token_logprobs - old.token_logprobs)[out.token_mask].abs()
+    de = (out.eviction_logprobs - old.eviction_logprobs)[out.round_mask].abs()
+    assert dt.max().item() < 0.15 and dt.mean().item() < 0.02
+    assert de.max().item() < 0.15

@@ -1,4 +1,4 @@
-"""Losses against hand computations (DESIGN.md section 1, "Losses (Dr. GRPO)")."""
+"""Losses against hand computations (docs/design.md section 1, "Losses (Dr. GRPO)")."""
 
 from __future__ import annotations
 

@@ -69,6 +69,9 @@ class _Rollout:
         self.loaded.update(dict(unpack_bucket(bucket)))
         return len(bucket.names)
 
+    def finish_weight_update(self):   # RolloutWorker's end-of-update call (vLLM loads staged buckets here)
+        return 0
+
     def get(self, name):
         return self.loaded[name]
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rlmem.data.countdown import countdown_prompt_text, generate_countdown
+from rlmem.data.passkey import generate_passkey
 from rlmem.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted({s.hub_id for s in DATASETS.values()}))}, "
-                       "'countdown-generated', or a local .jsonl/.parquet path")
+                       "'countdown-generated', 'passkey', 'passkey-write', or a local .jsonl/.parquet path")
     return DATASETS[name]
 
 
@@ -240,6 +241,9 @@ register_dataset(DatasetSpec("MathArena/aime_2025", math_row, "train", "math", a
 # reading
 # ---------------------------------------------------------------------------------------------
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+# generated memory tasks (rlmem/data/passkey.py): source name -> generator settings
+PASSKEY_SOURCES = {"passkey": {"write_items": 0}, "passkey-write": {"write_items": 12}}
 
 
 def is_local_path(source: str) -> bool:
@@ -330,7 +334,8 @@ def _convert(spec: DatasetSpec, row: dict, index: int, origin: str, mapping: dic
 def load_examples(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, dataset: str | None = None, mapping: dict | None = None,
                   **kwargs) -> list[dict]:
-    """Examples from a dataset id, ``"countdown-generated"``, or a local ``.jsonl``/``.parquet``.
+    """Examples from a dataset id, ``"countdown-generated"``, ``"passkey"``/``"passkey-write"``, or a local
+    ``.jsonl``/``.parquet``.
 
     ``split`` is ``"train"`` or ``"test"`` (the evaluation sets return their single split for
     either). ``limit`` keeps the first ``limit`` examples (after shuffling with ``seed`` if
@@ -340,7 +345,11 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
-    if source in ("countdown-generated", "countdown_generated"):
+    if source in PASSKEY_SOURCES:
+        gen_kw = {**PASSKEY_SOURCES[source], **{k: kwargs[k] for k in ("filler_repeats", "write_items") if k in kwargs}}
+        examples = generate_passkey(kwargs.get("num_examples", limit or 100), seed * 2 + (split == "test"),
+                                    variant=source, **gen_kw)
+    elif source in ("countdown-generated", "countdown_generated"):
         gen_kw = {k: kwargs[k] for k in ("num_examples", "num_numbers", "number_range", "target_range",
                                            "max_tries_per_example") if k in kwargs}
         gen_kw.setdefault("num_examples", limit or 1000)

@@ -8,7 +8,7 @@
 2. ``template="auto"`` applies the tokenizer's chat template with ``add_generation_prompt=True``
    when it has one (DeepSeek-R1-Distill's ends the prompt with ``<think>\\n``), else a plain
    ``User: ... Assistant:`` frame; ``"chat"`` requires a chat template; ``"plain"`` never uses it;
-3. with ``eviction_rate`` (ε in (0, 1]), the interoception tag of DESIGN.md,
+3. with ``eviction_rate`` (ε in (0, 1]), the interoception tag of docs/design.md section 1,
    ``<eviction_rate>{percent}%</eviction_rate>``, is appended at the very end of the prompt
    (``tag_position="end"``, the default: the last thing the model reads before generating), or
    at the end of the user message (``tag_position="user"``).
@@ -24,7 +24,8 @@ COUNTDOWN_INSTRUCTION = (
     "for example <answer> (1 + 2) / 3 </answer>."
 )
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION}
+# passkey prompts (rlmem/data/passkey.py) carry their own question: no instruction is appended
+INSTRUCTIONS = {"countdown": COUNTDOWN_INSTRUCTION, "math": MATH_INSTRUCTION, "passkey": ""}
 PLAIN_FRAME = "User: {user}\nAssistant: <think>\n"
 
 

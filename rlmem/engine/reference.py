@@ -51,7 +51,8 @@ def _engine_attention(module, query, key, value, attention_mask, *, state: _Step
         cache.prefill(layer, query, key, value, state.prefill_lens)
         if state.observer is not None:
             st = cache.scorer_state(layer)
-            st[:, :p] = state.observer.observe(query, key, mask, scaling, st[:, :p])
+            real_queries = mask & (idx[None, :, None] < lens[:, None, None])   # padding queries see nothing
+            st[:, :p] = state.observer.observe(query, key, real_queries, scaling, st[:, :p])
     else:
         cache.append(layer, query, key, value, state.positions)
         k, v, valid = cache.view(layer)

@@ -16,9 +16,19 @@ from rlmem.engine.base import RolloutEngine
 
 
 @dataclass(frozen=True)
+class EngineTraits:
+    """What an engine supports, so configs are refused early and the parity suite sizes its cases."""
+
+    dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16")
+    protect_recent_zero: bool = True   # ragged per-layer caches (protect_recent=0, paper-literal)
+    block_multiple: int = 1            # NGC block size must be a multiple of this (paged KV blocks)
+
+
+@dataclass(frozen=True)
 class EngineEntry:
     factory: str | Callable[..., RolloutEngine]     # callable, or "module:function" imported lazily
     available: Callable[[], str | None]
+    traits: EngineTraits = EngineTraits()
     description: str = ""
 
 
@@ -26,14 +36,21 @@ _ENGINES: dict[str, EngineEntry] = {}
 
 
 def register_engine(name: str, factory: str | Callable[..., RolloutEngine], *,
-                    available: Callable[[], str | None] = lambda: None, description: str = "") -> None:
+                    available: Callable[[], str | None] = lambda: None, traits: EngineTraits = EngineTraits(),
+                    description: str = "") -> None:
     if name in _ENGINES:
         raise ValueError(f"engine {name!r} is already registered")
-    _ENGINES[name] = EngineEntry(factory, available, description)
+    _ENGINES[name] = EngineEntry(factory, available, traits, description)
 
 
 def engine_names() -> list[str]:
     return list(_ENGINES)
+
+
+def engine_traits(name: str) -> EngineTraits:
+    if name not in _ENGINES:
+        raise ValueError(f"unknown engine {name!r}; registered: {', '.join(engine_names())}")
+    return _ENGINES[name].traits
 
 
 def engine_unavailable_reason(name: str) -> str | None:
@@ -58,3 +75,15 @@ def create_engine(name: str, model_path: str, *, dtype: str = "float32", seed: i
 
 register_engine("torch", "rlmem.engine.reference:from_pretrained",
                 description="torch reference engine: any HF causal LM with RoPE, CPU or GPU, physically compacting caches")
+
+
+def _vllm_unavailable() -> str | None:
+    from rlmem.engine.vllm.version import unavailable_reason
+
+    return unavailable_reason()
+
+
+register_engine("vllm", "rlmem.engine.vllm.engine:from_pretrained", available=_vllm_unavailable,
+                traits=EngineTraits(dtypes=("float32", "bfloat16", "float16"), protect_recent_zero=False,
+                                    block_multiple=32),   # CPU attention: multiples of 32 (CUDA: of 16)
+                description="vLLM (pinned 0.32.0) with NGC eviction inside the paged KV cache; freed blocks go back to vLLM's pool")

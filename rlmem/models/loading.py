@@ -58,11 +58,12 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
     torch_dtype = resolve_dtype(dtype)
     try:
         if p.suffix == ".gguf":
+            from rlmem.models.gguf import GGUFError, load_gguf_model   # GGUF support (SmolLM2 from PyPI)
+
             try:
-                from rlmem.models.gguf import load_gguf_model   # GGUF support (SmolLM2 from PyPI)
-            except ImportError as e:
-                raise ModelLoadError(f"model {path}: GGUF files need the `gguf` package ({e})") from None
-            model = load_gguf_model(p, torch_dtype)
+                model = load_gguf_model(p, torch_dtype)
+            except GGUFError as e:
+                raise ModelLoadError(f"model {e}") from None
         else:
             model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
     except ModelLoadError:
@@ -79,7 +80,12 @@ def load_tokenizer(path: str | os.PathLike):
     p = _check_dir(path)
     try:
         if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            from rlmem.models.gguf import GGUFError, load_gguf_tokenizer
+
+            try:
+                return load_gguf_tokenizer(p)
+            except GGUFError as e:
+                raise ModelLoadError(f"model {e}") from None
         return AutoTokenizer.from_pretrained(p)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -61,8 +61,17 @@ class RolloutWorker:
         from rlmem.train.weight_sync import unpack_bucket
 
         pairs = unpack_bucket(bucket)
-        self.engine.load_weights(pairs)
+        if hasattr(self.engine, "stage_weights"):     # engines that load a whole update at once (vLLM)
+            self.engine.stage_weights(pairs)
+        else:
+            self.engine.load_weights(pairs)
         return len(pairs)
+
+    def finish_weight_update(self) -> int:
+        """After the last bucket: load what was staged (vLLM); returns the parameter count loaded now."""
+        if hasattr(self.engine, "commit_weights"):
+            return self.engine.commit_weights()
+        return 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The engine's current weights (tests compare them with the learner's; in-process engines only)."""

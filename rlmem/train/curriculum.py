@@ -3,7 +3,7 @@
 Both are pure functions of ``(config, seed, step)``, so a resumed run reproduces them exactly from
 the step number alone (no state to checkpoint beyond the step).
 
-Curriculum (DESIGN.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``Δ`` steps per stage; during the
+Curriculum (docs/design.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``Δ`` steps per stage; during the
 last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, reaching it exactly at
 the stage boundary; after K stages it stays at ρ_K. ε = 1 − ρ.
 

@@ -323,7 +323,14 @@ def learn(run: Run, records: list, advantages) -> dict[str, float]:
     from rlmem.train.rollouts import split_even
 
     n = len(records)
-    shards = split_even(list(range(n)), len(run.workers.learners))
+    # A rollout the engine preempted and recomputed (vLLM, with a full cache) is no longer the
+    # trajectory the policy chose: it leaves the batch (counted in rollout/preempted_dropped, warned).
+    keep = [i for i, r in enumerate(records) if not r.extra.get("preempted")]
+    if len(keep) < n:
+        print(f"[rlmem] warning: {n - len(keep)} preempted rollouts dropped from the learner batch "
+              "(give the vLLM engine more KV blocks or fewer concurrent sequences)")
+    parts = len(run.workers.learners)
+    shards = split_even(keep, parts) if len(keep) == n else [keep[i::parts] for i in range(parts)]
     return ray.get([lw.train_step.remote([records[i] for i in s], advantages[s].tolist(), n)
                     for lw, s in zip(run.workers.learners, shards)])[0]
 
@@ -349,6 +356,7 @@ def step_metrics(run: Run, batch: Batch, records, rewards, verifier, zeroed, lm,
     P = run.cfg.algorithm.prompts_per_step
     m = rollout_metrics(records, rewards, verifier, [e if e > 0 else 0.0 for e in batch.eps], run.num_layers)
     m["reward/zeroed_before_first_round"] = float(zeroed)
+    m["rollout/preempted_dropped"] = float(sum(bool(r.extra.get("preempted")) for r in records))
     m.update({LEARNER_METRIC_NAMES.get(k, k): v for k, v in lm.items()})
     m.update(times)
     m.update({"time/sync": sync["time/sync"], "sync/bytes": sync["sync/bytes"], "sync/buckets": sync["sync/buckets"],

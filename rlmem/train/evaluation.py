@@ -5,7 +5,7 @@ reduction) every evaluation problem gets ``eval.num_samples`` completions from t
 with deterministic top-k evictions (evaluation mode), graded by the run's
 verifier alone (shaping rewards are a training signal, not a score).
 
-Peak-KV reduction (DESIGN.md "Metric"): per problem, the full-cache peak for the baseline run's
+Peak-KV reduction (docs/design.md section 1, Metric): per problem, the full-cache peak for the baseline run's
 completion length over the method's peak. **Choice** with ``n`` samples per problem: sample ``j``
 of the method is paired with sample ``j`` of the ε = 0 run of the same problem (independent draws,
 so the pairing is as good as any), and the ratio is averaged over all pairs, i.e. over samples and

@@ -34,6 +34,17 @@ def engine_problem(cfg: RunConfig) -> tuple[str, str] | None:
     why = engine_unavailable_reason(name)
     if why is not None:
         return ("rollout.backend", f"engine {name!r} cannot run here: {why}")
+    if name == "vllm":
+        from rlmem.engine.vllm.engine import check_block_size, check_eviction, cuda_present
+
+        try:
+            check_block_size(cfg.eviction.block_size, cuda=cuda_present())
+            check_eviction(cfg.eviction_config(cfg.eviction.eps or 0.5), cfg.eviction.block_size)
+        except ValueError as e:
+            return ("rollout.backend", f"vllm: {e}")
+        if cfg.rollout.vllm.tensor_parallel_size > 1:
+            return ("rollout.vllm.tensor_parallel_size", "the rlmem vLLM engine runs one process per engine "
+                    "(its scheduler and worker hooks share it); use 1 and more rollout.num_workers")
     return None
 
 

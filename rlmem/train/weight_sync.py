@@ -120,4 +120,12 @@ def sync_weights(learners: Sequence[Any], rollout_workers: Sequence[Any], *, buc
     for name, n in loaded.items():
         if n != expected:
             raise WeightSyncError(f"weight sync: {name} loaded {n} parameters, the learner sent {expected}")
+    # Engines that stage buckets (vLLM: an in-place reload must see whole fused layers) load them now.
+    finish = {name: w.finish_weight_update.remote() for name, w in zip(names, rollout_workers)}
+    for name, ref in finish.items():
+        try:
+            ray.get(ref, timeout=max(0.0, deadline - time.perf_counter()))
+        except GetTimeoutError:
+            raise WeightSyncError(f"weight sync timed out after {timeout_s:.0f}s (ray.weight_sync_timeout_s): "
+                                  f"{name} did not finish loading the staged weights") from None
     return {"time/sync": time.perf_counter() - t0, "sync/bytes": float(nbytes), "sync/buckets": float(len(refs))}

@@ -20,6 +20,15 @@ from rlmem.train.errors import TrainingError
 PLACEMENT_TIMEOUT_S = 120.0
 
 
+def engine_options(cfg) -> dict:
+    """Construction options of the rollout engine named by ``rollout.backend`` (one engine per actor)."""
+    if cfg.rollout.backend != "vllm":
+        return {}
+    v = cfg.rollout.vllm
+    return {"block_size": cfg.eviction.block_size, "kv_cache_gib": v.cpu_kvcache_space_gb,
+            "enforce_eager": v.enforce_eager, "gpu_memory_utilization": v.gpu_memory_utilization}
+
+
 def actor_env() -> dict[str, str]:
     """Environment variables every actor gets (offline flags, DeepSpeed's CPU accelerator)."""
     import torch
@@ -187,8 +196,8 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
 
     Rollout, Learner = remote_class(RolloutWorker), remote_class(LearnerWorker)
     rollout = [Rollout.options(**opts(roll_pg, i, rollout_resources)).remote(
-        model_path, backend=cfg.rollout.backend, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads)
-        for i in range(n_roll)]
+        model_path, backend=cfg.rollout.backend, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads,
+        **engine_options(cfg)) for i in range(n_roll)]
     lcfg = cfg.learner_config(model_path)
     learners = [Learner.options(**opts(learn_pg, i, learner_resources)).remote(
         lcfg, rank=i, world_size=n_learn, num_threads=threads) for i in range(n_learn)]

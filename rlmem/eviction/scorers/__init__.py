@@ -6,6 +6,8 @@ One file per scorer (as kvpress has one file per press); importing this package 
 from rlmem.eviction.scorers.base import (Scorer, ScoringInputs, get_scorer, is_learned, register_scorer,
                                          scorer_names, window_attention)
 from rlmem.eviction.scorers import ngc  # noqa: F401  (registers "ngc")
+# heuristic baselines (register "knorm", "keydiff", "snapkv", "tova", "h2o", "streamingllm", "rkv")
+from rlmem.eviction.scorers import h2o, keydiff, knorm, rkv, snapkv, streamingllm, tova  # noqa: F401
 
 __all__ = ["Scorer", "ScoringInputs", "get_scorer", "is_learned", "register_scorer", "scorer_names",
            "window_attention"]

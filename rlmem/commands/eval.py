@@ -1,0 +1,79 @@
+"""``rlmem eval``: pass@k and peak-KV reduction of full cache, NGC and the baselines on one task."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _methods(text: str) -> list[str]:
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from rlmem.commands.common import add_backend_arg
+    from rlmem.evaluation.runner import EvalSettings
+
+    d = EvalSettings(model="", task="", out="")
+    p = sub.add_parser("eval", help="evaluate full cache, NGC and eviction baselines: accuracy vs peak-KV reduction")
+    p.add_argument("--model", required=True, help="local HF model directory or a .gguf file")
+    p.add_argument("--task", required=True,
+                   help="countdown | passkey | passkey-write | amc23 | aime24 | aime25 | <dataset id> | jsonl:PATH")
+    p.add_argument("--methods", type=_methods, default=d.methods,
+                   help="comma-separated: full, ngc and baseline scorers (full is always run: the reduction's baseline)")
+    p.add_argument("--eps", type=float, nargs="+", default=d.eps, help="eviction rates to evaluate")
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    g = p.add_argument_group("schedule (docs/design.md section 1)")
+    g.add_argument("--delta", type=int, default=d.delta)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--window", type=int, default=d.window)
+    g.add_argument("--protect-recent", type=int, default=d.protect_recent)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=d.n, help="samples per problem")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--top-k", type=int, default=d.top_k)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("problems")
+    g.add_argument("--split", choices=["train", "test"], default=d.split)
+    g.add_argument("--limit", type=int, default=None, help="number of problems (generated tasks: how many)")
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of a generated task, e.g. filler_repeats=6 or write_items=8 for passkey (repeatable)")
+    g.add_argument("--template", choices=["auto", "chat", "plain"], default=d.template)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
+    add_backend_arg(p)
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default=d.dtype)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlmem.commands.common import CommandError
+    from rlmem.evaluation.runner import EvalError, EvalSettings, run_eval
+    from rlmem.evaluation.store import StoreError
+    from rlmem.evaluation.tasks import TaskError, parse_options
+
+    try:
+        options = parse_options(args.task_option)
+    except TaskError as e:
+        raise CommandError(str(e)) from None
+    s = EvalSettings(model=args.model, task_options=options, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, delta=args.delta, block_size=args.block_size,
+                     window=args.window, protect_recent=args.protect_recent, split=args.split, limit=args.limit,
+                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, template=args.template,
+                     batch_size=args.batch_size, backend=args.backend, dtype=args.dtype)
+    try:
+        results = run_eval(s, progress=not args.no_progress)
+    except (EvalError, StoreError, TaskError) as e:
+        raise CommandError(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are saved in {args.out}; rerun the same command to resume")
+        return 130
+    from rlmem.evaluation.results import results_markdown
+
+    print(results_markdown(results))
+    print(f"wrote {args.out}/results.json, results.md, accuracy_vs_reduction.png, pass_at_k.png, records/")
+    return 0

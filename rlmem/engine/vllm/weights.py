@@ -1,0 +1,158 @@
+"""Weight updates into a running vLLM engine, bucketed, behind one interface.
+
+* CPU (and any single-process engine): buckets of ``(name, tensor)`` pairs go to every worker with
+  ``collective_rpc("rlmem_stage_weights")``; ``rlmem_commit_weights`` then loads them with vLLM's
+  in-place ``reload_weights`` (the model's ``load_weights`` maps HF names onto fused parameters,
+  e.g. q/k/v into ``qkv_proj``, and the layer-wise reload re-runs the CPU weight repacking).
+* CUDA colocated (learner and engine on the same GPU): the same buckets, flattened per dtype
+  (:func:`rlmem.train.weight_sync.make_buckets`), are shared as CUDA IPC handles and rebuilt in the
+  worker, optionally around ``LLM.sleep`` / ``LLM.wake_up`` so the learner can use the memory
+  between rollouts.
+
+The bucketing and the IPC plan are plain functions tested on CPU; the CUDA transport itself is
+covered by a ``gpu``-marked test.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol
+
+import torch
+
+
+def bucket_pairs(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of pairs of at most ``bucket_bytes`` (a bigger tensor goes alone)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1 (got {bucket_bytes})")
+    cur, size = [], 0
+    for name, t in named:
+        n = t.numel() * t.element_size()
+        if cur and size + n > bucket_bytes:
+            yield cur
+            cur, size = [], 0
+        cur.append((name, t.detach()))
+        size += n
+    if cur:
+        yield cur
+
+
+class WeightTransport(Protocol):
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Move pairs to the workers (bucketed) without loading them; return how many."""
+        ...
+
+    def commit(self) -> int:
+        """Load every staged pair into the model, in place; return how many."""
+        ...
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """``stage`` then ``commit``."""
+        ...
+
+
+class CpuRpcTransport:
+    """Buckets through ``collective_rpc`` (tensors are copied to CPU first)."""
+
+    def __init__(self, llm, bucket_bytes: int):
+        self.llm, self.bucket_bytes = llm, bucket_bytes
+        self.last_buckets = 0
+        self.staged = 0
+
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Send buckets to the workers without loading them yet (a reload must see every tensor of a layer)."""
+        count = 0
+        for bucket in bucket_pairs(((n, t.to("cpu")) for n, t in named), self.bucket_bytes):
+            got = self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,))
+            if any(x != len(bucket) for x in got):
+                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(bucket)} tensors")
+            count += len(bucket)
+            self.last_buckets += 1
+        self.staged += count
+        return count
+
+    def commit(self) -> int:
+        """Load everything staged, in place; returns the tensor count."""
+        loaded = self.llm.collective_rpc("rlmem_commit_weights")
+        if any(x != self.staged for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
+        n, self.staged = self.staged, 0
+        return n
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self.last_buckets = 0
+        self.stage(named)
+        return self.commit()
+
+
+def ipc_plan(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
+    """Flat per-dtype buckets and the metadata a worker needs to rebuild the named tensors.
+
+    Each entry: ``{"flat": tensor, "names": [...], "shapes": [...], "dtype": str}``. On CUDA the
+    flat tensor is what gets an IPC handle (one handle per bucket, not per parameter).
+    """
+    from rlmem.train.weight_sync import make_buckets
+
+    out = []
+    for b in make_buckets(named, bucket_bytes):
+        out.append({"flat": b.flat, "names": list(b.names), "shapes": [tuple(s) for s in b.shapes],
+                    "dtype": str(b.flat.dtype)})
+    return out
+
+
+def unpack_plan_entry(entry: dict) -> list[tuple[str, torch.Tensor]]:
+    """Views of one bucket's flat tensor as the named tensors (no copy)."""
+    out, off = [], 0
+    flat = entry["flat"]
+    for name, shape in zip(entry["names"], entry["shapes"]):
+        n = 1
+        for s in shape:
+            n *= s
+        out.append((name, flat[off: off + n].view(shape)))
+        off += n
+    if off != flat.numel():
+        raise ValueError(f"weight bucket: shapes cover {off} of {flat.numel()} elements")
+    return out
+
+
+class CudaIpcTransport:
+    """Colocated CUDA: one IPC handle per flat bucket; ``sleep``/``wake_up`` around training if asked."""
+
+    def __init__(self, llm, bucket_bytes: int, *, sleep_between: bool = False):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaIpcTransport needs CUDA")
+        self.llm, self.bucket_bytes, self.sleep_between = llm, bucket_bytes, sleep_between
+        self.staged = 0
+
+    def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        if self.sleep_between and not self.staged:
+            self.llm.wake_up(tags=["weights"])
+        count = 0
+        for entry in ipc_plan(((n, t.to("cuda")) for n, t in named), self.bucket_bytes):
+            handle = reduce_tensor(entry["flat"].cuda())
+            meta = {k: v for k, v in entry.items() if k != "flat"}
+            got = self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta))
+            if any(x != len(meta["names"]) for x in got):
+                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(meta['names'])} tensors")
+            count += len(meta["names"])
+        self.staged += count
+        return count
+
+    def commit(self) -> int:
+        loaded = self.llm.collective_rpc("rlmem_commit_weights")
+        if any(x != self.staged for x in loaded):
+            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
+        torch.cuda.synchronize()
+        if self.sleep_between:
+            self.llm.wake_up(tags=["kv_cache"])
+        n, self.staged = self.staged, 0
+        return n
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self.stage(named)
+        return self.commit()
+
+    def sleep(self) -> None:
+        """Free the engine's weights and KV cache on the GPU while the learner trains (level 2)."""
+        self.llm.sleep(level=2)

@@ -1,0 +1,164 @@
+"""The on-disk state of one ``rlmem eval`` run, built to survive crashes and Ctrl-C.
+
+Layout of ``<out>``::
+
+    eval_config.json            settings that change results (a resume must use the same ones)
+    cells.jsonl                 the finished-cell index: one line per finished (method, ε, problem)
+    records/<run>.jsonl         every rollout record of a run (``full`` or ``<method>_eps<ε>``)
+
+A cell is committed in two appends: its records first, then its index line. Each append is one
+``write`` on an ``O_APPEND`` descriptor followed by ``fsync``. A crash can therefore leave only
+records of unfinished cells or a torn last line; :meth:`EvalStore.open` drops both, so every
+cell in the index has exactly its records and nothing else is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG_FILE = "eval_config.json"
+INDEX_FILE = "cells.jsonl"
+RECORDS_DIR = "records"
+
+
+class StoreError(ValueError):
+    """An output directory that cannot be resumed (the message says why and what to do)."""
+
+
+def run_name(method: str, eps: float) -> str:
+    """``full`` for the full cache, else ``<method>_eps<ε>`` (e.g. ``snapkv_eps0.5``)."""
+    return "full" if method == "full" else f"{method}_eps{eps:g}"
+
+
+@dataclass
+class Cell:
+    """One finished (method, ε, problem): per-sample outcomes, in sample order."""
+
+    method: str
+    eps: float
+    problem: int
+    prompt_len: int
+    scores: list[float]
+    completion_lens: list[int]
+    peaks: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run(self) -> str:
+        return run_name(self.method, self.eps)
+
+
+def append_lines(path: Path, lines: Iterable[str]) -> None:
+    """Append whole lines with one write + fsync (a crash leaves at most one torn last line)."""
+    data = "".join(line.rstrip("\n") + "\n" for line in lines).encode()
+    if not data:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """JSON objects of ``path``, skipping a torn (unparseable) final line."""
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:   # torn by a crash mid-append
+                continue
+            raise StoreError(f"{path}:{i + 1}: not valid JSON (the file was edited?); use a new --out") from None
+    return out
+
+
+class EvalStore:
+    def __init__(self, out_dir: str | os.PathLike):
+        self.root = Path(out_dir)
+        self.records_dir = self.root / RECORDS_DIR
+        self.index_path = self.root / INDEX_FILE
+        self.cells: dict[tuple[str, int], Cell] = {}
+
+    def open(self, settings: dict[str, Any]) -> int:
+        """Create or resume the run directory; returns how many finished cells were found.
+
+        ``settings`` must equal those of the run being resumed (they determine the samples).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.records_dir.mkdir(exist_ok=True)
+        cfg_path = self.root / CONFIG_FILE
+        if cfg_path.is_file():
+            try:
+                old = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                raise StoreError(f"{cfg_path}: not valid JSON; use a new --out") from None
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if diff:
+                k = diff[0]
+                raise StoreError(f"{self.root} holds an eval with different settings ({k}: {old.get(k)!r} there, "
+                                 f"{settings.get(k)!r} now); use a new --out or the same settings to resume")
+        else:
+            tmp = cfg_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, cfg_path)
+        for d in _read_lines(self.index_path):
+            try:
+                cell = Cell(**d)
+            except TypeError:
+                raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
+            self.cells[(cell.run, cell.problem)] = cell
+        self._rewrite_clean_index()
+        self._drop_orphan_records()
+        return len(self.cells)
+
+    def done(self, run: str, problem: int) -> bool:
+        return (run, problem) in self.cells
+
+    def commit(self, cells: list[Cell], records_by_run: dict[str, list[dict]]) -> None:
+        """Make ``cells`` finished: their records first, then their index lines."""
+        for run, recs in records_by_run.items():
+            append_lines(self.records_dir / f"{run}.jsonl", (json.dumps(r) for r in recs))
+        append_lines(self.index_path, (json.dumps(asdict(c)) for c in cells))
+        for c in cells:
+            self.cells[(c.run, c.problem)] = c
+
+    def run_cells(self, run: str) -> list[Cell]:
+        """Finished cells of ``run``, by problem index."""
+        return sorted((c for (r, _), c in self.cells.items() if r == run), key=lambda c: c.problem)
+
+    def records_path(self, run: str) -> Path:
+        return self.records_dir / f"{run}.jsonl"
+
+    # ------------------------------------------------------------------ internals
+    def _rewrite_clean_index(self) -> None:
+        """Rewrite the index without a torn tail so later appends start on a fresh line."""
+        if not self.index_path.is_file():
+            return
+        tmp = self.index_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(asdict(c)) + "\n" for c in self.cells.values()))
+        os.replace(tmp, self.index_path)
+
+    def _drop_orphan_records(self) -> None:
+        """Keep only the records of finished cells (one copy each), dropping torn lines."""
+        for path in sorted(self.records_dir.glob("*.jsonl")):
+            run = path.stem
+            kept, seen = [], set()
+            for rec in _read_lines(path):
+                key = (rec.get("problem_index"), rec.get("sample_index"))
+                if (run, rec.get("problem_index")) in self.cells and key not in seen:
+                    seen.add(key)
+                    kept.append(rec)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)

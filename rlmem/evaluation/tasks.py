@@ -1,0 +1,196 @@
+"""Evaluation tasks: problems, their prompt text, and their grading by the project's verifiers.
+
+``--task`` names one of:
+
+* a registered data source: ``countdown`` (generated Countdown problems, test split, from the
+  training generator's default settings; hubs are not needed), ``passkey``, ``passkey-write``
+  (rlmem/data/passkey.py), ``amc23``, ``aime24``, ``aime25`` or any id/alias of
+  :data:`rlmem.data.DATASETS` (loaded from the hub or its local cache);
+* ``jsonl:PATH``: one problem per line with ``prompt`` (the task statement: the task's
+  instruction and the model's chat template are applied, as in training) or ``messages`` (a chat,
+  rendered with the chat template as is), and either ``answer`` (graded as math) or ``target`` and
+  ``numbers`` (graded as Countdown). A ``reward`` field may name another registered verifier.
+
+Each example carries a ``reward`` (a name in :mod:`rewards.registry`); grading calls it TRL-style
+with the example's columns, so any registered verifier works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlmem.data.templates import build_prompt
+
+
+class TaskError(ValueError):
+    """A task spec or task file that cannot be used (the message names the task, file and field)."""
+
+
+@dataclass
+class EvalTask:
+    name: str
+    examples: list[dict]
+
+
+# task names of ``rlmem eval`` that differ from the data-registry source they read
+TASK_SOURCES = {"countdown": "countdown-generated"}
+
+
+def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed: int = 0,
+              options: dict | None = None) -> EvalTask:
+    """The problems of ``spec`` (see the module docstring), the first ``limit`` of them.
+
+    ``options`` go to the data source (e.g. ``filler_repeats`` / ``write_items`` of the pass-key
+    generator, ``num_numbers`` of Countdown's); not allowed with ``jsonl:``.
+    """
+    from rlmem.data import DatasetError, load_examples
+
+    options = dict(options or {})
+    if spec.startswith("jsonl:"):
+        if options:
+            raise TaskError(f"--task {spec}: --task-option does not apply to jsonl files")
+        examples = read_task_file(spec[len("jsonl:"):])
+        if limit is not None:
+            examples = examples[:limit]
+    else:
+        source = TASK_SOURCES.get(spec, spec)
+        try:
+            examples = load_examples(source, split, limit=limit, seed=seed, **options)
+        except TypeError as e:
+            raise TaskError(f"--task {spec}: unsupported --task-option ({e})") from None
+        except KeyError as e:
+            raise TaskError(f"--task {spec}: {e.args[0]}") from None
+        except (DatasetError, ValueError, RuntimeError, FileNotFoundError) as e:
+            raise TaskError(f"--task {spec}: {e}") from None
+    if not examples:
+        raise TaskError(f"--task {spec}: no problems")
+    return EvalTask(spec, examples)
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["filler_repeats=6", "name=x"]`` -> ``{"filler_repeats": 6, "name": "x"}`` (JSON values, else strings)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TaskError(f"--task-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def read_task_file(path: str) -> list[dict]:
+    """Problems of a ``jsonl:`` task file; errors name the file, line and field."""
+    from rewards import list_rewards
+    from rlmem.jsonl import iter_json_lines
+
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"--task jsonl:{path}: file not found")
+    out = []
+    for where, row in iter_json_lines(p, TaskError):
+        if not isinstance(row, dict):
+            raise TaskError(f"{where}: expected a JSON object")
+        ex: dict[str, Any] = {k: v for k, v in row.items()}
+        ex.setdefault("id", f"{p.name}-{len(out)}")
+        if "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise TaskError(f"{where}: messages: expected a non-empty list of {{'role', 'content'}} objects")
+        elif not (isinstance(row.get("prompt"), str) and row["prompt"].strip()):
+            if "target" in row and "numbers" in row:
+                from rlmem.data.countdown import countdown_prompt_text
+
+                ex["prompt"] = countdown_prompt_text(_int_list(row["numbers"], where, "numbers"),
+                                                     _int(row["target"], where, "target"))
+            else:
+                raise TaskError(f"{where}: expected a text field 'prompt' or a 'messages' list")
+        if "reward" in row:
+            if row["reward"] not in list_rewards():
+                raise TaskError(f"{where}: reward {row['reward']!r} is not a registered verifier "
+                                f"({', '.join(list_rewards())})")
+            ex["task"] = ex.get("task", row["reward"])
+        elif "target" in row and "numbers" in row:
+            ex.update(reward="countdown", task="countdown", target=_int(row["target"], where, "target"),
+                      numbers=_int_list(row["numbers"], where, "numbers"))
+        elif "answer" in row:
+            if row["answer"] is None or str(row["answer"]).strip() == "":
+                raise TaskError(f"{where}: answer is empty")
+            ex.update(reward="math", task="math", answer=str(row["answer"]).strip())
+        else:
+            raise TaskError(f"{where}: expected 'answer' (math) or 'target' and 'numbers' (Countdown)")
+        out.append(ex)
+    if not out:
+        raise TaskError(f"--task jsonl:{path}: no problems in file")
+    return out
+
+
+def _int(v: Any, where: str, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TaskError(f"{where}: {name} must be an integer (got {v!r})")
+    try:
+        i = int(v)
+        if float(v) != i:
+            raise ValueError
+    except ValueError:
+        raise TaskError(f"{where}: {name} must be an integer (got {v!r})") from None
+    return i
+
+
+def _int_list(v: Any, where: str, name: str) -> list[int]:
+    if not isinstance(v, list) or not v:
+        raise TaskError(f"{where}: {name} must be a non-empty list of integers (got {v!r})")
+    return [_int(x, where, name) for x in v]
+
+
+def prompt_text(example: dict, tokenizer, template: str = "auto") -> str:
+    """The text fed to the model: a ``messages`` chat through the chat template as is; otherwise the
+    training prompt (:func:`rlmem.data.templates.build_prompt`: task instruction + template)."""
+    if "messages" in example:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TaskError(f"problem {example.get('id')!r} has messages but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
+    return build_prompt(example, tokenizer, template=template)
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """What the verifier reads: the decoded completion with special tokens kept (``<answer>`` may be
+    one) and a final EOS dropped, the convention of training's rewards."""
+    eos = tokenizer.eos_token_id
+    if ids and eos is not None and ids[-1] == eos:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def grade(examples: list[dict], completions: list[str], prompts: list[str]) -> list[float]:
+    """Verifier score of each completion (example ``i`` graded against completion ``i``).
+
+    Examples are grouped by their ``reward`` name; each group is one TRL-style call with the
+    examples' columns as lists.
+    """
+    from rewards import get_reward
+
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples for {len(completions)} completions")
+    scores = [0.0] * len(examples)
+    by_reward: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_reward.setdefault(ex.get("reward") or ("countdown" if "numbers" in ex else "math"), []).append(i)
+    for name, idx in by_reward.items():
+        fn = get_reward(name)
+        keys = sorted({k for i in idx for k in examples[i]} - {"prompt", "completions", "messages"})
+        cols = {k: [examples[i].get(k) for i in idx] for k in keys}
+        out = fn([completions[i] for i in idx], prompts=[prompts[i] for i in idx], **cols)
+        if len(out) != len(idx):
+            raise ValueError(f"reward {name!r} returned {len(out)} values for {len(idx)} completions")
+        for i, v in zip(idx, out):
+            scores[i] = 0.0 if v is None else float(v)
+    return scores

@@ -1,0 +1,118 @@
+"""Checks on the code itself: no import cycles, no private names used across modules, and every
+design citation resolves to a heading of the repository's own docs/design.md."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("rlmem", "rewards")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """Project modules imported anywhere in the file (module level and inside functions)."""
+    tree = ast.parse(path.read_text(), str(path))
+    is_pkg = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t in modules and t != name:
+                found.add(t)
+    return found
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: _imports(p, m, modules) for m, p in modules.items()}
+    # a package's __init__ re-exporting its own submodules is not a cycle of concepts
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def _private_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    imported: set[str] = set()
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES + ("train_helpers",):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {a.name}")
+                imported.add(a.asname or a.name)
+            if any(part.startswith("_") and not part.startswith("__") for part in (node.module or "").split(".")):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: private module {node.module}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in PACKAGES:
+                    imported.add(a.asname or a.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
+    return bad
+
+
+def test_no_private_names_used_across_modules():
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")] + list((ROOT / "tests").rglob("*.py"))
+    bad = [b for f in files for b in _private_uses(f)]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_design_citations_resolve_to_headings_of_docs_design():
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\. ", design, flags=re.M))
+    assert {"1", "2", "3", "4"} <= sections
+    files = [p for pkg in PACKAGES + ("tests",) for p in (ROOT / pkg).rglob("*.py")]
+    missing, outside = [], []
+    for f in files:
+        text = f.read_text()
+        for m in re.finditer(r"design\.md section (\d+)", text):
+            if m.group(1) not in sections:
+                missing.append(f"{f.relative_to(ROOT)}: section {m.group(1)}")
+        if re.search(r"(?<!docs/)DESIGN\.md", text) and f.name != "test_codebase.py":
+            outside.append(str(f.relative_to(ROOT)))
+    assert not missing, f"citations of sections docs/design.md lacks: {missing}"
+    assert not outside, f"files citing DESIGN.md, which is not in the repository: {outside}"

