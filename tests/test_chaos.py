@@ -126,7 +126,7 @@ def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tm
     code, stdout, err = run.finish()
     assert code == 1, err[-3000:]
     assert "resume from" in stdout and "step_000001" in stdout
-    assert "rollout worker 0" in err and "last complete checkpoint" in err and "Traceback" not in err
+    assert "rollout worker 0 died during step 3" in err and "step_000002; rerun" in err and "Traceback" not in err
     assert run.leftovers() == []
 
     # 3. resume to the end

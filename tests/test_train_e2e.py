@@ -41,7 +41,9 @@ def test_training_changes_weights_with_exact_replay(straight_run, tiny_model_dir
         assert r["eviction/eps"] == 0.5 and r["eviction/rounds_mean"] > 0
         # peak KV under eviction is below the full cache of the same prompt + completion
         assert r["eviction/kv_saving_vs_own_length"] > 1.0 and "eviction/peak_kv_reduction" not in r
-        assert r["optim/grad_norm"] > 0 and r["sync/buckets"] >= 1
+        # a group whose rewards are all equal has zero advantages, so no gradient
+        assert (r["optim/grad_norm"] > 0 or r["reward/std"] == 0) and r["sync/buckets"] >= 1
+    assert rows[0]["optim/grad_norm"] > 0
     ckpt = out / "checkpoints" / "step_000002"
     assert summary["checkpoint"] == str(ckpt) and summary["steps"] == 2
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -14,7 +14,6 @@ def test_grpo_one_step_with_countdown_reward(tiny_model_dir, tmp_path):
 
     from rewards import countdown_reward, get_reward
     from rlmem.data import build_prompt, load_examples
-    from train_helpers import digit_reward
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -33,9 +32,12 @@ def test_grpo_one_step_with_countdown_reward(tiny_model_dir, tmp_path):
                      max_completion_length=8, max_steps=1, learning_rate=1e-4, logging_steps=1,
                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, beta=0.0,
                      temperature=1.0, dataloader_num_workers=0, seed=0)
-    # a random model never solves Countdown: the digit reward varies inside a group, so the
-    # advantages (and the update) are not all zero and the weights must move
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward, get_reward("countdown"), digit_reward], args=cfg,
+    def spread(completions, **_):   # differs between distinct completions: non-zero advantages
+        return [float(sum(map(ord, str(c))) % 7) for c in completions]
+
+    # a random model never solves Countdown: without `spread` every advantage would be zero and the
+    # step would leave the weights where they were
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward, get_reward("countdown"), spread], args=cfg,
                           train_dataset=ds, processing_class=tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()

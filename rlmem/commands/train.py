@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
+        driver = sys.modules.get("rlmem.train.driver")
+        signum = getattr(e, "signum", None) or getattr(driver, "stop_signal", lambda _: signal.SIGINT)(e)
         print(f"\nrlmem train: {'interrupted' if signum == signal.SIGINT else 'stopped by ' + signal.Signals(signum).name}",
               file=sys.stderr)
         return 128 + int(signum)

@@ -39,17 +39,35 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []   # signals seen: Ray turns an exception raised in ray.get into a bare KeyboardInterrupt
+
+
+def _raise_stopped(signum, _frame):
+    _received.append(signum)
+    raise Stopped(signum)
+
+
+def stop_signal(e: KeyboardInterrupt) -> int:
+    """Which signal a KeyboardInterrupt stands for (the last one received; SIGINT if none)."""
+    return getattr(e, "signum", None) or (_received[-1] if _received else signal.SIGINT)
+
+
+def install_stop_handlers() -> None:
+    """Route SIGINT and SIGTERM to :class:`Stopped` (main thread only). Called again after
+    ``ray.init``: Ray's core installs a native SIGTERM handler that dumps a stack and aborts."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _raise_stopped)
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Stopped` in the main thread (elsewhere: left alone)."""
+    """SIGINT and SIGTERM raise :class:`Stopped` inside; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, _frame):
-        raise Stopped(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()
     try:
         yield
     finally:
@@ -94,6 +112,7 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
     from rlmem.train.preflight import preflight
     from rlmem.train.rundir import RunDirLock
 
+    _received.clear()
     prepared, problems = preflight(cfg)
     if problems:
         raise ConfigError(problems)
@@ -138,6 +157,7 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
         raise TrainingError(f"model.path {cfg.model.path!r}: cannot load: {first_line(e)}", exit_code=2) from None
 
     started_ray = init_ray(cfg)
+    install_stop_handlers()
     run: Run | None = None
     workers = logger = None
     try:
@@ -165,13 +185,14 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
             run.current_step = step
             run_step(run, step)
             run.current_step = None
-    except Stopped as e:
+    except KeyboardInterrupt as e:
+        signum = stop_signal(e)
         where = (f"during step {run.current_step}" if run and run.current_step
                  else "while starting" if run is None else "between steps")
         last = (run.last_ckpt if run else plan.resume_from) or "none"
-        print(f"\n[rlmem] interrupted ({signal.Signals(e.signum).name}) {where}; last complete checkpoint: {last} "
+        print(f"\n[rlmem] interrupted ({signal.Signals(signum).name}) {where}; last complete checkpoint: {last} "
               f"(rerun the same command to resume)", file=sys.stderr, flush=True)
-        raise
+        raise Stopped(signum) from None
     except ray.exceptions.RayActorError as e:
         who = (workers.name_of(getattr(e, "actor_id", None)) if workers is not None else None) or "a Ray worker"
         where = f"during step {run.current_step}" if run and run.current_step else "while starting"
