@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
+from rlmem.bench.timing import best_of
 from rlmem.commands.common import add_eviction_args, eviction_from_args, load_model
 
 
@@ -28,15 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8})
     p.add_argument("--repeats", type=int, default=3, help="best of N timings per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-
-
-def _best(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     times = {}
     for name, fn in rows:
         fn()                                    # warm-up (allocations, FlexAttention block-mask code paths)
-        times[name] = _best(fn, args.repeats)
+        times[name] = best_of(fn, args.repeats)
     header = f"{'configuration':<26} {'seconds':>9} {'vs causal':>10}"
     print(header)
     print("-" * len(header))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
+from rlmem.bench.timing import best_of
 from rlmem.commands.common import add_eviction_args, eviction_from_args, load_model
 
 
@@ -32,15 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "number of KV blocks (--kv-blocks), plus the torch engine on the same work")
     p.add_argument("--kv-blocks", type=int, default=40, help="--backend vllm: KV blocks of the engine (fixed memory)")
     p.add_argument("--skip-torch", action="store_true", help="--backend vllm: do not run the torch engine")
-
-
-def _time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def baseline_scorers(spec: str) -> list[str]:
@@ -101,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingParams(temperature=1.0, max_new_tokens=n_new, seed=0)
         total = args.batch * n_new
         res = {}
-        t = _time(lambda: model.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
+        t = best_of(lambda: model.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
                                          max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id),
                   args.repeats)
         res["HF generate"] = (total / t, width + n_new - 1, None)
@@ -109,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         runs += [(f"engine {name}", dataclasses.replace(cfg, scorer=name)) for name in scorers]
         for name, ev in runs:
             recs = []
-            t = _time(lambda: recs.append(engine.generate(prompts, sampling, ev)), args.repeats)
+            t = best_of(lambda: recs.append(engine.generate(prompts, sampling, ev)), args.repeats)
             peaks = [r.extra["peak_kv"] for r in recs[-1]]
             res[name] = (total / t, max(peaks), engine.last_stats.peak_cache_bytes / 2**20)
         hf, full, ngc = res["HF generate"][0], res["engine full cache"][0], res["engine NGC"][0]
