@@ -103,7 +103,7 @@ def test_ray_job_submit_runs_a_training_step(tmp_path):
         assert "succeeded" in status.lower(), f"job status: {status}\n--- logs ---\n{logs[-4000:]}"
         assert f"[rlmem] metrics:     {out / 'metrics.jsonl'}" in logs
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [0] and rows[0]["replay/max_abs_logprob_diff"] <= 1e-4
+        assert [r["step"] for r in rows] == [1] and rows[0]["replay/max_abs_logprob_diff"] <= 1e-4   # steps are 1-based
         assert (out / "checkpoints" / "step_000001" / "trainer_state.json").is_file()
         assert (out / "checkpoints" / "step_000001" / "hf" / "config.json").is_file()
     finally:
