@@ -50,6 +50,17 @@ class WeightTransport(Protocol):
         ...
 
 
+def expect_all(counts: list[int], want: int, verb: str) -> None:
+    """Every worker must report ``want`` tensors; otherwise the weights are half-updated: stop."""
+    if any(x != want for x in counts):
+        raise RuntimeError(f"vLLM weight update: a worker {verb} {counts} of {want} tensors")
+
+
+def commit_staged(llm, staged: int) -> None:
+    """Ask every worker to load what it staged, in place, and check each loaded all ``staged`` tensors."""
+    expect_all(llm.collective_rpc("rlmem_commit_weights"), staged, "loaded")
+
+
 class CpuRpcTransport:
     """Buckets through ``collective_rpc`` (tensors are copied to CPU first)."""
 
@@ -62,9 +73,7 @@ class CpuRpcTransport:
         """Send buckets to the workers without loading them yet (a reload must see every tensor of a layer)."""
         count = 0
         for bucket in bucket_pairs(((n, t.to("cpu")) for n, t in named), self.bucket_bytes):
-            got = self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,))
-            if any(x != len(bucket) for x in got):
-                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(bucket)} tensors")
+            expect_all(self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,)), len(bucket), "received")
             count += len(bucket)
             self.last_buckets += 1
         self.staged += count
@@ -72,9 +81,7 @@ class CpuRpcTransport:
 
     def commit(self) -> int:
         """Load everything staged, in place; returns the tensor count."""
-        loaded = self.llm.collective_rpc("rlmem_commit_weights")
-        if any(x != self.staged for x in loaded):
-            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
+        commit_staged(self.llm, self.staged)
         n, self.staged = self.staged, 0
         return n
 
@@ -132,17 +139,14 @@ class CudaIpcTransport:
         for entry in ipc_plan(((n, t.to("cuda")) for n, t in named), self.bucket_bytes):
             handle = reduce_tensor(entry["flat"].cuda())
             meta = {k: v for k, v in entry.items() if k != "flat"}
-            got = self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta))
-            if any(x != len(meta["names"]) for x in got):
-                raise RuntimeError(f"vLLM weight update: a worker received {got} of {len(meta['names'])} tensors")
+            expect_all(self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta)), len(meta["names"]),
+                       "received")
             count += len(meta["names"])
         self.staged += count
         return count
 
     def commit(self) -> int:
-        loaded = self.llm.collective_rpc("rlmem_commit_weights")
-        if any(x != self.staged for x in loaded):
-            raise RuntimeError(f"vLLM weight update: a worker loaded {loaded} of {self.staged} tensors")
+        commit_staged(self.llm, self.staged)
         torch.cuda.synchronize()
         if self.sleep_between:
             self.llm.wake_up(tags=["kv_cache"])
