@@ -137,3 +137,15 @@ def test_replay_check_generates_with_a_backend_then_checks(rollout_files, tmp_pa
     assert proc.returncode == 2 and "records file" in proc.stderr
     proc = rlmem("rollout", "--model", d / "model", "--prompts", prompts, "--out", out, "--backend", "nope", check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_a_setting_the_engine_refuses_is_one_error_line(rollout_files, tmp_path):
+    """The engine refuses at generate time (here: a prompt plus max tokens beyond the model's
+    positions); the command says so in one line and exits 2, no traceback."""
+    d, _ = rollout_files
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    proc = rlmem("rollout", "--model", d / "model", "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+                 "--max-new-tokens", 10**6, check=False)
+    assert proc.returncode == 2 and "--backend torch:" in proc.stderr and "max_position_embeddings" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o.jsonl").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 
@@ -12,6 +13,11 @@ class CommandError(Exception):
 
 
 DTYPE_CHOICES = ["float32", "float64", "bfloat16"]
+
+
+def as_flags(message: str, section: str) -> str:
+    """Rewrite ``section.field_name`` in a config error as the CLI flag ``--field-name`` the user typed."""
+    return re.sub(rf"\b{section}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
@@ -43,7 +49,7 @@ def eviction_from_args(args: argparse.Namespace):
     try:
         return EvictionConfig(**{k: getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS})
     except ValueError as e:
-        raise CommandError(str(e).replace("eviction.", "--").replace("_", "-", 1)) from None
+        raise CommandError(as_flags(str(e), "eviction")) from None
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -74,6 +80,16 @@ def create_engine(backend: str, model_path: str, dtype: str = "float32", seed: i
         raise CommandError(f"--model {e}") from None
     except ValueError as e:
         raise CommandError(f"--backend {backend}: {e}") from None
+
+
+def generate(engine, prompts: list[list[int]], sampling, cfg, *, greedy_evictions: bool = False) -> list:
+    """``engine.generate`` for a command: a setting the engine refuses (a vLLM block size, a prompt
+    longer than the model's positions) becomes one ``error:`` line naming the backend."""
+    try:
+        return engine.generate(prompts, sampling, cfg if cfg is not None and cfg.enabled else None,
+                               greedy_evictions=greedy_evictions)
+    except ValueError as e:
+        raise CommandError(f"--backend {engine.name}: {e}") from None
 
 
 def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:

@@ -6,7 +6,7 @@ import argparse
 
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
-                                   eviction_from_args, load_model, read_prompts)
+                                   eviction_from_args, generate, load_model, read_prompts)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +73,7 @@ def _generate(args: argparse.Namespace, tokenizer) -> list:
         raise CommandError(str(e)) from None
     records = []
     for start in range(0, len(prompts), args.batch_size):
-        records += engine.generate(prompts[start: start + args.batch_size], sampling, cfg if cfg.enabled else None)
+        records += generate(engine, prompts[start: start + args.batch_size], sampling, cfg)
     if args.records:
         write_jsonl(args.records, records)
     print(f"generated {len(records)} records with backend {args.backend}"

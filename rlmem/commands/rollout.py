@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
-                                    eviction_from_args, read_prompts)
+from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, as_flags,
+                                   create_engine, eviction_from_args, generate, read_prompts)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, stop=args.stop)
     except ValueError as e:
-        raise CommandError(str(e).replace("sampling.", "--").replace("_", "-")) from None
+        raise CommandError(as_flags(str(e), "sampling")) from None
     if args.num_samples < 1 or args.batch_size < 1:
         raise CommandError("--num-samples and --batch-size must be >= 1")
     try:
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start: start + args.batch_size]
         t0 = time.perf_counter()
-        out = engine.generate([prompts[i][1] for i, _ in chunk], sampling, cfg if cfg.enabled else None,
-                              greedy_evictions=args.eval)
+        out = generate(engine, [prompts[i][1] for i, _ in chunk], sampling, cfg, greedy_evictions=args.eval)
         seconds += time.perf_counter() - t0
         for (i, s), rec in zip(chunk, out):
             rec.extra.update(prompt_index=i, sample_index=s,
