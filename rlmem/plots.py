@@ -163,7 +163,7 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.P
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4 * len(TRAINING_CURVES), 3.2))
     for ax, (key, label) in zip(axes, TRAINING_CURVES):
         for name, rows in runs.items():
-            pts = [(r["step"] + 1, r[key]) for r in rows if key in r and "step" in r]
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]   # steps are 1-based
             if not pts:
                 continue
             xs, ys = zip(*pts)

@@ -172,6 +172,25 @@ def test_eval_outputs_records_replay_and_plots(tiny_model_dir, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
 
 
+def test_interoception_tags_each_eviction_run_with_its_rate(tiny_model_dir, tmp_path):
+    """A model trained with interoception is evaluated the way it was trained: ε in the prompt."""
+    from transformers import AutoTokenizer
+
+    from rlmem.eviction.record import read_jsonl
+
+    s = _settings(tiny_model_dir, tmp_path, eps=[0.25, 0.5], interoception=True, n=1, max_new_tokens=8)
+    run_eval(s, progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = {run: {tok.decode(r.prompt_ids) for r in read_jsonl(tmp_path / "ev" / "records" / f"{run}.jsonl")}
+             for run in ("full", "ngc_eps0.25", "ngc_eps0.5")}
+    assert not any("eviction_rate" in t for t in texts["full"])
+    assert all("<eviction_rate>25%</eviction_rate>" in t.replace(" ", "") for t in texts["ngc_eps0.25"])
+    assert all("<eviction_rate>50%</eviction_rate>" in t.replace(" ", "") for t in texts["ngc_eps0.5"])
+    # the same tagged prompts are a different eval: resuming without the flag is refused
+    with pytest.raises(StoreError, match="interoception"):
+        run_eval(_settings(tiny_model_dir, tmp_path, eps=[0.25, 0.5], n=1, max_new_tokens=8), progress=False)
+
+
 def test_interrupted_eval_resumes_without_redoing_cells(tiny_model_dir, tmp_path, monkeypatch):
     ref = run_eval(_settings(tiny_model_dir, tmp_path, out="ref"), progress=False)
 

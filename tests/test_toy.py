@@ -80,3 +80,26 @@ def test_shipped_model_loads_with_its_own_tokenizer():
     assert tok.encode(text, add_special_tokens=False) == build_toy_tokenizer().encode(text, add_special_tokens=False)
     assert tok.convert_ids_to_tokens(tok.encode("96 = 13", add_special_tokens=False)) == ["96", "=", "13"]
     assert model.config.head_dim == 64 and model.config.num_hidden_layers == 4
+
+
+def test_warm_start_training_is_seeded_and_weights_the_stop_decision(tmp_path):
+    """The shipped warm start must be reproducible from its command; --stop-weight changes the
+    update (the stop-or-continue label after each leaf counts more), nothing else does."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rlmem.toy.tokenizer import build_toy_tokenizer
+    from rlmem.toy.warmstart import stop_decision_ids, train
+
+    tok = build_toy_tokenizer()
+    assert tok.convert_ids_to_tokens(stop_decision_ids(tok)) == [",", "</think>"]
+    kw = dict(steps=3, seed=0, batch_size=4, warmup=1, layers=1, hidden=32, heads=2, kv_heads=1, log_every=1)
+    a = load_file(train(str(tmp_path / "a"), **kw) / "model.safetensors")
+    b = load_file(train(str(tmp_path / "b"), **kw) / "model.safetensors")
+    c = load_file(train(str(tmp_path / "c"), **kw, stop_weight=5.0) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    meta = json.loads((tmp_path / "c" / "warmstart.json").read_text())
+    assert meta["stop_weight"] == 5.0 and meta["steps"] == 3

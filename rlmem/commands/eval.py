@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=d.n, help="samples per problem")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy decoding")
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--top-k", type=int, default=d.top_k)
     g.add_argument("--seed", type=int, default=d.seed)
@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of a generated task, e.g. filler_repeats=6 or write_items=8 for passkey (repeatable)")
     g.add_argument("--template", choices=["auto", "chat", "plain"], default=d.template)
+    g.add_argument("--interoception", action="store_true",
+                   help="tag each eviction run's prompts with its rate, as training with "
+                        "eviction.interoception does (the full run stays untagged)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
     add_backend_arg(p)
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default=d.dtype)
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, seed=args.seed, delta=args.delta, block_size=args.block_size,
                      window=args.window, protect_recent=args.protect_recent, split=args.split, limit=args.limit,
                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, template=args.template,
+                     interoception=args.interoception,
                      batch_size=args.batch_size, backend=args.backend, dtype=args.dtype)
     try:
         results = run_eval(s, progress=not args.no_progress)

@@ -47,6 +47,7 @@ def plot_accuracy_vs_reduction(results: list[dict[str, Any]], path: str | os.Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     key = f"pass@{k}"
+    top = 0.0
     for i, m in enumerate(_methods(results)):
         pts = sorted((r for r in results if r["method"] == m and r.get(key) is not None
                       and r.get("peak_kv_reduction") is not None), key=lambda r: r["eps"])
@@ -55,14 +56,16 @@ def plot_accuracy_vs_reduction(results: list[dict[str, Any]], path: str | os.Pat
         xs = [r["peak_kv_reduction"] for r in pts]
         ys = [r[key] for r in pts]
         es = [r.get(f"{key}_stderr", 0.0) for r in pts]
-        style = dict(color="black", marker="*", markersize=11) if m == "full" else dict(marker=MARKERS[i % len(MARKERS)])
+        top = max([top, *(y + e for y, e in zip(ys, es))])
+        style = (dict(marker="*", markersize=11, **({"color": "black"} if m == "full" else {}))
+                 if m.split(" (")[0] == "full" else dict(marker=MARKERS[i % len(MARKERS)]))
         ax.errorbar(xs, ys, yerr=es, capsize=3, lw=1, label=m, **style)
         for r, x, y in zip(pts, xs, ys):
-            if m != "full":
+            if m.split(" (")[0] != "full":
                 ax.annotate(f"ε={r['eps']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
     ax.set_xlabel("average peak-KV reduction (×, higher = less memory)")
     ax.set_ylabel(key)
-    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylim(-0.03 * max(top, 0.1), min(1.03, 1.15 * top + 0.02))   # low accuracies keep their spread
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -84,7 +87,7 @@ def plot_pass_at_k(results: list[dict[str, Any]], path: str | os.PathLike, title
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
-    ax.set_ylim(-0.03, 1.03)
+    ax.set_ylim(-0.03 * max(top, 0.1), min(1.03, 1.15 * top + 0.02))   # low accuracies keep their spread
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)

@@ -57,6 +57,7 @@ class EvalSettings:
     top_p: float = 0.95
     top_k: int = 0
     template: str = "auto"
+    interoception: bool = False      # tag each ε > 0 prompt with its rate, as training with interoception does
     batch_size: int = 16
     backend: str = "torch"
     dtype: str = "float32"
@@ -96,6 +97,8 @@ def validate(s: EvalSettings) -> None:
     for name in ("n", "max_new_tokens", "batch_size"):
         if getattr(s, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(s, name)})")
+    if not s.temperature >= 0:
+        raise EvalError(f"--temperature: must be >= 0, 0 for greedy decoding (got {s.temperature})")
     if s.limit is not None and s.limit < 1:
         raise EvalError(f"--limit: must be >= 1 (got {s.limit})")
     from rlmem.engine.registry import engine_unavailable_reason
@@ -156,11 +159,21 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     tokenizer = make_tokenizer(s)
     engine = None
     examples = task.examples
-    texts = [prompt_text(ex, tokenizer, s.template) for ex in examples]
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    for i, p in enumerate(ids):
-        if not p:
-            raise EvalError(f"problem {i} ({examples[i].get('id')}): empty prompt after tokenization")
+    prompts: dict[float | None, tuple[list[str], list[list[int]]]] = {}
+
+    def prompts_for(eps: float) -> tuple[list[str], list[list[int]]]:
+        """Prompt texts and ids of a run: untagged, or tagged with ε (``--interoception``)."""
+        rate = eps if (s.interoception and eps > 0) else None
+        if rate not in prompts:
+            texts = [prompt_text(ex, tokenizer, s.template, eviction_rate=rate) for ex in examples]
+            ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+            for i, p in enumerate(ids):
+                if not p:
+                    raise EvalError(f"problem {i} ({examples[i].get('id')}): empty prompt after tokenization")
+            prompts[rate] = texts, ids
+        return prompts[rate]
+
+    prompts_for(0.0)
     per = max(1, s.batch_size // s.n)
     chunks = [list(range(i, min(i + per, len(examples)))) for i in range(0, len(examples), per)]
     runs = s.runs()
@@ -171,13 +184,16 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     for method, eps in runs:
         run = run_name(method, eps)
         cfg = method_config(method, eps, s)
+        texts, ids = prompts_for(eps)
         for ci, chunk in enumerate(chunks):
             todo = [p for p in chunk if not store.done(run, p)]
             if not todo:
                 continue
             bar.set_postfix_str(f"{run}, problems {todo[0]}-{todo[-1]}", refresh=False)
             jobs = [(p, j) for p in todo for j in range(s.n)]
-            sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            greedy = s.temperature == 0   # T = 0 means greedy decoding (top-1), as in vLLM
+            sampling = SamplingParams(temperature=1.0 if greedy else s.temperature, top_k=1 if greedy else s.top_k,
+                                      top_p=1.0 if greedy else s.top_p,
                                       max_new_tokens=s.max_new_tokens, seed=chunk_seed(s.seed, ci))
             t0 = time.perf_counter()
             if engine is None:

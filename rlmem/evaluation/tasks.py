@@ -151,14 +151,17 @@ def _int_list(v: Any, where: str, name: str) -> list[int]:
     return [_int(x, where, name) for x in v]
 
 
-def prompt_text(example: dict, tokenizer, template: str = "auto") -> str:
+def prompt_text(example: dict, tokenizer, template: str = "auto", eviction_rate: float | None = None) -> str:
     """The text fed to the model: a ``messages`` chat through the chat template as is; otherwise the
-    training prompt (:func:`rlmem.data.templates.build_prompt`: task instruction + template)."""
+    training prompt (:func:`rlmem.data.templates.build_prompt`: task instruction + template, and the
+    interoception tag when ``eviction_rate`` is given)."""
     if "messages" in example:
+        if eviction_rate is not None:
+            raise TaskError(f"problem {example.get('id')!r}: --interoception needs a prompt, not messages")
         if not getattr(tokenizer, "chat_template", None):
             raise TaskError(f"problem {example.get('id')!r} has messages but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
-    return build_prompt(example, tokenizer, template=template)
+    return build_prompt(example, tokenizer, template=template, eviction_rate=eviction_rate)
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def training_example(example: dict, tokenizer, rng: random.Random) -> tuple[list
     return p_ids + c_ids, len(p_ids)
 
 
+def stop_decision_ids(tokenizer) -> list[int]:
+    """The tokens that follow every leaf value: ``,`` (go on searching) or ``</think>`` (the leaf hit
+    the target, stop). Each trace has one stop among many leaves, so plain cross-entropy barely sees
+    the decision that makes an answer; :func:`train` weights these labels up (``--stop-weight``)."""
+    from rlmem.data.toy import LEAF_END
+
+    return [tokenizer.convert_tokens_to_ids(LEAF_END), tokenizer.convert_tokens_to_ids("</think>")]
+
+
 def batch_tensors(items: list[tuple[list[int], int]], pad_id: int):
     import torch
 
@@ -93,7 +103,7 @@ def batch_tensors(items: list[tuple[list[int], int]], pad_id: int):
 def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 3e-3,
           warmup: int = 200, layers: int = 4, hidden: int = 128, heads: int = 2, kv_heads: int = 1,
           log_every: int = 50, threads: int = 1, save_every: int = 1000,
-          stop_at: int | None = None) -> Path:
+          stop_at: int | None = None, stop_weight: float = 1.0, command: str | None = None) -> Path:
     import torch
 
     from rlmem.data.toy import toy_problems
@@ -108,6 +118,7 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
     model = make_model(tokenizer, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
     model.train()
     problems = toy_problems("train", None, seed=seed)
+    stop_ids = torch.tensor(stop_decision_ids(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -121,7 +132,9 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
         (out / "warmstart.json").write_text(json.dumps(
             {"steps": step, "schedule_steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup,
              "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
-             "train_problems": len(problems), "seconds": round(time.time() - t0, 1), "threads": threads}, indent=1))
+             "train_problems": len(problems), "stop_weight": stop_weight,
+             "command": command,
+             "seconds": round(time.time() - t0, 1), "threads": threads}, indent=1))
 
     pending: list[list[tuple[list[int], int]]] = []
     for step in range(steps if stop_at is None else min(stop_at, steps)):
@@ -138,7 +151,13 @@ def train(out_dir: str, *, steps: int, seed: int = 0, batch_size: int = 16, lr: 
             rng.shuffle(pending)
         items = pending.pop()
         ids, labels, mask = batch_tensors(items, tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        # token-mean cross-entropy, with the stop decisions counted stop_weight times
+        weight = (target != -100).float() * torch.where(torch.isin(target, stop_ids), stop_weight, 1.0)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp(min=0),
+                                               reduction="none").view_as(weight)
+        loss = (ce * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,13 +190,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stop-at", type=int, default=None, help="stop after this many steps of the --steps schedule")
+    ap.add_argument("--stop-weight", type=float, default=1.0,
+                    help="weight of the stop-or-continue label after every leaf (see stop_decision_ids)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
     a = ap.parse_args(argv)
     train(a.out_dir, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
           layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, threads=a.threads,
           save_every=a.save_every, log_every=a.log_every,
-          stop_at=a.stop_at)
+          stop_at=a.stop_at, stop_weight=a.stop_weight,
+          command=" ".join(["scripts/train_toy_reasoner.py", "OUT", *(sys.argv[2:] if argv is None else argv[1:])]))
 
 
 if __name__ == "__main__":

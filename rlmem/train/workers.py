@@ -185,7 +185,7 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
                             f"ray.num_cpus_per_actor / ray.*_resources or add nodes that have them", exit_code=2)
     pgs = [_placement_group(bundles, name) for name, bundles in plan]
     roll_pg, learn_pg = (pgs[0], pgs[0]) if len(pgs) == 1 else (pgs[0], pgs[1])
-    threads = max(1, (os.cpu_count() or 1) // max(n_roll, n_learn))
+    threads = r.torch_threads or max(1, (os.cpu_count() or 1) // max(n_roll, n_learn))
 
     def opts(pg, i: int, res: dict | None) -> dict:
         o = dict(num_cpus=r.num_cpus_per_actor, resources=res or None, runtime_env={"env_vars": actor_env()},

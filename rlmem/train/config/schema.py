@@ -238,6 +238,9 @@ class RayConfig(Section):
     placement: Literal["colocated", "separate"] = "separate"
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
+    # torch intra-op threads per actor; null: the node's cores over the larger worker count. Set it
+    # when several runs share one machine (two runs at 2 threads each on 2 cores slow both many-fold).
+    torch_threads: int | None = Field(None, ge=1)
     weight_sync_timeout_s: float = Field(300, gt=0)
     weight_sync_bucket_mb: int = Field(256, ge=1)
     # Custom Ray resources per actor (e.g. {rollout_node: 0.01}): pin a role to the nodes that
