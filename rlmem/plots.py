@@ -146,7 +146,7 @@ def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.P
 
 TRAINING_CURVES = (("reward/mean", "reward"), ("accuracy/mean", "verifier accuracy"),
                    ("eviction/eps", "eviction rate ε (mean over groups)"),
-                   ("eviction/peak_kv_reduction", "peak-KV reduction (×)"))
+                   ("eviction/peak_kv_mean", "peak KV (tokens, mean over rollouts)"))
 
 
 def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, window: int = 3) -> Path:

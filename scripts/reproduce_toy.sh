@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
 # Every number and figure of docs/toy-reproduction.md, from the shipped warm start:
 #   bash scripts/reproduce_toy.sh [OUT]          (default OUT=outputs/toy-reproduction; SEED=1)
-# 1. four RL runs of configs/countdown-toy.yaml, two at a time (1 torch thread each):
-#    NGC; the full-cache control (ε = 0, same steps); the causal-mask ablation; the token-loss-only ablation;
-# 2. `rlmem eval` on the held-out split: every method on the warm start and on the full-cache RL model,
-#    NGC on the NGC model and on both ablations, at ε = 0.5 and 0.75 (T = 1, 2 samples per problem);
-# 3. the figures. Rerunning resumes: finished runs and eval cells are skipped.
-# About 1 hour on an idle 2-core machine. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs step 2 with
-# another problem order and sampling seed (the RL runs are reused).
+# 1. two RL runs of configs/countdown-toy.yaml side by side (1 torch thread each): NGC, and the
+#    full-cache control (ε = 0, same steps);
+# 2. `rlmem eval` on the held-out split at ε = 0.5 and 0.75 (T = 1, 2 samples per problem): every
+#    method on the warm start and on the full-cache RL model, NGC on the NGC model;
+# 3. the paper's two ablations, ABLATION_STEPS (default 40) steps each, evaluated the same way, with
+#    the NGC run's checkpoint at the same step: a causal mask in the learner instead of the replay
+#    masks, and the token loss alone (mem_coef = 0);
+# 4. the figures. Rerunning resumes: finished runs and eval cells are skipped.
+# About 75 minutes on an idle 2-core machine. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
+# evaluations with another problem order and sampling seed (the RL runs are reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/toy-reproduction}
 SEED=${SEED:-1}
+ABLATION_STEPS=${ABLATION_STEPS:-40}
 RLMEM=.venv/bin/rlmem
 STEPS=$(.venv/bin/python -c "import yaml; print(yaml.safe_load(open('configs/countdown-toy.yaml'))['trainer']['total_steps'])")
-CKPT=checkpoints/step_$(printf %06d "$STEPS")/hf
+ckpt() { echo "$OUT/runs/$1/checkpoints/step_$(printf %06d "$2")/hf"; }
 
-train() {  # NAME OVERRIDES...: skipped when its final checkpoint exists
-  local name=$1; shift
-  if [ -d "$OUT/runs/$name/$CKPT" ]; then echo "[toy] $name: done"; return; fi
+train() {  # NAME STEPS OVERRIDES...: skipped when its final checkpoint exists
+  local name=$1 steps=$2; shift 2
+  if [ -d "$(ckpt "$name" "$steps")" ]; then echo "[toy] $name: done"; return; fi
   "$RLMEM" train configs/countdown-toy.yaml "output_dir=$OUT/runs/$name" ray.torch_threads=1 \
-      logging.progress_bar=false logging.wandb.mode=offline "$@" > "$OUT/logs/$name.log" 2>&1 \
+      logging.progress_bar=false logging.wandb.mode=offline "trainer.total_steps=$steps" "$@" > "$OUT/logs/$name.log" 2>&1 \
     || { echo "[toy] $name failed: see $OUT/logs/$name.log"; return 1; }
   echo "[toy] $name: $(grep '^step' "$OUT/logs/$name.log" | tail -1 | cut -c1-90)"
 }
@@ -34,24 +38,28 @@ evaluate() {  # MODEL NAME METHODS
 }
 
 mkdir -p "$OUT/logs"
-train ngc & a=$!
-train fullcache eviction.eps=0 eviction.curriculum.enabled=false eviction.interoception.enabled=false & b=$!
-wait $a && wait $b
-train causal learner.replay_mask=causal & a=$!
-train tokenonly algorithm.mem_coef=0 & b=$!
-wait $a && wait $b
-
 ALL=full,ngc,knorm,keydiff,snapkv,tova,h2o,streamingllm,rkv
+train ngc "$STEPS" & a=$!
+train fullcache "$STEPS" eviction.eps=0 eviction.curriculum.enabled=false eviction.interoception.enabled=false & b=$!
+wait $a && wait $b
 evaluate models/countdown-toy warmstart "$ALL" & a=$!
-evaluate "$OUT/runs/fullcache/$CKPT" fullcache-rl "$ALL" & b=$!
+evaluate "$(ckpt fullcache "$STEPS")" fullcache-rl "$ALL" & b=$!
 wait $a && wait $b
-evaluate "$OUT/runs/ngc/$CKPT" ngc-rl full,ngc & a=$!
-evaluate "$OUT/runs/causal/$CKPT" causal-rl full,ngc & b=$!
+evaluate "$(ckpt ngc "$STEPS")" ngc-rl full,ngc
+
+# ablations: NGC's checkpoint at the same step is the comparison (save_every divides ABLATION_STEPS)
+train causal "$ABLATION_STEPS" learner.replay_mask=causal & a=$!
+train tokenonly "$ABLATION_STEPS" algorithm.mem_coef=0 & b=$!
 wait $a && wait $b
-evaluate "$OUT/runs/tokenonly/$CKPT" tokenonly-rl full,ngc
+evaluate "$(ckpt ngc "$ABLATION_STEPS")" "ngc-rl-step$ABLATION_STEPS" full,ngc & a=$!
+evaluate "$(ckpt causal "$ABLATION_STEPS")" causal-rl full,ngc & b=$!
+wait $a && wait $b
+evaluate "$(ckpt tokenonly "$ABLATION_STEPS")" tokenonly-rl full,ngc
 
 .venv/bin/python scripts/plot_toy.py curves "$OUT/training-curves.png" "NGC=$OUT/runs/ngc" \
     "full-cache RL=$OUT/runs/fullcache" "causal mask=$OUT/runs/causal" "mem_coef 0=$OUT/runs/tokenonly"
 E=$OUT/eval-seed$SEED
 .venv/bin/python scripts/plot_toy.py accuracy "$E/accuracy-vs-reduction.png" "NGC RL=$E/ngc-rl" \
-    "warm start=$E/warmstart" "full-cache RL=$E/fullcache-rl" "causal mask=$E/causal-rl" "mem_coef 0=$E/tokenonly-rl"
+    "warm start=$E/warmstart" "full-cache RL=$E/fullcache-rl"
+.venv/bin/python scripts/plot_toy.py accuracy "$E/ablations.png" "NGC RL=$E/ngc-rl-step$ABLATION_STEPS" \
+    "causal mask=$E/causal-rl" "mem_coef 0=$E/tokenonly-rl"

@@ -26,7 +26,7 @@ def _load_tiny(*overrides: str) -> RunConfig:
     return load_config(TINY, list(overrides))
 
 
-@pytest.mark.parametrize("name", ["countdown-tiny.yaml", "countdown-r1-distill-1.5b.yaml",
+@pytest.mark.parametrize("name", ["countdown-tiny.yaml", "countdown-toy.yaml", "countdown-r1-distill-1.5b.yaml",
                                   "dapo-math-r1-distill-1.5b.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(CONFIGS / name)
@@ -406,3 +406,15 @@ def test_config_show_prints_the_eviction_defaults_of_eviction_config(tmp_path, c
     assert cli_main(["config", "show", str(p), "data.countdown.num_problems=8"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["eviction"]
     assert {k: v for k, v in shown.items() if k not in ("curriculum", "interoception")} == EvictionConfig().to_dict()
+
+
+def test_torch_threads_per_actor_is_checked_and_operational():
+    """Two runs sharing a machine set ray.torch_threads; a resumed run may change it freely."""
+    from rlmem.train.rundir import meaning_differences
+
+    with pytest.raises(ConfigError) as e:
+        _load_tiny("ray.torch_threads=0")
+    assert _keys(e.value) == ["ray.torch_threads"]
+    a, b = _load_tiny(), _load_tiny("ray.torch_threads=1")
+    assert a.ray.torch_threads is None and b.ray.torch_threads == 1
+    assert not meaning_differences(a.model_dump(mode="json"), b.model_dump(mode="json"))

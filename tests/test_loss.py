@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -228,6 +229,11 @@ def test_ngc_loss_total():
     assert total.item() == pytest.approx(0.625 + 0.5 * 0.5)
     total0, stats0 = ngc_loss(lp, None, mask, None, None, None, adv, cfg)
     assert total0.item() == pytest.approx(0.625) and stats0["loss/eviction"] == 0.0
+    # the paper's "token loss alone" ablation: mem_coef = 0 with evictions present trains no eviction
+    e = elp[:2].detach().clone().requires_grad_(True)
+    total_t, stats_t = ngc_loss(lp, None, mask, e, None, rmask[:2], adv, replace(cfg, mem_coef=0.0))
+    assert total_t.item() == pytest.approx(0.625) and stats_t["loss/eviction"] == 0.0
+    assert total_t.grad_fn is None or torch.autograd.grad(total_t, e, allow_unused=True)[0] is None
 
 
 # ---------------------------------------------------------------------------------------------

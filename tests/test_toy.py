@@ -62,7 +62,7 @@ def test_training_curves_figure(tmp_path):
     from rlmem.plots import plot_training_curves
 
     rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.1 * s, "eviction/eps": 0.25 * s,
-             "eviction/peak_kv_reduction": 1 + s} for s in range(3)]
+             "eviction/peak_kv_mean": 100 - s} for s in range(3)]
     out = plot_training_curves({"ngc": rows, "full cache": [{"step": 0, "reward/mean": 0.2}]}, tmp_path / "c.png")
     assert out.is_file() and out.stat().st_size > 10_000
 
@@ -94,7 +94,7 @@ def test_warm_start_training_is_seeded_and_weights_the_stop_decision(tmp_path):
     from rlmem.toy.warmstart import stop_decision_ids, train
 
     tok = build_toy_tokenizer()
-    assert tok.convert_ids_to_tokens(stop_decision_ids(tok)) == [",", "</think>"]
+    assert tok.convert_ids_to_tokens(stop_decision_ids(tok)) == ["<", ">", "="]
     kw = dict(steps=3, seed=0, batch_size=4, warmup=1, layers=1, hidden=32, heads=2, kv_heads=1, log_every=1)
     a = load_file(train(str(tmp_path / "a"), **kw) / "model.safetensors")
     b = load_file(train(str(tmp_path / "b"), **kw) / "model.safetensors")

@@ -6,11 +6,17 @@ positive integer), each checked against the repo's exact solver (rlmem/data/coun
 prompt is ``3 5 7 : 22`` (a dozen tokens once templated).
 
 A **search trace** is a depth-first search in random order: a branch combines two numbers
-(``3 + 5 = 8 ;``), its leaves combine that result with the third number (``8 * 7 = 56 ,``), and
-the search stops at the first leaf equal to the target, then answers in the verifier's format::
+(``3 + 5 = 8 ;``), its leaves combine that result with the third number and compare the value
+with the target (``8 * 7 = 56 > ,``: ``<``, ``>`` or ``=``), and the search stops at the first leaf
+equal to the target, then answers in the verifier's format::
 
-    3 + 5 = 8 ; 8 + 7 = 15 , 8 * 7 = 56 , 8 - 7 = 1 , 3 * 5 = 15 ; 15 + 7 = 22 </think>
+    3 + 5 = 8 ; 8 + 7 = 15 < , 8 * 7 = 56 > , 8 - 7 = 1 < , 3 * 5 = 15 ; 15 + 7 = 22 = </think>
     <answer> ( 3 * 5 ) + 7 </answer>
+
+Why the comparison: the stop decision (is this value the target?) is one label per trace, too
+rare for a tiny model to learn from imitation (a first warm start without comparisons put
+P(stop) at 0.23 on hits and 0.11 on misses). Comparing every leaf trains the same look-up of the
+target at every leaf, and it keeps the target necessary: the comparisons never state it.
 
 Traces run to ~150 tokens on average, several times the steady-state cache of the toy
 config (δ/ε = 32), and they need early information: the target (only in the prompt) decides
@@ -36,6 +42,7 @@ NUMBER_RANGE = (1, 10)
 TARGET_RANGE = (10, 99)
 MAX_VALUE = 1000           # largest number word in the toy vocabulary (10 * 10 * 10)
 BRANCH_END, LEAF_END = ";", ","
+COMPARISONS = ("<", ">", "=")   # leaf value below, above, equal to the target
 
 
 def prompt_text(numbers: list[int], target: int) -> str:
@@ -92,6 +99,10 @@ def solutions(numbers: list[int], target: int) -> list[str]:
             if leaf.value == target]
 
 
+def compare(value: int, target: int) -> str:
+    return COMPARISONS[0] if value < target else COMPARISONS[1] if value > target else COMPARISONS[2]
+
+
 def search_trace(numbers: list[int], target: int, rng: random.Random) -> str | None:
     """A random-order depth-first search trace ending in the answer, or None if none exists."""
     order = branches(numbers)
@@ -102,7 +113,7 @@ def search_trace(numbers: list[int], target: int, rng: random.Random) -> str | N
         leaves = combine(first.value, rest)
         rng.shuffle(leaves)
         for leaf in leaves:
-            words += [leaf.text(), LEAF_END]
+            words += [leaf.text(), compare(leaf.value, target), LEAF_END]
             if leaf.value == target:
                 words[-1] = "</think>"
                 return " ".join(words) + f" <answer> {answer_expr(first, leaf)} </answer>"

@@ -76,11 +76,13 @@ def plot_pass_at_k(results: list[dict[str, Any]], path: str | os.PathLike, title
     """pass@k against k (log2 axis) for every (method, ε), with error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    top = 0.0
     for i, r in enumerate(results):
         ks = sorted(int(k[5:]) for k in r if k.startswith("pass@") and not k.endswith("_stderr"))
         if not ks:
             continue
         label = "full" if r["method"] == "full" else f"{r['method']} ε={r['eps']:g}"
+        top = max([top, *(r[f"pass@{k}"] + r[f"pass@{k}_stderr"] for k in ks)])
         ax.errorbar(ks, [r[f"pass@{k}"] for k in ks], yerr=[r[f"pass@{k}_stderr"] for k in ks], capsize=2, lw=1,
                     marker=MARKERS[i % len(MARKERS)], label=label,
                     **({"color": "black"} if r["method"] == "full" else {}))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from rlmem.data.toy import MAX_VALUE
 from rlmem.models.tiny import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, UNK
 
-SYMBOLS = ["+", "-", "*", "/", "=", "(", ")", ";", ",", ":", "%", "."]
+SYMBOLS = ["+", "-", "*", "/", "=", "(", ")", ";", ",", ":", "%", ".", "<", ">"]
 
 
 def build_toy_tokenizer():

@@ -78,12 +78,12 @@ def training_example(example: dict, tokenizer, rng: random.Random) -> tuple[list
 
 
 def stop_decision_ids(tokenizer) -> list[int]:
-    """The tokens that follow every leaf value: ``,`` (go on searching) or ``</think>`` (the leaf hit
-    the target, stop). Each trace has one stop among many leaves, so plain cross-entropy barely sees
-    the decision that makes an answer; :func:`train` weights these labels up (``--stop-weight``)."""
-    from rlmem.data.toy import LEAF_END
+    """The tokens that follow every leaf value: its comparison with the target (``<``, ``>``, ``=``;
+    ``=`` means stop). They carry the one decision that makes an answer, and they are a small part of
+    the tokens; :func:`train` weights these labels up (``--stop-weight``)."""
+    from rlmem.data.toy import COMPARISONS
 
-    return [tokenizer.convert_tokens_to_ids(LEAF_END), tokenizer.convert_tokens_to_ids("</think>")]
+    return [tokenizer.convert_tokens_to_ids(c) for c in COMPARISONS]
 
 
 def batch_tensors(items: list[tuple[list[int], int]], pad_id: int):
