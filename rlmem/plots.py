@@ -11,14 +11,23 @@ import torch
 from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (runs, CI and eval have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write ``path`` (creating its directory) and close ``fig``; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
@@ -28,10 +37,7 @@ def plot_eviction_strip(record: RolloutRecord, num_layers: int, path: str | os.P
     The end of the prompt is marked; round times are ticked on top. Reading across a row shows
     which stretches of the reasoning a layer dropped and when.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     ea = evicted_at(record, num_layers)
@@ -57,7 +63,7 @@ def plot_eviction_strip(record: RolloutRecord, num_layers: int, path: str | os.P
     kept = int((ea == NEVER).sum())
     ax.set_title(title or f"what the model evicted: {len(times)} rounds, {kept}/{ea.numel()} (layer, key) "
                           f"entries kept to the end (grey)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def replay_mask_codes(evicted_at, max_side: int = 512):
@@ -83,10 +89,7 @@ def replay_mask_codes(evicted_at, max_side: int = 512):
 
 def plot_replay_mask(evicted_at, prompt_len: int, path: str | os.PathLike, title: str = "replay mask") -> Path:
     """One panel per layer: which keys (x) each query (y) attends to in the replay."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
 
     codes, idx = replay_mask_codes(evicted_at)
@@ -112,7 +115,7 @@ def plot_replay_mask(evicted_at, prompt_len: int, path: str | os.PathLike, title
         ax.set_ylabel("query position", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.suptitle(f"{title}  (blue: visible, orange: evicted, dashed: end of prompt)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.PathLike,
@@ -121,10 +124,7 @@ def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.P
 
     Each result: ``{"eps", "peak_kv_reduction", "pass@1": .., "pass@1_stderr": .., ...}``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = sorted({k for r in results for k in r if k.startswith("pass@") and not k.endswith("_stderr")}) or ["accuracy"]
     pts = sorted(results, key=lambda r: r.get("peak_kv_reduction") or 1.0)
@@ -141,7 +141,7 @@ def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.P
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 TRAINING_CURVES = (("reward/mean", "reward"), ("accuracy/mean", "verifier accuracy"),
@@ -155,10 +155,7 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.P
     ``runs`` maps a label to the rows of its metrics.jsonl; reward and accuracy are also drawn as a
     trailing mean over ``window`` steps (single steps of a small batch are noisy).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4 * len(TRAINING_CURVES), 3.2))
     for ax, (key, label) in zip(axes, TRAINING_CURVES):
@@ -177,4 +174,4 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.P
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

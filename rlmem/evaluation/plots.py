@@ -11,26 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlmem.plots import pyplot, save_figure
+
 MARKERS = "osD^v<>ph*XP"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: str | os.PathLike) -> Path:
-    plt = _pyplot()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _methods(results: list[dict[str, Any]]) -> list[str]:
@@ -44,7 +31,7 @@ def _methods(results: list[dict[str, Any]]) -> list[str]:
 def plot_accuracy_vs_reduction(results: list[dict[str, Any]], path: str | os.PathLike, *, k: int = 1,
                                title: str = "accuracy vs peak-KV reduction") -> Path:
     """pass@k (± SE) against peak-KV reduction, one series per method (points joined in ε order)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     key = f"pass@{k}"
     top = 0.0
@@ -74,7 +61,7 @@ def plot_accuracy_vs_reduction(results: list[dict[str, Any]], path: str | os.Pat
 
 def plot_pass_at_k(results: list[dict[str, Any]], path: str | os.PathLike, title: str = "pass@k") -> Path:
     """pass@k against k (log2 axis) for every (method, ε), with error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     top = 0.0
     for i, r in enumerate(results):
