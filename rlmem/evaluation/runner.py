@@ -173,14 +173,16 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
             prompts[rate] = texts, ids
         return prompts[rate]
 
-    prompts_for(0.0)
+    runs = s.runs()
+    for _, eps in runs:   # every run's prompts are checked before anything is generated
+        prompts_for(eps)
     per = max(1, s.batch_size // s.n)
     chunks = [list(range(i, min(i + per, len(examples)))) for i in range(0, len(examples), per)]
-    runs = s.runs()
     done = sum(store.done(run_name(m, e), p) for m, e in runs for p in range(len(examples)))
     bar = tqdm(total=len(runs) * len(examples) * s.n, initial=done * s.n, desc="eval", unit="seq",
                disable=not progress, dynamic_ncols=True)
     tokens, seconds = 0, 0.0
+    greedy = s.temperature == 0   # T = 0 means greedy decoding (top-1), as in vLLM
     for method, eps in runs:
         run = run_name(method, eps)
         cfg = method_config(method, eps, s)
@@ -191,7 +193,6 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
                 continue
             bar.set_postfix_str(f"{run}, problems {todo[0]}-{todo[-1]}", refresh=False)
             jobs = [(p, j) for p in todo for j in range(s.n)]
-            greedy = s.temperature == 0   # T = 0 means greedy decoding (top-1), as in vLLM
             sampling = SamplingParams(temperature=1.0 if greedy else s.temperature, top_k=1 if greedy else s.top_k,
                                       top_p=1.0 if greedy else s.top_p,
                                       max_new_tokens=s.max_new_tokens, seed=chunk_seed(s.seed, ci))
