@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="inspect", help="output directory for the PNGs")
     p.add_argument("--tokenizer", default=None, help="model/tokenizer dir to print the surviving text")
     p.add_argument("--layer", type=int, default=0, help="layer whose surviving text is printed")
+    p.add_argument("--retention", action="store_true",
+                   help="instead of one record: how often each prompt position survives, over all records, "
+                        "per layer, and the mean reward when it is kept or evicted")
     p.set_defaults(func=run)
 
 
@@ -27,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         records = read_jsonl(args.records)
     except (RecordError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None
+    if args.retention:
+        return _retention(args, records)
     if not 0 <= args.index < len(records):
         raise CommandError(f"--index {args.index}: {args.records} has {len(records)} records")
     rec = records[args.index]
@@ -49,15 +54,38 @@ def run(args: argparse.Namespace) -> int:
         cells = [f"L{l}: {x.num_blocks:>2} {len(x.kept):>2} {x.logprob:7.2f}" for l, x in enumerate(r.layers[:4])]
         print(f"{i:>5} {r.t:>6}  " + "  ".join(cells))
     if args.tokenizer:
-        from rlmem.models.loading import ModelLoadError, load_tokenizer
-
-        try:
-            tok = load_tokenizer(args.tokenizer)
-        except ModelLoadError as e:
-            raise CommandError(f"--tokenizer {e}") from None
+        tok = _tokenizer(args.tokenizer)
         ids = rec.prompt_ids + rec.completion_ids
         kept = (ea[args.layer] == NEVER).tolist()
         pieces = [tok.decode([t]) if k else "·" for t, k in zip(ids, kept)]
         print(f"layer {args.layer} at the end (· = evicted):\n" + "".join(pieces))
     print(f"wrote {strip} and {mask}")
+    return 0
+
+
+def _tokenizer(path: str):
+    from rlmem.models.loading import ModelLoadError, load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except ModelLoadError as e:
+        raise CommandError(f"--tokenizer {e}") from None
+
+
+def _retention(args: argparse.Namespace, records: list) -> int:
+    from rlmem.evaluation.retention import format_retention, prompt_retention
+
+    try:
+        rows = prompt_retention(records)
+    except ValueError as e:
+        raise CommandError(f"{args.records}: {e}") from None
+    first = next(r for r in records if r.eviction is not None and r.eviction.rounds)
+    labels = None
+    if args.tokenizer:
+        tok = _tokenizer(args.tokenizer)
+        labels = [tok.decode([t]).strip() or repr(tok.decode([t])) for t in first.prompt_ids]
+    n = sum(1 for r in records if r.eviction is not None and r.eviction.rounds)
+    print(f"{args.records}: {n} rollouts with eviction rounds; % of rollouts in which each prompt position "
+          f"survived to the end (tokens of the first such rollout)")
+    print(format_retention(rows, labels))
     return 0
