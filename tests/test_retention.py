@@ -60,7 +60,7 @@ def test_inspect_retention_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlmem.cli", "inspect", str(path), "--retention"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "2 rollouts with eviction rounds" in proc.stdout
+    assert "2 rollouts, 2 with eviction rounds" in proc.stdout
     assert any(line.split()[:5] == ["2", "3", "100.0", "50.0", "50.0"] for line in proc.stdout.splitlines())
     full = tmp_path / "full.jsonl"
     full.write_text(json.dumps(RolloutRecord([1, 2], [3], [-0.1], 1.0, 0.0, None).to_dict()) + "\n")

@@ -85,7 +85,8 @@ def _retention(args: argparse.Namespace, records: list) -> int:
         tok = _tokenizer(args.tokenizer)
         labels = [tok.decode([t]).strip() or repr(tok.decode([t])) for t in first.prompt_ids]
     n = sum(1 for r in records if r.eviction is not None and r.eviction.rounds)
-    print(f"{args.records}: {n} rollouts with eviction rounds; % of rollouts in which each prompt position "
-          f"survived to the end (tokens of the first such rollout)")
+    print(f"{args.records}: {len(records)} rollouts, {n} with eviction rounds (the others ended before the first "
+          f"round and are left out); % of those in which each prompt position survived to the end, per layer "
+          f"(tokens of the first one)")
     print(format_retention(rows, labels))
     return 0
