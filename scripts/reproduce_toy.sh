@@ -3,8 +3,8 @@
 #   bash scripts/reproduce_toy.sh [OUT]          (default OUT=outputs/toy-reproduction; SEED=1)
 # 1. two RL runs of configs/countdown-toy.yaml side by side (1 torch thread each): NGC, and the
 #    full-cache control (ε = 0, same steps);
-# 2. `rlmem eval` on the held-out split at ε = 0.5 and 0.75 (T = 1, 2 samples per problem): every
-#    method on the warm start and on the full-cache RL model, NGC on the NGC model;
+# 2. `rlmem eval` on the held-out split at ε = 0.25, 0.5 and 0.75 (T = 1, 2 samples per problem):
+#    every method on the warm start and on the full-cache RL model, NGC on the NGC model;
 # 3. the paper's two ablations, ABLATION_STEPS (default 40) steps each, evaluated the same way, with
 #    the NGC run's checkpoint at the same step: a causal mask in the learner instead of the replay
 #    masks, and the token loss alone (mem_coef = 0);
@@ -17,22 +17,23 @@ OUT=${1:-outputs/toy-reproduction}
 SEED=${SEED:-1}
 ABLATION_STEPS=${ABLATION_STEPS:-40}
 RLMEM=.venv/bin/rlmem
-STEPS=$(.venv/bin/python -c "import yaml; print(yaml.safe_load(open('configs/countdown-toy.yaml'))['trainer']['total_steps'])")
+read -r STEPS DELTA BLOCK WINDOW < <(.venv/bin/python -c "import yaml; c = yaml.safe_load(open('configs/countdown-toy.yaml')); \
+e = c['eviction']; print(c['trainer']['total_steps'], e['delta'], e['block_size'], e['window'])")
 ckpt() { echo "$OUT/runs/$1/checkpoints/step_$(printf %06d "$2")/hf"; }
 
 train() {  # NAME STEPS OVERRIDES...: skipped when its final checkpoint exists
   local name=$1 steps=$2; shift 2
   if [ -d "$(ckpt "$name" "$steps")" ]; then echo "[toy] $name: done"; return; fi
-  "$RLMEM" train configs/countdown-toy.yaml "output_dir=$OUT/runs/$name" ray.torch_threads=1 \
+  "$RLMEM" train configs/countdown-toy.yaml "output_dir=$OUT/runs/$name" ray.torch_threads=1 trainer.keep_last=3 \
       logging.progress_bar=false logging.wandb.mode=offline "trainer.total_steps=$steps" "$@" > "$OUT/logs/$name.log" 2>&1 \
     || { echo "[toy] $name failed: see $OUT/logs/$name.log"; return 1; }
   echo "[toy] $name: $(grep '^step' "$OUT/logs/$name.log" | tail -1 | cut -c1-90)"
 }
 
 evaluate() {  # MODEL NAME METHODS
-  OMP_NUM_THREADS=1 "$RLMEM" eval --model "$1" --out "$OUT/eval-seed$SEED/$2" --methods "$3" --eps 0.5 0.75 \
-      --task countdown-toy --n 2 --temperature 1 --top-p 1 --max-new-tokens 320 --delta 16 --block-size 4 \
-      --window 4 --interoception --batch-size 128 --seed "$SEED" --no-progress > "$OUT/logs/eval-seed$SEED-$2.log" 2>&1 \
+  OMP_NUM_THREADS=1 "$RLMEM" eval --model "$1" --out "$OUT/eval-seed$SEED/$2" --methods "$3" --eps 0.25 0.5 0.75 \
+      --task countdown-toy --n 2 --temperature 1 --top-p 1 --max-new-tokens 320 --delta "$DELTA" \
+      --block-size "$BLOCK" --window "$WINDOW" --batch-size 128 --seed "$SEED" --no-progress > "$OUT/logs/eval-seed$SEED-$2.log" 2>&1 \
     || { echo "[toy] eval $2 failed: see $OUT/logs/eval-seed$SEED-$2.log"; return 1; }
   echo "[toy] eval $2 (seed $SEED):"; grep '^| ' "$OUT/eval-seed$SEED/$2/results.md"
 }
@@ -40,12 +41,14 @@ evaluate() {  # MODEL NAME METHODS
 mkdir -p "$OUT/logs"
 ALL=full,ngc,knorm,keydiff,snapkv,tova,h2o,streamingllm,rkv
 train ngc "$STEPS" & a=$!
-train fullcache "$STEPS" eviction.eps=0 eviction.curriculum.enabled=false eviction.interoception.enabled=false & b=$!
+train fullcache "$STEPS" eviction.eps=0 eviction.curriculum.enabled=false & b=$!
 wait $a && wait $b
 evaluate models/countdown-toy warmstart "$ALL" & a=$!
 evaluate "$(ckpt fullcache "$STEPS")" fullcache-rl "$ALL" & b=$!
 wait $a && wait $b
-evaluate "$(ckpt ngc "$STEPS")" ngc-rl full,ngc
+evaluate "$(ckpt ngc 20)" ngc-rl-step20 full,ngc & a=$!   # the end of the ε = 0.25 stage (the README's main job)
+evaluate "$(ckpt ngc "$STEPS")" ngc-rl full,ngc & b=$!
+wait $a && wait $b
 
 # ablations: NGC's checkpoint at the same step is the comparison (save_every divides ABLATION_STEPS)
 train causal "$ABLATION_STEPS" learner.replay_mask=causal & a=$!
@@ -59,7 +62,7 @@ evaluate "$(ckpt tokenonly "$ABLATION_STEPS")" tokenonly-rl full,ngc
 .venv/bin/python scripts/plot_toy.py curves "$OUT/training-curves.png" "NGC=$OUT/runs/ngc" \
     "full-cache RL=$OUT/runs/fullcache" "causal mask=$OUT/runs/causal" "mem_coef 0=$OUT/runs/tokenonly"
 E=$OUT/eval-seed$SEED
-.venv/bin/python scripts/plot_toy.py accuracy "$E/accuracy-vs-reduction.png" "NGC RL=$E/ngc-rl" \
-    "warm start=$E/warmstart" "full-cache RL=$E/fullcache-rl"
+.venv/bin/python scripts/plot_toy.py accuracy "$E/accuracy-vs-reduction.png" "NGC RL step 20=$E/ngc-rl-step20" \
+    "NGC RL step $ABLATION_STEPS=$E/ngc-rl-step$ABLATION_STEPS" "warm start=$E/warmstart" "full-cache RL=$E/fullcache-rl"
 .venv/bin/python scripts/plot_toy.py accuracy "$E/ablations.png" "NGC RL=$E/ngc-rl-step$ABLATION_STEPS" \
     "causal mask=$E/causal-rl" "mem_coef 0=$E/tokenonly-rl"
