@@ -73,19 +73,17 @@ def _tokenizer(path: str):
 
 
 def _retention(args: argparse.Namespace, records: list) -> int:
-    from rlmem.evaluation.retention import format_retention, prompt_retention
+    from rlmem.evaluation.retention import format_retention, prompt_retention, with_rounds
 
     try:
         rows = prompt_retention(records)
     except ValueError as e:
         raise CommandError(f"{args.records}: {e}") from None
-    first = next(r for r in records if r.eviction is not None and r.eviction.rounds)
     labels = None
     if args.tokenizer:
         tok = _tokenizer(args.tokenizer)
-        labels = [tok.decode([t]).strip() or repr(tok.decode([t])) for t in first.prompt_ids]
-    n = sum(1 for r in records if r.eviction is not None and r.eviction.rounds)
-    print(f"{args.records}: {len(records)} rollouts, {n} with eviction rounds (the others ended before the first "
+        labels = [tok.decode([r.token_id]).strip() or repr(tok.decode([r.token_id])) for r in rows]
+    print(f"{args.records}: {len(records)} rollouts, {len(with_rounds(records))} with eviction rounds (the others ended before the first "
           f"round and are left out); % of those in which each prompt position survived to the end, per layer "
           f"(tokens of the first one)")
     print(format_retention(rows, labels))

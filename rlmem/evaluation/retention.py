@@ -29,13 +29,18 @@ class PositionRetention:
     reward_evicted: float | None  # mean reward when some layer evicted it (None: no such rollout)
 
 
+def with_rounds(records: list[RolloutRecord]) -> list[RolloutRecord]:
+    """The records that had at least one eviction round (the ones retention is measured over)."""
+    return [r for r in records if r.num_rounds > 0]
+
+
 def prompt_retention(records: list[RolloutRecord]) -> list[PositionRetention]:
     """Retention of each prompt position over the ``records`` that had eviction rounds.
 
     Raises ``ValueError`` when no record had a round (a full cache keeps everything: nothing to say)
     or when records disagree on the number of layers (they come from different models).
     """
-    rows = [r for r in records if r.eviction is not None and r.eviction.rounds]
+    rows = with_rounds(records)
     if not rows:
         raise ValueError("no record has eviction rounds (full-cache rollouts keep every key)")
     n_layers = len(rows[0].eviction.rounds[0].layers)
