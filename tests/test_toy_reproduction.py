@@ -34,11 +34,11 @@ def short_run(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "countdown-toy.yaml",
                       [f"output_dir={out}", f"model.path={ROOT / 'models' / 'countdown-toy'}", *SHORT_RUN])
     summary = run_training(cfg)
-    return out, summary
+    return out, summary, cfg
 
 
 def test_short_toy_run_replays_exactly_and_its_reward_rises(short_run):
-    out, summary = short_run
+    out, summary, _ = short_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == list(range(1, 21))
@@ -63,14 +63,16 @@ def test_short_toy_run_beats_the_warm_start_at_the_same_eps(short_run, tmp_path)
 
     from rlmem.evaluation.runner import EvalSettings, run_eval
 
-    _, summary = short_run
+    _, summary, cfg = short_run
     torch.set_num_threads(1)
+    ev, ro = cfg.eviction, cfg.rollout
 
     def ngc(path, name: str) -> tuple[float, float]:
-        """Held-out pass@1 ± SE with the model's own evictions at ε = 0.25, as the report measures it."""
+        """Held-out pass@1 ± SE with the model's own evictions at ε = 0.25, on the schedule and sampling
+        it trained with (as the report measures it)."""
         s = EvalSettings(model=str(path), task="countdown-toy", out=str(tmp_path / name), methods=["ngc"], eps=[EPS],
-                         n=1, max_new_tokens=320, seed=1, delta=32, block_size=4, window=4, temperature=1.0,
-                         top_p=1.0, batch_size=94)
+                         n=1, max_new_tokens=ro.max_new_tokens, seed=1, delta=ev.delta, block_size=ev.block_size,
+                         window=ev.window, temperature=ro.temperature, top_p=ro.top_p, batch_size=94)
         row = next(r for r in run_eval(s, progress=False) if r["method"] == "ngc")
         return row["pass@1"], row["pass@1_stderr"]
 
