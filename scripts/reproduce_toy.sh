@@ -39,7 +39,7 @@ evaluate() {  # MODEL NAME METHODS
 }
 
 mkdir -p "$OUT/logs"
-ALL=full,ngc,knorm,keydiff,snapkv,tova,h2o,streamingllm,rkv
+ALL=full,ngc,knorm,keydiff,snapkv,tova,h2o,streamingllm,streamingllm_prompt,rkv
 train ngc "$STEPS" & a=$!
 train fullcache "$STEPS" eviction.eps=0 eviction.curriculum.enabled=false & b=$!
 wait $a && wait $b

@@ -11,11 +11,12 @@ import torch
 from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig, decide, keep_count
+from rlmem.eviction.record import NEVER, evicted_at
 from rlmem.eviction.scorers import ScoringInputs, get_scorer
 from rlmem.models.loading import load_model, load_tokenizer
 from rlmem.replay import replay_forward, rollout_logprobs
 
-BASELINES = ["knorm", "keydiff", "snapkv", "tova", "h2o", "streamingllm", "rkv"]
+BASELINES = ["knorm", "keydiff", "snapkv", "tova", "h2o", "streamingllm", "streamingllm_prompt", "rkv"]
 HQ, HKV, W, D, C = 4, 2, 3, 8, 7
 SCALE = 1 / math.sqrt(D)
 
@@ -33,9 +34,12 @@ def cache():
     return q, k, valid, pos
 
 
+PROMPT_LENS = torch.tensor([3, 4])   # row 0: positions 0-2 are the prompt; row 1: positions 0 and 3
+
+
 def _inputs(cache, state=None):
     q, k, valid, pos = cache
-    return ScoringInputs(q, k, valid, pos, SCALE, 0, state)
+    return ScoringInputs(q, k, valid, pos, SCALE, 0, state, PROMPT_LENS)
 
 
 def _attn(q_vec, keys_h, alive):
@@ -119,6 +123,16 @@ def test_streamingllm_rule_sinks_then_recency(cache):
     assert s[0].tolist() == [math.inf, math.inf, math.inf, 5.0, 9.0, 10.0, 11.0]
     assert s[1].tolist() == [math.inf, math.inf, 4.0, 6.0, 7.0, 0.0, 0.0]
     assert get_scorer("streamingllm", sinks=1).scores(_inputs(cache))[1, :3].tolist() == [math.inf, 3.0, 4.0]
+
+
+def test_streamingllm_prompt_rule_whole_prompt_then_recency(cache):
+    """Prompt keys outrank every generated key (older first), then newer generated keys rank higher."""
+    s = get_scorer("streamingllm_prompt").scores(_inputs(cache))
+    assert s[0].tolist() == [24.0, 23.0, 22.0, 5.0, 9.0, 10.0, 11.0]     # top = 12
+    assert s[1].tolist() == [16.0, 13.0, 4.0, 6.0, 7.0, 0.0, 0.0]        # top = 8; slots 5, 6 not alive
+    q, k, valid, pos = cache
+    with pytest.raises(ValueError, match="prompt lengths"):
+        get_scorer("streamingllm_prompt").scores(ScoringInputs(q, k, valid, pos, SCALE, 0))
 
 
 def test_rkv_rule_importance_minus_redundancy(cache):
@@ -234,3 +248,24 @@ def test_baselines_keep_what_their_rule_says_on_the_engine(tiny):
         n = layer.num_blocks
         m = len(layer.kept)
         assert sorted(layer.kept) == [0] + list(range(n - 1 - (m - 1), n - 1))   # sinks + most recent eligible
+
+
+def test_streamingllm_prompt_keeps_the_whole_prompt_in_every_layer_on_the_engine(tiny):
+    """Through every round of a batch with prompts of different lengths, no layer evicts a prompt
+    token, and the generated tokens kept at the end are the newest ones."""
+    model, tok = tiny
+    engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])
+    prompts = [tok("3 5 7 : 22").input_ids, tok("Hi").input_ids]
+    # δ = 32, ε = 0.5: the first round keeps 3 of 7 eligible blocks, room for a prompt of up to 12.
+    cfg = EvictionConfig(delta=32, eps=0.5, block_size=4, window=4, scorer="streamingllm_prompt")
+    for rec in engine.generate(prompts, SamplingParams(max_new_tokens=120, seed=2), cfg):
+        assert rec.num_rounds >= 3 and len(rec.prompt_ids) <= 12
+        ea = evicted_at(rec, model.config.num_hidden_layers)            # [L, n]
+        p = len(rec.prompt_ids)
+        assert (ea[:, :p] == NEVER).all()
+        # The block holding the prompt's tail may carry a few generated keys with it; after it,
+        # the surviving generated keys are one run that ends at the newest token.
+        after = -(-p // 4) * 4
+        kept = (ea[0, after:] == NEVER).nonzero().flatten().tolist()
+        assert kept == list(range(kept[0], rec.seq_len - after)) and kept[0] > 0
+        assert (ea == ea[0]).all()                                      # the rule ignores attention: layers agree

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(engine_unavailable_reason("vllm") is not None,
 from rlmem.commands.replay_check import check_records  # noqa: E402
 from rlmem.engine.sampling import SamplingParams  # noqa: E402
 from rlmem.eviction.policy import EvictionConfig  # noqa: E402
-from rlmem.eviction.record import RolloutRecord  # noqa: E402
+from rlmem.eviction.record import NEVER, RolloutRecord, evicted_at  # noqa: E402
 from rlmem.models.loading import load_model  # noqa: E402
 
 CFG = EvictionConfig(delta=64, eps=0.5, block_size=32, window=5)
@@ -61,6 +61,21 @@ def test_records_replay_exactly_fp32_with_top_k_top_p(engine, hf_model):
     assert w["token"] < 1e-4 and w["eviction"] < 1e-4
     # the eviction log-probs are real Plackett-Luce values, not zeros
     assert any(l.logprob < -1e-3 for r in records[:3] for rd in r.eviction.rounds for l in rd.layers)
+
+
+def test_heuristic_scorer_sees_each_requests_prompt_length(engine, hf_model):
+    """streamingllm_prompt on vLLM: the worker hands each request's own prompt length to the scorer,
+    so no layer ever evicts a prompt token (prompts of 12 and 30 tokens, one 32-token block each),
+    and the records replay exactly."""
+    cfg = EvictionConfig(delta=128, eps=0.5, block_size=32, window=5, scorer="streamingllm_prompt")
+    records = engine.generate(prompts(2), SamplingParams(max_new_tokens=300, seed=5), cfg)
+    for r in records:
+        assert r.num_rounds >= 2
+        ea = evicted_at(r, hf_model.config.num_hidden_layers)
+        assert (ea[:, : len(r.prompt_ids)] == NEVER).all()
+        assert (ea[:, 32: r.num_rounds * 128 - 64] != NEVER).any()     # it did evict, from the trace
+    w = check_records(hf_model, records, progress=False)
+    assert w["tokens"] == 600 and w["token"] < 1e-4
 
 
 def test_memory_comes_back_to_the_block_pool(engine):

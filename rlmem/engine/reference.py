@@ -194,7 +194,8 @@ class ReferenceEngine:
             if due:
                 peak_bytes = max(peak_bytes, cache.nbytes())
                 self._round(cache, scorer, due, [cfgs[active[s]] for s in due], gen, greedy_evictions,
-                            [rounds[active[s]] for s in due], [t[s] for s in due])
+                            [rounds[active[s]] for s in due], [t[s] for s in due],
+                            prompt_lens[[active[s] for s in due]])
                 n_rounds += len(due)
             ids = torch.tensor([[completions[i][-1]] for i in active], device=device)
             pos = torch.tensor([[x] for x in t], device=device)
@@ -237,8 +238,10 @@ class ReferenceEngine:
         return ""
 
     def _round(self, cache: CompactingKVCache, scorer: Scorer, slots: list[int], cfgs: list[EvictionConfig],
-               gen: torch.Generator, greedy: bool, out: list[list[EvictionRound]], times: list[int]) -> None:
-        """One eviction round for the rows ``slots`` on every layer (docs/design.md section 1)."""
+               gen: torch.Generator, greedy: bool, out: list[list[EvictionRound]], times: list[int],
+               prompt_lens: torch.Tensor) -> None:
+        """One eviction round for the rows ``slots`` on every layer (docs/design.md section 1);
+        ``prompt_lens`` are those rows' prompt lengths."""
         rows = torch.tensor(slots)
         per_row: list[list[LayerEviction]] = [[] for _ in slots]
         for layer, module in enumerate(self.attention_modules):
@@ -246,7 +249,7 @@ class ReferenceEngine:
             r = rows.to(k.device)
             state = cache.scorer_state(layer)[r, : k.shape[2]] if scorer.observes else None
             inputs = ScoringInputs(cache.queries[layer][r], k[r], valid[r], cache.slot_positions(layer)[r],
-                                   module.scaling, layer, state)
+                                   module.scaling, layer, state, prompt_lens.to(k.device))
             decisions = decide(scorer, inputs, cfgs, gen, greedy)
             for j, (slot, d) in enumerate(zip(slots, decisions)):
                 cache.compact(layer, slot, d.keep_slots)

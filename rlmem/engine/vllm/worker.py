@@ -216,6 +216,7 @@ class NGCWorkerState:
     def _round_group(self, items: list, window: int, scorer, greedy: bool) -> None:
         cfgs = [st.settings.config for _, st, _, _ in items]
         c_max = max(plan.n_alive for _, _, plan, _ in items)
+        prompt_lens = torch.tensor([self.runner.requests[rid].num_prompt_tokens for rid, _, _, _ in items])
         per_req = [[] for _ in items]
         new_kept = [[None] * self.num_layers for _ in items]
         for layer, module in enumerate(self.layers):
@@ -234,7 +235,8 @@ class NGCWorkerState:
                 positions[i, : plan.n_alive] = pos
             slots = torch.tensor([st.slot for _, st, _, _ in items], device=kv.device)
             queries = self.qbuf[layer][slots, -window:].permute(0, 2, 1, 3).to(keys.dtype)   # [B, Hq, w, d]
-            inputs = ScoringInputs(queries, keys, valid, positions.to(kv.device), module.impl.scale, layer, None)
+            inputs = ScoringInputs(queries, keys, valid, positions.to(kv.device), module.impl.scale, layer, None,
+                                   prompt_lens)
             decisions = decide(scorer, inputs, cfgs, self.generator, greedy)
             for i, ((_, st, plan, ids), d) in enumerate(zip(items, decisions)):
                 if d.num_blocks != plan.num_blocks:

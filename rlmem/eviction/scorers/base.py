@@ -27,6 +27,8 @@ class ScoringInputs:
     valid ``[B, C]``: which slots hold alive keys.
     positions ``[B, C]``: true positions of the keys (-1 where not valid).
     state ``[B, C]`` or None: per-key state of scorers that observe every step (H2O).
+    prompt_lens ``[B]`` or None: each row's prompt length, for rules that treat the question apart
+    (``streamingllm_prompt``). Every engine passes it; a hand-built input may leave it out.
     """
 
     queries: torch.Tensor
@@ -36,6 +38,7 @@ class ScoringInputs:
     scaling: float
     layer: int = 0
     state: torch.Tensor | None = None
+    prompt_lens: torch.Tensor | None = None
 
 
 class Scorer:
