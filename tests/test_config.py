@@ -209,8 +209,9 @@ def test_batch_sizes_paper_recipe():
             b.gradient_accumulation_steps, b.samples_per_optimizer_step) == (512, 128, 128, 16, 512)
 
 
-def test_config_show_prints_derived_batch_sizes(capsys):
-    assert cli_main(["config", "show", str(TINY), "algorithm.prompts_per_step=8"]) == 0
+def test_config_show_prints_derived_batch_sizes(capsys, tmp_path):
+    # a fresh output_dir: a run of the tiny config left in outputs/ would (rightly) refuse the change
+    assert cli_main(["config", "show", str(TINY), "algorithm.prompts_per_step=8", f"output_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["algorithm"]["prompts_per_step"] == 8  # the YAML part round-trips
     line = next(l for l in out.splitlines() if l.startswith("#   per step"))

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
+from rlmem.eviction.record import read_jsonl
 from rlmem.train import checkpoint as ck
+from rlmem.train.logger import records_path
 from train_helpers import hf_state, tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -19,7 +21,7 @@ def straight_run(tiny_model_dir, tmp_path_factory):
     from rlmem.train.driver import run_training
 
     out = tmp_path_factory.mktemp("straight")
-    summary = run_training(tiny_run_config(tiny_model_dir, out))
+    summary = run_training(tiny_run_config(tiny_model_dir, out, "logging.records_every=1"))
     return out, summary
 
 
@@ -58,15 +60,24 @@ def test_training_changes_weights_with_exact_replay(straight_run, tiny_model_dir
     assert moved > 1e-4
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["peak_kv"] > 0 and s["completion"] is not None for s in samples)
+    # logging.records_every=1: every rollout of every step, rewards set, as records the inspector reads
+    for r in rows:
+        recs = read_jsonl(records_path(out, r["step"]))
+        assert len(recs) == 4 and all(rec.num_rounds > 0 for rec in recs)
+        assert sum(rec.reward for rec in recs) / 4 == pytest.approx(r["reward/mean"])
 
 
 def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path):
     from rlmem.train.driver import run_training
 
     out, _ = straight_run
-    first = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=1"))
+    first = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=1", "logging.records_every=1"))
     assert first["steps"] == 1
-    second = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=2"))
+    # what a run killed during step 2 leaves: its records, half-written, and a temporary file
+    stale = records_path(tmp_path, 2)
+    stale.write_text('{"prompt_ids": [1], "compl')
+    stale.with_name(stale.name + ".tmp").write_text("torn")
+    second = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=2", "logging.records_every=1"))
     assert second["resumed_from"] == str(tmp_path / "checkpoints" / "step_000001")
     a, b = _rows(out), _rows(tmp_path)
     assert [r["step"] for r in b] == [1, 2]
@@ -79,6 +90,10 @@ def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path)
     sb = json.loads((tmp_path / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
     ids = json.loads((tmp_path / "checkpoints" / "step_000001" / "trainer_state.json").read_text())["wandb_run_id"]
     assert sb["wandb_run_id"] == ids and sa["step"] == sb["step"] == 2
+    # step 2's records were written again, identical to the uninterrupted run's; nothing else is left
+    assert [r.to_dict() for r in read_jsonl(records_path(tmp_path, 2))] == \
+        [r.to_dict() for r in read_jsonl(records_path(out, 2))]
+    assert sorted(p.name for p in records_path(tmp_path, 2).parent.iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
 
 
 def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir):

@@ -388,6 +388,8 @@ def log_step(run: Run, batch: Batch, records, texts, metrics, eval_results) -> N
         lg.log_eval(step, eval_results)
     lg.log_samples(step, records, texts, prompts=[batch.prompt_texts[i // G] for i in range(len(records))],
                    num_layers=run.num_layers)
+    if lg.should_log_records(step):
+        lg.log_records(step, records)
     if lg.should_log_mask(step):
         rec = next((r for r in records if r.num_rounds > 0), records[0])
         eps = rec.eviction_config.eps if rec.eviction_config else 0

@@ -6,10 +6,12 @@ block or kill a run. Mode ``auto`` is online when ``WANDB_API_KEY`` is set and o
 later W&B error is reported once and W&B is switched off for the rest of the run.
 
 Files under ``<output_dir>``: ``metrics.jsonl`` (one object per step, non-finite numbers as null),
-``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``figures/*.png``, ``wandb/``.
+``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``figures/*.png``, ``wandb/``, and
+with ``logging.records_every`` the full rollout records of every Nth step in
+``records/step_NNNNNN.jsonl`` (rewards included; what ``rlmem inspect`` reads).
 Every row carries ``step``, the 1-based number of the training step it belongs to. On resume from
 the checkpoint of step S, :func:`rlmem.train.rundir.trim_logs` has already cut every file back to
-``step <= S``; the W&B run is reopened with the same id and, when it had logged past S
+``step <= S`` (and removed the record files of later steps); the W&B run is reopened with the same id and, when it had logged past S
 (``rewind``), rewound to S (online; W&B cannot rewind an offline run, which then continues under a
 new id in the same group, named in the console).
 """
@@ -27,7 +29,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlmem.eviction.record import peak_kv
+from rlmem.eviction.record import peak_kv, write_jsonl
+
+RECORDS_DIR = "records"
+
+
+def records_path(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where a run keeps the rollout records of ``step`` (``logging.records_every``)."""
+    return Path(output_dir) / RECORDS_DIR / f"step_{int(step):06d}.jsonl"
 from rlmem.plots import plot_accuracy_vs_compression, plot_replay_mask
 
 log = logging.getLogger("rlmem.train.logger")
@@ -101,6 +110,7 @@ class RunLogger:
         progress_bar: bool = True,
         sample_table_size: int = 8,
         mask_image_every: int = 10,
+        records_every: int = 0,
         log_every: int = 1,
         stream=None,
     ):
@@ -114,6 +124,8 @@ class RunLogger:
         self.run_id = run_id or new_run_id()
         self.sample_table_size = sample_table_size
         self.mask_image_every = mask_image_every
+        self.records_every = records_every
+        self.records_dir = self.output_dir / RECORDS_DIR
         self.log_every = max(1, log_every)
         self.stream = stream if stream is not None else sys.stdout
         self._warned: set[str] = set()
@@ -147,7 +159,8 @@ class RunLogger:
                    wandb_entity=w.entity, wandb_mode=w.mode, run_name=w.run_name, group=w.group, tags=w.tags,
                    config=cfg.model_dump(mode="json"), run_id=run_id, start_step=start_step, rewind=rewind,
                    progress_bar=cfg.logging.progress_bar, sample_table_size=cfg.logging.sample_table_size,
-                   mask_image_every=cfg.logging.mask_image_every, log_every=cfg.trainer.log_every, **kw)
+                   mask_image_every=cfg.logging.mask_image_every, records_every=cfg.logging.records_every,
+                   log_every=cfg.trainer.log_every, **kw)
 
     # -- W&B plumbing ---------------------------------------------------------------------------
 
@@ -261,6 +274,16 @@ class RunLogger:
                 self._wandb.log({"samples": table}, step=int(step))
             self._wb("table", _table)
         return rows
+
+    def should_log_records(self, step: int) -> bool:
+        return self.records_every > 0 and step % self.records_every == 0
+
+    def log_records(self, step: int, records: Sequence[Any]) -> Path:
+        """Every rollout of ``step`` as a record (rewards set), replacing the file atomically, so a
+        step run again after a resume overwrites its own file and nothing else."""
+        path = records_path(self.output_dir, step)
+        write_jsonl(path, records)
+        return path
 
     # -- pictures -------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import yaml
 from rlmem.train import checkpoint as ckpt
 from rlmem.train.config import RunConfig
 from rlmem.train.errors import TrainingError
+from rlmem.train.logger import RECORDS_DIR
 
 LOCK_FILE = ".rlmem.lock"
 PREVIOUS_DIR = "previous"
@@ -238,7 +239,12 @@ def apply_plan(cfg: RunConfig, plan: StartPlan) -> None:
 
 
 def trim_logs(out: Path, last_step: int) -> None:
-    """Keep only rows with ``step <= last_step`` in every JSON-lines log (atomically); torn lines go."""
+    """Keep only rows with ``step <= last_step`` in every JSON-lines log (atomically); torn lines go.
+    Rollout-record files of later steps (``records/step_NNNNNN.jsonl``) are removed."""
+    for path in sorted((out / RECORDS_DIR).glob("step_*.jsonl*")):
+        digits = path.name[len("step_"):].split(".")[0]
+        if path.suffix == ".tmp" or (digits.isdigit() and int(digits) > last_step):
+            path.unlink()
     for name in LOG_FILES:
         path = out / name
         if not path.exists():

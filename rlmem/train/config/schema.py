@@ -275,6 +275,9 @@ class LoggingConfig(Section):
     wandb: WandbConfig = WandbConfig()
     sample_table_size: int = Field(8, ge=0)
     mask_image_every: int = Field(10, ge=0)        # 0: never
+    # every Nth step's rollouts, all of them, as rollout records (docs/design.md section 2) in
+    # records/step_NNNNNN.jsonl, for `rlmem inspect` and `--retention`; 0: never
+    records_every: int = Field(0, ge=0)
     progress_bar: bool = True
 
 
