@@ -31,7 +31,7 @@ train() {  # NAME STEPS OVERRIDES...: skipped when its final checkpoint exists
 }
 
 evaluate() {  # MODEL NAME METHODS
-  OMP_NUM_THREADS=1 "$RLMEM" eval --model "$1" --out "$OUT/eval-seed$SEED/$2" --methods "$3" --eps 0.25 0.5 0.75 \
+  "$RLMEM" eval --threads 1 --model "$1" --out "$OUT/eval-seed$SEED/$2" --methods "$3" --eps 0.25 0.5 0.75 \
       --task countdown-toy --n 2 --temperature 1 --top-p 1 --max-new-tokens 320 --delta "$DELTA" \
       --block-size "$BLOCK" --window "$WINDOW" --batch-size 128 --seed "$SEED" --no-progress > "$OUT/logs/eval-seed$SEED-$2.log" 2>&1 \
     || { echo "[toy] eval $2 failed: see $OUT/logs/eval-seed$SEED-$2.log"; return 1; }

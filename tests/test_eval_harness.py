@@ -243,6 +243,8 @@ def test_cli_eval(tiny_model_dir, tmp_path, capsys):
     assert "| ngc | 0.75 |" in text and (out / "records" / "ngc_eps0.75.jsonl").is_file()
     assert main(argv[:5] + ["--methods", "full,snap"] + argv[7:]) == 2
     assert "error: --methods: unknown method 'snap'" in capsys.readouterr().err
+    assert main(argv + ["--threads", "0"]) == 2
+    assert "error: --threads: must be >= 1 (got 0)" in capsys.readouterr().err
 
 
 def test_baseline_eval_records_pass_replay_check_on_tokens(tiny_model_dir, tmp_path, capsys):

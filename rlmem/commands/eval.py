@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
     add_backend_arg(p)
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default=d.dtype)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core). Set 1 beside another torch "
+                        "process: two processes each using every core slow both many-fold")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -63,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         options = parse_options(args.task_option)
     except TaskError as e:
         raise CommandError(str(e)) from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads: must be >= 1 (got {args.threads})")
+        import torch
+
+        torch.set_num_threads(args.threads)
     s = EvalSettings(model=args.model, task_options=options, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, delta=args.delta, block_size=args.block_size,
                      window=args.window, protect_recent=args.protect_recent, split=args.split, limit=args.limit,
