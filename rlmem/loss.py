@@ -40,6 +40,7 @@ class LossConfig:
     mem_coef: float = 1.0
     clip_eps: float | None = None
     clip_eps_high: float | None = None
+    kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -55,6 +56,8 @@ class LossConfig:
             raise ValueError("loss.clip_eps_high: set only together with loss.clip_eps")
         if self.mem_coef < 0:
             raise ValueError(f"loss.mem_coef: must be >= 0 (got {self.mem_coef!r})")
+        if self.kl_coef < 0:
+            raise ValueError(f"loss.kl_coef: must be >= 0 (got {self.kl_coef!r})")
 
 
 def group_advantages(rewards: Tensor, group_size: int, *, scale_by_std: bool = False, eps: float = 1e-6) -> Tensor:
@@ -158,6 +161,44 @@ def token_loss(
     return loss, stats
 
 
+def kl_penalty(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    aggregation: Aggregation = "constant",
+    max_len: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL(π_θ ‖ π_ref) on the sampled tokens, aggregated exactly as :func:`token_loss` aggregates.
+
+    Per token the k3 estimator ``exp(r) − r − 1`` with ``r = log π_ref − log π_θ`` (Schulman;
+    GRPO's and verl's ``low_var_kl``): non-negative, unbiased for the sequence KL under on-policy
+    samples, and its gradient pulls ``log π_θ`` toward ``log π_ref``. Both log-probs are of the same
+    surviving cache (the replay masks of the rollout), so the penalty anchors the token policy
+    without saying anything about which entries to evict (docs/design.md section 1, Losses).
+    """
+    if logprobs.shape != mask.shape or ref_logprobs.shape != mask.shape:
+        raise ValueError(f"kl_penalty: shapes {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)} and mask "
+                         f"{tuple(mask.shape)} differ")
+    mask = mask.bool()
+    r = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, torch.zeros_like(logprobs))
+    term = torch.where(mask, torch.exp(r) - r - 1, torch.zeros_like(logprobs))
+    s = logprobs.shape[0] if num_sequences is None else num_sequences
+    if aggregation == "constant":
+        if max_len is None or max_len < 1:
+            raise ValueError("max_len: aggregation 'constant' needs the constant normaliser (max completion length)")
+        kl = term.sum() / (s * max_len)
+    elif aggregation == "token_mean":
+        kl = term.sum() / max(int(mask.sum()) if num_tokens is None else num_tokens, 1)
+    else:
+        kl = (term.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(term.dtype)).sum() / s
+    n = int(mask.sum())
+    return kl, {"loss": float(kl.detach()), "kl_ref_mean": float(term.detach()[mask].mean()) if n else 0.0,
+                "count": float(n)}
+
+
 def eviction_loss(
     logprobs: Tensor,
     old_logprobs: Tensor | None,
@@ -201,10 +242,12 @@ def ngc_loss(
     *,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    ref_token_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total NGC loss = token loss + ``mem_coef`` × eviction loss (KL coefficient 0).
+    """Total NGC loss = token loss + ``mem_coef`` × eviction loss + ``kl_coef`` × KL to the reference.
 
-    ``eviction_logprobs=None`` (or ``R = 0``, or ``mem_coef = 0``) leaves only the token loss.
+    ``eviction_logprobs=None`` (or ``R = 0``, or ``mem_coef = 0``) leaves only the token loss. The KL
+    term (:func:`kl_penalty`) needs ``ref_token_logprobs`` when ``kl_coef > 0`` (NGC's default is 0).
     Stats keys: ``loss``, ``loss/token``, ``loss/eviction``, and ``token/…`` / ``eviction/…`` ratio and
     clip statistics (``count`` is the number of actions they are over).
     """
@@ -223,5 +266,13 @@ def ngc_loss(
     else:
         stats["loss/eviction"] = 0.0
         stats["eviction/count"] = 0.0
+    if cfg.kl_coef > 0:
+        if ref_token_logprobs is None:
+            raise ValueError("ngc_loss: kl_coef > 0 needs the reference model's token log-probs")
+        kl, ks = kl_penalty(token_logprobs, ref_token_logprobs, token_mask, aggregation=cfg.aggregation,
+                            max_len=cfg.max_len, num_sequences=num_sequences, num_tokens=num_tokens)
+        total = total + cfg.kl_coef * kl
+        stats["loss/kl"] = ks["loss"]
+        stats["token/kl_ref_mean"] = ks["kl_ref_mean"]
     stats["loss"] = float(total.detach())
     return total, stats

@@ -395,9 +395,11 @@ def test_retention_rate_error_text_matches_what_is_accepted():
     assert ei.value.problems == [("eviction.curriculum.retention_rates.0", "must be in (0, 1] (got 1.5)")]  # ... and said so
 
 
-def test_kl_penalty_is_refused_at_load_time():
+def test_kl_coef_reaches_the_learner_and_must_be_non_negative():
+    cfg = _load_tiny("algorithm.kl_coef=0.1")
+    assert cfg.learner_config("m").kl_coef == 0.1 and cfg.learner_config("m").loss_config().kl_coef == 0.1
     with pytest.raises(ConfigError) as ei:
-        _load_tiny("algorithm.kl_coef=0.1")
+        _load_tiny("algorithm.kl_coef=-0.1")
     assert _keys(ei.value) == ["algorithm.kl_coef"]
 
 

@@ -136,6 +136,32 @@ def test_micro_batches_give_the_full_batch_update(tiny_model_dir, batch, zero_st
     assert_same_update(before, after, params_of(learner))
 
 
+def test_kl_to_the_starting_weights(tiny_model_dir, batch):
+    """kl_coef > 0: at step 1 the policy is the reference, so the KL and its gradient are 0 and the
+    update equals the KL-free one; at step 2 the reported KL equals the k3 KL of the updated policy
+    against the starting weights, replayed here under the same masks, and the update differs."""
+    from rlmem.loss import kl_penalty
+
+    records, adv = batch
+    plain = Learner(make_cfg(tiny_model_dir, zero_stage=0), master_port=free_port())
+    kl = Learner(make_cfg(tiny_model_dir, zero_stage=0, kl_coef=0.5), master_port=free_port())
+    m0, m1 = plain.train_step(records, adv, global_num_sequences=8), kl.train_step(records, adv, global_num_sequences=8)
+    assert "loss/kl" not in m0 and "token/kl_ref_mean" not in m0
+    assert m1["loss/kl"] == 0.0 and m1["token/kl_ref_mean"] == 0.0 and m1["loss"] == pytest.approx(m0["loss"], rel=1e-6)
+    p0, p1 = params_of(plain), params_of(kl)
+    assert max(float((p0[n] - p1[n]).abs().max()) for n in p0) < 1e-6
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    policy.load_state_dict(p1)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        cur, ref = replay_forward(policy, records), replay_forward(start, records)
+    want, _ = kl_penalty(cur.token_logprobs, ref.token_logprobs, cur.token_mask, max_len=MAX_NEW)
+    m0, m1 = plain.train_step(records, adv, global_num_sequences=8), kl.train_step(records, adv, global_num_sequences=8)
+    assert want.item() > 0 and m1["loss/kl"] == pytest.approx(want.item(), rel=1e-4)
+    p0, p1 = params_of(plain), params_of(kl)
+    assert max(float((p0[n] - p1[n]).abs().max()) for n in p0) > 1e-6
+
+
 def test_global_denominator_scales_the_update(tiny_model_dir, batch):
     """Claiming a global batch twice as large halves the gradient (the ranks' share argument)."""
     records, adv = batch

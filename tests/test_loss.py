@@ -273,3 +273,51 @@ def test_microbatches_sum_to_full_batch(aggregation, clip):
     # Without the global denominators the parts do not add up (except by accident).
     naive = sum(loss_of(torch.tensor(ix)) for ix in ([0, 1], [2], [3, 4]))
     assert abs(naive.item() - full.item()) > 1e-3
+
+
+def test_kl_penalty_is_k3_aggregated_like_the_token_loss():
+    """KL(π_θ‖π_ref) per token = exp(r) − r − 1 with r = ref − logp, summed over valid tokens and
+    divided by S·max_len (Dr. GRPO), computed here element by element; zero where the policies agree."""
+    from rlmem.loss import kl_penalty
+
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -4.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -0.1], [-0.3, -1.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    want = 0.0
+    for i in range(2):
+        for t in range(3):
+            if mask[i, t]:
+                r = float(ref[i, t] - lp[i, t])
+                want += math.exp(r) - r - 1
+    kl, st = kl_penalty(lp, ref, mask, aggregation="constant", max_len=10, num_sequences=4)
+    assert kl.item() == pytest.approx(want / (4 * 10), rel=1e-12)
+    assert st["count"] == 4 and st["kl_ref_mean"] == pytest.approx(want / 4, rel=1e-12)
+    kl.backward()
+    # d/dlogp (exp(r) − r − 1) = 1 − exp(r): a descent step moves logp toward ref (down at [0, 0]
+    # where ref is lower, up at [0, 2] where it is higher); equal or masked tokens get no gradient
+    assert lp.grad[0, 2] < 0 < lp.grad[0, 0] and lp.grad[0, 1] == 0 and (lp.grad[1, 1:] == 0).all()
+    same, _ = kl_penalty(ref, ref, mask, aggregation="token_mean")
+    assert same.item() == 0.0
+    with pytest.raises(ValueError, match="shapes"):
+        kl_penalty(lp, ref[:, :2], mask)
+
+
+def test_ngc_loss_adds_kl_coef_times_the_penalty_and_needs_the_reference():
+    from rlmem.loss import LossConfig, kl_penalty, ngc_loss
+
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    ref = -torch.rand(4, 5, generator=g, dtype=torch.float64)
+    ev = -torch.rand(4, 2, 3, generator=g, dtype=torch.float64)
+    mask, rmask = torch.ones(4, 5, dtype=torch.bool), torch.ones(4, 2, dtype=torch.bool)
+    adv = torch.tensor([0.5, -0.5, 0.25, -0.25], dtype=torch.float64)
+    base, _ = ngc_loss(lp, None, mask, ev, None, rmask, adv, LossConfig(max_len=5))
+    with_kl, st = ngc_loss(lp, None, mask, ev, None, rmask, adv, LossConfig(max_len=5, kl_coef=0.3),
+                           ref_token_logprobs=ref)
+    kl, _ = kl_penalty(lp, ref, mask, max_len=5)
+    assert with_kl.item() == pytest.approx(base.item() + 0.3 * kl.item(), rel=1e-12)
+    assert st["loss/kl"] == pytest.approx(kl.item()) and st["token/kl_ref_mean"] > 0
+    with pytest.raises(ValueError, match="reference model"):
+        ngc_loss(lp, None, mask, ev, None, rmask, adv, LossConfig(max_len=5, kl_coef=0.3))
+    with pytest.raises(ValueError, match="kl_coef"):
+        LossConfig(max_len=5, kl_coef=-1.0)

@@ -80,11 +80,14 @@ class _ReplayLoss(torch.nn.Module):
     ZeRO-3 parameter gathering around the replay.
     """
 
-    def __init__(self, policy: torch.nn.Module, cfg: LearnerConfig):
+    def __init__(self, policy: torch.nn.Module, cfg: LearnerConfig, reference: torch.nn.Module | None = None):
         super().__init__()
         self.policy = policy
         self.cfg = cfg
         self.loss_cfg = cfg.loss_config()
+        # The frozen KL reference, kept in a tuple so that it is not a submodule: DeepSpeed must not
+        # see, partition or optimise its parameters.
+        self._reference = (reference,) if reference is not None else ()
 
     def forward(self, records: list[RolloutRecord], advantages: torch.Tensor, weight: float,
                 num_sequences: int, num_tokens: int | None):
@@ -97,10 +100,16 @@ class _ReplayLoss(torch.nn.Module):
                                dtype=out.token_logprobs.dtype)
         old_tok, old_ev = old.token_logprobs, old.eviction_logprobs
         ev_lp = out.eviction_logprobs if self.cfg.compute_eviction else None
+        ref_tok = None
+        if self._reference:
+            # π_ref under the same masks: the same surviving cache the sampled tokens saw.
+            with torch.no_grad():
+                ref_tok = replay_forward(self._reference[0], records, kernel=self.cfg.replay_kernel,
+                                         compute_eviction=False, mask=self.cfg.replay_mask).token_logprobs.to(dev)
         loss, stats = ngc_loss(out.token_logprobs, old_tok, out.token_mask.to(dev), ev_lp, old_ev,
                                out.round_mask.to(dev) if ev_lp is not None else None,
                                advantages.to(dev), self.loss_cfg, num_sequences=num_sequences,
-                               num_tokens=num_tokens)
+                               num_tokens=num_tokens, ref_token_logprobs=ref_tok)
         with torch.no_grad():
             m = out.token_mask.to(dev)
             d = (out.token_logprobs.detach() - old_tok).abs()[m]
@@ -116,8 +125,8 @@ class _ReplayLoss(torch.nn.Module):
 
 
 # Stats summed over micro-batches and ranks, stats averaged weighted by their action counts, maxima.
-_SUM_KEYS = ("loss", "loss/token", "loss/eviction", "replay/sum_abs_logprob_diff")
-_WEIGHTED = {"token": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high"),
+_SUM_KEYS = ("loss", "loss/token", "loss/eviction", "loss/kl", "replay/sum_abs_logprob_diff")
+_WEIGHTED = {"token": ("ratio_mean", "approx_kl", "kl_ref_mean", "clip_frac", "clip_frac_low", "clip_frac_high"),
              "eviction": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high")}
 _MAX_KEYS = ("replay/max_abs_logprob_diff", "replay/max_abs_eviction_logprob_diff")
 
@@ -141,7 +150,12 @@ class Learner:
         policy.config.use_cache = False
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = _ReplayLoss(policy, cfg)
+        reference = None
+        if cfg.kl_coef > 0:
+            # A full frozen copy of the starting weights on every rank (also under ZeRO 3).
+            reference = load_model(cfg.model_path, cfg.dtype).eval().requires_grad_(False)
+            reference.config.use_cache = False
+        module = _ReplayLoss(policy, cfg, reference)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
@@ -280,13 +294,15 @@ class Learner:
         mx = self._allreduce(torch.tensor([maxima[k] for k in _MAX_KEYS] + [timings[k] for k in sorted(timings)],
                                           dtype=torch.float64), "max")
         out: dict[str, float] = dict(zip(mx_keys, mx.tolist()))
-        for k in ("loss", "loss/token", "loss/eviction"):
+        for k in ("loss", "loss/token", "loss/eviction", "loss/kl"):
             out[k] = tot[k] / steps          # each optimizer step's global mini-batch loss, averaged
         for kind, ks in _WEIGHTED.items():
             c = tot[f"{kind}/count"]
             out[f"{kind}/actions"] = c
             for k in ks:
                 out[f"{kind}/{k}"] = tot[f"{kind}/{k}"] / c if c else 0.0
+        if not self.cfg.kl_coef > 0:   # no reference model: no KL to report
+            del out["loss/kl"], out["token/kl_ref_mean"]
         out["replay/mean_abs_logprob_diff"] = tot["replay/sum_abs_logprob_diff"] / max(tot["token/count"], 1.0)
         out.update({k: tot[k] for k in tokens})
         out.update(grad_norm=grad_norm, lr=lr, optimizer_steps=float(steps), global_step=float(self.global_step))

@@ -18,7 +18,7 @@ LEARNER_DTYPES = ("float32", "bfloat16", "float64")
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
 LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "dtype", "offload_optimizer",
                   "replay_kernel", "replay_mask")
-ALGORITHM_FIELDS = ("aggregation", "mem_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
+ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
 
 
 @dataclass
@@ -45,6 +45,8 @@ class LearnerConfig:
     aggregation: Literal["constant", "token_mean", "seq_mean"] = "constant"
     max_len: int | None = None                # Dr. GRPO constant: the max completion length
     mem_coef: float = 1.0
+    # KL(π_θ ‖ π_ref) on the sampled tokens, π_ref = the weights at model_path (rlmem.loss.kl_penalty)
+    kl_coef: float = 0.0
     clip_eps: float | None = None
     clip_eps_high: float | None = None
     mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
@@ -88,7 +90,7 @@ class LearnerConfig:
         from rlmem.loss import LossConfig
 
         return LossConfig(aggregation=self.aggregation, max_len=self.max_len, mem_coef=self.mem_coef,
-                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high)
+                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, kl_coef=self.kl_coef)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based)."""

@@ -48,7 +48,8 @@ REQUIRED_METRICS = ("reward/mean", "eviction/peak_kv_mean", "replay/max_abs_logp
 SUMMARY_KEYS = (
     ("reward/mean", "reward"), ("accuracy/mean", "acc"), ("response_length/mean", "len"),
     ("eviction/eps", "eps"), ("eviction/peak_kv_mean", "peakKV"), ("eviction/kv_saving_vs_own_length", "kv÷own"),
-    ("loss/token", "L_tok"), ("loss/eviction", "L_evict"), ("optim/grad_norm", "|g|"),
+    ("loss/token", "L_tok"), ("loss/eviction", "L_evict"), ("token/kl_ref_mean", "KLref"),
+    ("optim/grad_norm", "|g|"),
     ("replay/max_abs_logprob_diff", "Δlogp"), ("perf/tokens_per_s", "tok/s"), ("time/step_s", "s/step"),
 )
 

@@ -47,8 +47,6 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
             out.append(("algorithm.clip_eps_high", "needs algorithm.clip_eps"))
         elif a.clip_eps_high < a.clip_eps:
             out.append(("algorithm.clip_eps_high", f"({a.clip_eps_high}) must be >= algorithm.clip_eps ({a.clip_eps})"))
-    if a.kl_coef > 0:
-        out.append(("algorithm.kl_coef", "a KL penalty is not implemented (NGC uses 0); set it to 0"))
     if a.rollouts_per_prompt < 2:
         out.append(("algorithm.rollouts_per_prompt", "must be >= 2: group advantages need at least two rollouts"))
 

@@ -208,15 +208,14 @@ def policy_config(eviction: BaseModel, eps: float | None = None) -> EvictionConf
 AlgorithmConfig = derived_section(
     "AlgorithmConfig", LearnerConfig, ALGORITHM_FIELDS,
     "Dr. GRPO. One step = ``prompts_per_step`` prompts × ``rollouts_per_prompt`` rollouts. The loss "
-    "fields (aggregation, mem_coef, clip_eps, clip_eps_high, mini_batches, ppo_epochs) are LearnerConfig's.",
-    constraints={"mem_coef": {"ge": 0}, "clip_eps": {"gt": 0}, "clip_eps_high": {"gt": 0},
+    "fields (aggregation, mem_coef, kl_coef, clip_eps, clip_eps_high, mini_batches, ppo_epochs) are LearnerConfig's.",
+    constraints={"mem_coef": {"ge": 0}, "kl_coef": {"ge": 0}, "clip_eps": {"gt": 0}, "clip_eps_high": {"gt": 0},
                  "mini_batches": {"ge": 1}, "ppo_epochs": {"ge": 1}},
     extra={"prompts_per_step": (int, Field(32, ge=1)),
            "rollouts_per_prompt": (int, Field(16, ge=1)),
            # "constant" normaliser; null: rollout.max_new_tokens (becomes LearnerConfig.max_len)
            "loss_constant": (int | None, Field(None, ge=1)),
            "scale_by_std": (bool, Field(False)),
-           "kl_coef": (float, Field(0.0, ge=0)),
            "min_length_rule": (bool, Field(False))})
 
 OptimizerConfig = derived_section(
