@@ -9,7 +9,7 @@
 #    the NGC run's checkpoint at the same step: a causal mask in the learner instead of the replay
 #    masks, and the token loss alone (mem_coef = 0);
 # 4. the figures. Rerunning resumes: finished runs and eval cells are skipped.
-# About 75 minutes on an idle 2-core machine. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
+# About an hour on an idle 2-core machine. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
 # evaluations with another problem order and sampling seed (the RL runs are reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,18 +46,18 @@ wait $a && wait $b
 evaluate models/countdown-toy warmstart "$ALL" & a=$!
 evaluate "$(ckpt fullcache "$STEPS")" fullcache-rl "$ALL" & b=$!
 wait $a && wait $b
-evaluate "$(ckpt ngc 20)" ngc-rl-step20 full,ngc & a=$!   # the end of the ε = 0.25 stage (the README's main job)
-evaluate "$(ckpt ngc "$STEPS")" ngc-rl full,ngc & b=$!
+evaluate "$(ckpt ngc 20)" ngc-rl-step20 full,ngc & a=$!   # the README's main job (save_every divides 20)
+evaluate "$(ckpt ngc "$STEPS")" "ngc-rl-step$STEPS" full,ngc & b=$!
 wait $a && wait $b
 
 # ablations: NGC's checkpoint at the same step is the comparison (save_every divides ABLATION_STEPS)
 train causal "$ABLATION_STEPS" learner.replay_mask=causal & a=$!
 train tokenonly "$ABLATION_STEPS" algorithm.mem_coef=0 & b=$!
 wait $a && wait $b
-evaluate "$(ckpt ngc "$ABLATION_STEPS")" "ngc-rl-step$ABLATION_STEPS" full,ngc & a=$!
-evaluate "$(ckpt causal "$ABLATION_STEPS")" causal-rl full,ngc & b=$!
+if [ "$ABLATION_STEPS" != "$STEPS" ]; then evaluate "$(ckpt ngc "$ABLATION_STEPS")" "ngc-rl-step$ABLATION_STEPS" full,ngc; fi
+evaluate "$(ckpt causal "$ABLATION_STEPS")" causal-rl full,ngc & a=$!
+evaluate "$(ckpt tokenonly "$ABLATION_STEPS")" tokenonly-rl full,ngc & b=$!
 wait $a && wait $b
-evaluate "$(ckpt tokenonly "$ABLATION_STEPS")" tokenonly-rl full,ngc
 
 .venv/bin/python scripts/plot_toy.py curves "$OUT/training-curves.png" "NGC=$OUT/runs/ngc" \
     "full-cache RL=$OUT/runs/fullcache" "causal mask=$OUT/runs/causal" "mem_coef 0=$OUT/runs/tokenonly"
