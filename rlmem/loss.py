@@ -116,6 +116,22 @@ def _surrogate(logprobs: Tensor, old_logprobs: Tensor | None, adv: Tensor, valid
     return torch.where(valid, term, torch.zeros_like(term)), stats
 
 
+def _aggregate(term: Tensor, mask: Tensor, aggregation: Aggregation, max_len: int | None,
+               num_sequences: int | None, num_tokens: int | None) -> Tensor:
+    """Sum of per-token ``term [B, T]`` (zero where ``mask`` is False) under one of the
+    aggregations: the token loss and the KL penalty share it, so both weigh tokens alike."""
+    s = term.shape[0] if num_sequences is None else num_sequences
+    if aggregation == "constant":
+        if max_len is None or max_len < 1:
+            raise ValueError("max_len: aggregation 'constant' needs the constant normaliser (max completion length)")
+        return term.sum() / (s * max_len)
+    if aggregation == "token_mean":
+        n = int(mask.sum()) if num_tokens is None else num_tokens
+        return term.sum() / max(n, 1)
+    lengths = mask.sum(dim=1).clamp_min(1).to(term.dtype)
+    return (term.sum(dim=1) / lengths).sum() / s
+
+
 def token_loss(
     logprobs: Tensor,
     old_logprobs: Tensor | None,
@@ -146,17 +162,7 @@ def token_loss(
     mask = mask.bool()
     term, stats = _surrogate(logprobs, old_logprobs, advantages.to(logprobs.dtype)[:, None], mask,
                              clip_eps, clip_eps_high)
-    s = logprobs.shape[0] if num_sequences is None else num_sequences
-    if aggregation == "constant":
-        if max_len is None or max_len < 1:
-            raise ValueError("max_len: aggregation 'constant' needs the constant normaliser (max completion length)")
-        loss = -term.sum() / (s * max_len)
-    elif aggregation == "token_mean":
-        n = int(mask.sum()) if num_tokens is None else num_tokens
-        loss = -term.sum() / max(n, 1)
-    else:
-        lengths = mask.sum(dim=1).clamp_min(1).to(term.dtype)
-        loss = -(term.sum(dim=1) / lengths).sum() / s
+    loss = -_aggregate(term, mask, aggregation, max_len, num_sequences, num_tokens)
     stats["loss"] = float(loss.detach())
     return loss, stats
 
@@ -185,15 +191,7 @@ def kl_penalty(
     mask = mask.bool()
     r = torch.where(mask, ref_logprobs.to(logprobs.dtype) - logprobs, torch.zeros_like(logprobs))
     term = torch.where(mask, torch.exp(r) - r - 1, torch.zeros_like(logprobs))
-    s = logprobs.shape[0] if num_sequences is None else num_sequences
-    if aggregation == "constant":
-        if max_len is None or max_len < 1:
-            raise ValueError("max_len: aggregation 'constant' needs the constant normaliser (max completion length)")
-        kl = term.sum() / (s * max_len)
-    elif aggregation == "token_mean":
-        kl = term.sum() / max(int(mask.sum()) if num_tokens is None else num_tokens, 1)
-    else:
-        kl = (term.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(term.dtype)).sum() / s
+    kl = _aggregate(term, mask, aggregation, max_len, num_sequences, num_tokens)
     n = int(mask.sum())
     return kl, {"loss": float(kl.detach()), "kl_ref_mean": float(term.detach()[mask].mean()) if n else 0.0,
                 "count": float(n)}

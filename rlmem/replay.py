@@ -155,8 +155,7 @@ def eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, record
         valid = (pos[None, :] < times[:, None]) & (ea.index_select(0, rec_idx) >= times[:, None])       # [S, n]
         positions = torch.where(valid, pos[None, :], torch.full_like(pos, -1)[None, :])
         scorer = get_scorer(cfgs[0].scorer)
-        prompt_lens = torch.tensor([len(records[i].prompt_ids) for i in rows for _ in records[i].eviction.rounds],
-                                   device=q.device)
+        prompt_lens = torch.tensor([len(r.prompt_ids) for r in records], device=q.device)[rec_idx]   # [S]
         inputs = ScoringInputs(queries, keys, valid, positions, scaling, layer, prompt_lens=prompt_lens)
         z, _ = selection_logits(scorer.scores(inputs), valid, cfgs, learned=True)
         orders = pad_orders([r.layers[layer].kept for i in rows for r in records[i].eviction.rounds], q.device)
