@@ -215,6 +215,16 @@ def test_interrupted_eval_resumes_without_redoing_cells(tiny_model_dir, tmp_path
     # nothing left to do: a rerun generates nothing; adding a method runs only that one
     calls.clear()
     assert run_eval(s, progress=False) == ref and calls == []
+    more = _settings(tiny_model_dir, tmp_path, out="cut", methods=["h2o"], eps=[0.5, 0.25])
+    got = run_eval(more, progress=False)
+    assert calls == [4, 4, 2, 4, 4, 2]   # h2o at 0.5 and 0.25 only; full and ngc come from the store
+    # the results files describe the whole directory, not only the last command's methods
+    data = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert [(r["method"], r["eps"]) for r in data["results"]] == \
+        [("full", 0.0), ("h2o", 0.5), ("h2o", 0.25), ("ngc", 0.5)]
+    assert data["results"] == got and got[0] == ref[0] and got[3] == ref[1]
+    assert data["settings"]["methods"] == ["full", "h2o", "ngc"] and data["settings"]["eps"] == [0.25, 0.5]
+    assert "| ngc | 0.5 |" in (tmp_path / "cut" / "results.md").read_text()
 
 
 def test_resume_refuses_other_settings_and_bad_options(tiny_model_dir, tmp_path):

@@ -234,12 +234,27 @@ def _cells(method, eps, jobs, recs, comp, scores, examples) -> tuple[list[Cell],
     return cells, {run: lines}
 
 
+def stored_runs(s: EvalSettings, store: EvalStore) -> list[tuple[str, float]]:
+    """The runs to report: this invocation's, then any other the directory holds (same settings).
+
+    An eval directory grows by invocations (``--methods h2o`` added to an earlier ``full,ngc``);
+    the results files describe all of its finished cells, not only the last command's.
+    """
+    runs = s.runs()
+    seen = {run_name(m, e) for m, e in runs}
+    others = sorted({(c.method, float(c.eps)) for c in store.cells.values() if c.run not in seen})
+    return runs + others
+
+
 def finish(s: EvalSettings, store: EvalStore) -> list[dict[str, Any]]:
-    """Summaries of every requested run from the finished-cell index; results files and plots."""
+    """Summaries of every run in the finished-cell index; results files and plots."""
     full = store.run_cells("full")
-    results = [summarize_run(m, e, store.run_cells(run_name(m, e)), full) for m, e in s.runs()
+    runs = stored_runs(s, store)
+    results = [summarize_run(m, e, store.run_cells(run_name(m, e)), full) for m, e in runs
                if store.run_cells(run_name(m, e))]
-    settings = {**s.fingerprint(), "methods": s.methods, "eps": s.eps}
+    methods = list(dict.fromkeys(m for m, _ in runs))
+    eps = sorted({e for m, e in runs if m != "full"} | {float(e) for e in s.eps})
+    settings = {**s.fingerprint(), "methods": methods, "eps": eps}
     write_results(s.out, settings, results)
     title = f"{Path(s.model).name} on {s.task}: N={s.n}, δ={s.delta}, b={s.block_size}, w={s.window}"
     write_markdown(s.out, results, title)
