@@ -65,6 +65,15 @@ def test_training_changes_weights_with_exact_replay(straight_run, tiny_model_dir
         recs = read_jsonl(records_path(out, r["step"]))
         assert len(recs) == 4 and all(rec.num_rounds > 0 for rec in recs)
         assert sum(rec.reward for rec in recs) / 4 == pytest.approx(r["reward/mean"])
+        assert all(rec.extra["sampled_by_step"] == r["step"] - 1 for rec in recs)
+    # step 1 was sampled by the starting weights: its records replay exactly on that model
+    from transformers import AutoModelForCausalLM
+
+    from rlmem.commands.replay_check import check_records
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    worst = check_records(model, read_jsonl(records_path(out, 1)), progress=False)
+    assert worst["token"] < 1e-4 and worst["eviction"] < 1e-4
 
 
 def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path):

@@ -117,4 +117,11 @@ def run(args: argparse.Namespace) -> int:
               "replayed (token log-probs checked), their eviction log-probs are not")
     ok = w["token"] <= tol and w["eviction"] <= tol
     print(f"{'OK' if ok else 'MISMATCH'}: tolerance {tol:g}")
+    made_by = sorted({r.extra["sampled_by_step"] for r in records if "sampled_by_step" in r.extra})
+    if made_by and not ok:   # training records (logging.records_every): sampled before their step's update
+        k = made_by[0]
+        model_hint = "the run's model.path" if k == 0 else f"<output_dir>/checkpoints/step_{k:06d}/hf"
+        print(f"note: these training records were sampled by the weights after step {k}, before step {k + 1}'s "
+              f"update: replay them with --model {model_hint}"
+              + (f" (the file mixes {len(made_by)} steps: check one step's records at a time)" if len(made_by) > 1 else ""))
     return 0 if ok else 1

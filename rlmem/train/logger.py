@@ -281,7 +281,13 @@ class RunLogger:
 
     def log_records(self, step: int, records: Sequence[Any]) -> Path:
         """Every rollout of ``step`` as a record (rewards set), replacing the file atomically, so a
-        step run again after a resume overwrites its own file and nothing else."""
+        step run again after a resume overwrites its own file and nothing else.
+
+        Step ``N``'s rollouts are sampled before its update, by the weights after step ``N - 1``
+        (``checkpoints/step_{N-1}/hf``, the starting model for step 1): each record says so in
+        ``sampled_by_step``, which ``rlmem replay-check`` reads to name the model to replay with."""
+        for r in records:
+            r.extra["sampled_by_step"] = int(step) - 1
         path = records_path(self.output_dir, step)
         write_jsonl(path, records)
         return path
