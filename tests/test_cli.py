@@ -82,6 +82,36 @@ def test_replay_check_passes_then_fails_on_tampered_record(rollout_files, tmp_pa
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout and "record 1, round 0, layer 1" in proc.stdout
 
 
+def test_replay_check_names_the_weights_that_sampled_training_records(rollout_files, tmp_path):
+    """A training run's step-N records were sampled by the weights after step N - 1: on a MISMATCH
+    the note names that checkpoint when the run kept it, else says none is left and quotes the
+    learner's own replay of that step from metrics.jsonl."""
+    d, out = rollout_files
+    run = tmp_path / "run"
+    (run / "records").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {path: models/start}\ntrainer: {resume: auto}\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 20, "replay/max_abs_logprob_diff": 3.25e-05,
+                                                   "replay/max_abs_eviction_logprob_diff": 1.5e-06}) + "\n")
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    recs[1]["eviction"]["rounds"][0]["layers"][1]["logprob"] -= 0.5   # replayed with other weights, as it were
+
+    def check(step: int) -> str:
+        path = run / "records" / f"step_{step:06d}.jsonl"
+        for r in recs:
+            r["sampled_by_step"] = step - 1   # extra fields sit at the top level of a record
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        proc = rlmem("replay-check", path, "--model", d / "model", check=False)
+        assert proc.returncode == 1 and "MISMATCH" in proc.stdout
+        return proc.stdout
+
+    assert "replay them with --model models/start (the run's starting model)" in check(1)
+    (run / "checkpoints" / "step_000040" / "hf").mkdir(parents=True)
+    assert f"replay them with --model {run / 'checkpoints' / 'step_000040' / 'hf'}" in check(41)
+    note = check(20)
+    assert "keeps no checkpoint of step 19" in note and "cannot be replayed now" in note
+    assert "max |token log-prob diff| 3.250e-05, eviction 1.500e-06 (metrics.jsonl, step 20)" in note
+
+
 def test_bad_inputs_get_clear_errors(rollout_files, tmp_path):
     d, out = rollout_files
     bad_prompts = tmp_path / "p.jsonl"

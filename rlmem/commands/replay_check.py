@@ -119,9 +119,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'OK' if ok else 'MISMATCH'}: tolerance {tol:g}")
     made_by = sorted({r.extra["sampled_by_step"] for r in records if "sampled_by_step" in r.extra})
     if made_by and not ok:   # training records (logging.records_every): sampled before their step's update
-        k = made_by[0]
-        model_hint = "the run's model.path" if k == 0 else f"<output_dir>/checkpoints/step_{k:06d}/hf"
-        print(f"note: these training records were sampled by the weights after step {k}, before step {k + 1}'s "
-              f"update: replay them with --model {model_hint}"
-              + (f" (the file mixes {len(made_by)} steps: check one step's records at a time)" if len(made_by) > 1 else ""))
+        if len(made_by) > 1:
+            print(f"note: the file mixes records sampled by {len(made_by)} different weights: "
+                  "check one step's records at a time")
+        else:
+            print("note: " + training_records_hint(args.records, made_by[0]))
     return 0 if ok else 1
+
+
+def training_records_hint(records_file: str | None, k: int) -> str:
+    """What to replay a training run's records with: the weights after step ``k`` sampled them.
+
+    Those are the run's starting model (``k == 0``) or its checkpoint of step ``k``, which exists
+    only when ``trainer.save_every`` divides ``k`` and rotation (``trainer.keep_last``) kept it. When
+    it is gone the records cannot be replayed after the fact, but the learner replayed them during
+    training with exactly those weights, and ``metrics.jsonl`` holds that step's differences."""
+    import json
+    from pathlib import Path
+
+    from rlmem.train.checkpoint import HF_SUBDIR, checkpoint_dir
+
+    head = f"these training records were sampled by the weights after step {k}, before step {k + 1}'s update"
+    run_dir = Path(records_file).resolve().parent.parent if records_file else None
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        where = "the run's model.path" if k == 0 else f"<output_dir>/checkpoints/step_{k:06d}/{HF_SUBDIR}"
+        return f"{head}: replay them with --model {where}"
+    import yaml
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        start, resume = cfg.get("model", {}).get("path"), cfg.get("trainer", {}).get("resume")
+    except (OSError, yaml.YAMLError, AttributeError):
+        start = resume = None
+    if k == 0:
+        return f"{head}: replay them with --model {start} (the run's starting model)" if start else \
+            f"{head}: replay them with --model <the run's model.path>"
+    hf = checkpoint_dir(run_dir, k) / HF_SUBDIR
+    if hf.is_dir():
+        return f"{head}: replay them with --model {hf}"
+    # a run branched from another run's checkpoint (trainer.resume=<dir>/checkpoints/step_k)
+    branched = Path(str(resume)) / HF_SUBDIR if resume not in (None, "auto", "never") else None
+    if branched is not None and Path(str(resume)).name == f"step_{k:06d}" and branched.is_dir():
+        return f"{head}: replay them with --model {branched} (the checkpoint this run branched from)"
+    during = None
+    try:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("step") == k + 1:
+                during = (row.get("replay/max_abs_logprob_diff"), row.get("replay/max_abs_eviction_logprob_diff"))
+    except (OSError, ValueError):
+        pass
+    text = (f"{head}, and the run keeps no checkpoint of step {k} ({hf.parent} is not there: trainer.save_every "
+            "and keep_last decide which are kept), so they cannot be replayed now")
+    if during and during[0] is not None:
+        text += (f"; the learner replayed them during training with those weights: max |token log-prob diff| "
+                 f"{during[0]:.3e}" + (f", eviction {during[1]:.3e}" if during[1] is not None else "")
+                 + f" (metrics.jsonl, step {k + 1})")
+    return text
