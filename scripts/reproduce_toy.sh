@@ -8,8 +8,12 @@
 # 3. the paper's two ablations, ABLATION_STEPS (default 40) steps each, evaluated the same way, with
 #    the NGC run's checkpoint at the same step: a causal mask in the learner instead of the replay
 #    masks, and the token loss alone (mem_coef = 0);
-# 4. the figures. Rerunning resumes: finished runs and eval cells are skipped.
-# About an hour on an idle 2-core machine. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
+# 4. the figures;
+# 5. stages 2 and 3 (report, sessions 6 and 7): the NGC model trained on at ε = 0.5, 40 steps at
+#    eviction temperature τ = 0.5 then 120 at τ = 0.25, and the full-cache control trained on to
+#    the same step; held-out NGC on the one, the best rules on the other. Skip with STAGES=1.
+# Rerunning resumes: finished runs and eval cells are skipped. Parts 1-4 take about an hour on an
+# idle 2-core machine, part 5 about an hour and a half more. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
 # evaluations with another problem order and sampling seed (the RL runs are reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +23,8 @@ ABLATION_STEPS=${ABLATION_STEPS:-40}
 RLMEM=.venv/bin/rlmem
 read -r STEPS DELTA BLOCK WINDOW < <(.venv/bin/python -c "import yaml; c = yaml.safe_load(open('configs/countdown-toy.yaml')); \
 e = c['eviction']; print(c['trainer']['total_steps'], e['delta'], e['block_size'], e['window'])")
-ckpt() { echo "$OUT/runs/$1/checkpoints/step_$(printf %06d "$2")/hf"; }
+ckdir() { echo "$OUT/runs/$1/checkpoints/step_$(printf %06d "$2")"; }
+ckpt() { echo "$(ckdir "$1" "$2")/hf"; }
 
 train() {  # NAME STEPS OVERRIDES...: skipped when its final checkpoint exists
   local name=$1 steps=$2; shift 2
@@ -66,3 +71,22 @@ E=$OUT/eval-seed$SEED
     "NGC RL step $ABLATION_STEPS=$E/ngc-rl-step$ABLATION_STEPS" "warm start=$E/warmstart" "full-cache RL=$E/fullcache-rl"
 .venv/bin/python scripts/plot_toy.py accuracy "$E/ablations.png" "NGC RL=$E/ngc-rl-step$ABLATION_STEPS" \
     "causal mask=$E/causal-rl" "mem_coef 0=$E/tokenonly-rl"
+
+[ "${STAGES:-3}" = 1 ] && exit 0
+# 5. stages 2 and 3 branch from the NGC run's last checkpoint (new directories: the runs above stay as
+# they are); the control branches from the full-cache run's, so both have trained the same steps.
+S2_END=$((STEPS + 40)); S3_END=$((STEPS + 160))
+branch() {  # NAME SOURCE_CHECKPOINT: start from SOURCE, or go on from NAME's own checkpoints when it has some
+  if compgen -G "$OUT/runs/$1/checkpoints/step_*" > /dev/null; then echo trainer.resume=auto; else echo "trainer.resume=$2"; fi
+}
+AT_HALF=(trainer.allow_config_change=true eviction.eps=0.5 'eval.eps=[0.5]')
+{ train stage2 "$S2_END" "$(branch stage2 "$(ckdir ngc "$STEPS")")" "${AT_HALF[@]}" eviction.tau=0.5 \
+  && train stage3 "$S3_END" "$(branch stage3 "$(ckdir stage2 "$S2_END")")" "${AT_HALF[@]}" eviction.tau=0.25; } & a=$!
+train fullcache-long "$S3_END" "$(branch fullcache-long "$(ckdir fullcache "$STEPS")")" eviction.eps=0 \
+    eviction.curriculum.enabled=false & b=$!
+wait $a && wait $b
+evaluate "$(ckpt stage3 "$S3_END")" "stage3-step$S3_END" full,ngc & a=$!
+evaluate "$(ckpt fullcache-long "$S3_END")" "fullcache-rl-step$S3_END" full,streamingllm_prompt,h2o,keydiff & b=$!
+wait $a && wait $b
+.venv/bin/python scripts/plot_toy.py accuracy "$E/accuracy-vs-reduction-stage3.png" "NGC stage 3=$E/stage3-step$S3_END" \
+    "warm start=$E/warmstart" "full-cache RL step $S3_END=$E/fullcache-rl-step$S3_END"
