@@ -69,6 +69,9 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
                       LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(world_size)))
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     backend = "nccl" if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cuda" else "gloo"
+    if os.environ["DS_ACCELERATOR"] == "cpu":   # DeepSpeed's CPU collectives leak /dev/shm buffers (cpu_comm)
+        from rlmem.train.cpu_comm import tidy_before_init
+        tidy_before_init()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank,
                                world_size=world_size, verbose=False)
 
