@@ -134,19 +134,19 @@ def training_records_hint(records_file: str | None, k: int) -> str:
     only when ``trainer.save_every`` divides ``k`` and rotation (``trainer.keep_last``) kept it. When
     it is gone the records cannot be replayed after the fact, but the learner replayed them during
     training with exactly those weights, and ``metrics.jsonl`` holds that step's differences."""
-    import json
     from pathlib import Path
 
-    from rlmem.train.checkpoint import HF_SUBDIR, checkpoint_dir
+    from rlmem.train.checkpoint import CONFIG_FILE, HF_SUBDIR, checkpoint_dir
+    from rlmem.train.logger import read_metrics
 
     head = f"these training records were sampled by the weights after step {k}, before step {k + 1}'s update"
     run_dir = Path(records_file).resolve().parent.parent if records_file else None
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         where = "the run's model.path" if k == 0 else f"<output_dir>/checkpoints/step_{k:06d}/{HF_SUBDIR}"
         return f"{head}: replay them with --model {where}"
     import yaml
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
         start, resume = cfg.get("model", {}).get("path"), cfg.get("trainer", {}).get("resume")
     except (OSError, yaml.YAMLError, AttributeError):
         start = resume = None
@@ -160,17 +160,14 @@ def training_records_hint(records_file: str | None, k: int) -> str:
     branched = Path(str(resume)) / HF_SUBDIR if resume not in (None, "auto", "never") else None
     if branched is not None and Path(str(resume)).name == f"step_{k:06d}" and branched.is_dir():
         return f"{head}: replay them with --model {branched} (the checkpoint this run branched from)"
-    during = None
     try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("step") == k + 1:
-                during = (row.get("replay/max_abs_logprob_diff"), row.get("replay/max_abs_eviction_logprob_diff"))
+        row = next((r for r in read_metrics(run_dir) if r.get("step") == k + 1), {})
     except (OSError, ValueError):
-        pass
+        row = {}
+    during = (row.get("replay/max_abs_logprob_diff"), row.get("replay/max_abs_eviction_logprob_diff"))
     text = (f"{head}, and the run keeps no checkpoint of step {k} ({hf.parent} is not there: trainer.save_every "
             "and keep_last decide which are kept), so they cannot be replayed now")
-    if during and during[0] is not None:
+    if during[0] is not None:
         text += (f"; the learner replayed them during training with those weights: max |token log-prob diff| "
                  f"{during[0]:.3e}" + (f", eviction {during[1]:.3e}" if during[1] is not None else "")
                  + f" (metrics.jsonl, step {k + 1})")
