@@ -12,7 +12,7 @@ import torch
 
 from rlmem.eviction.record import NEVER, RolloutRecord, peak_kv
 from rlmem.plots import plot_accuracy_vs_compression, replay_mask_codes
-from rlmem.train.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line
+from rlmem.train.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line, wandb_env_problem
 
 STEP = {"reward/mean": 0.25, "eviction/peak_kv_mean": 12.5, "replay/max_abs_logprob_diff": 3e-6}
 
@@ -142,6 +142,20 @@ def test_wandb_mode_resolution():
     assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}) == "online"
     assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k", "WANDB_MODE": "disabled"}) == "disabled"
     assert resolve_wandb_mode("offline", {"WANDB_API_KEY": "k"}) == "offline"
+
+
+def test_blank_wandb_mode_counts_as_unset_and_a_wrong_one_is_named(tmp_path, monkeypatch):
+    """``export WANDB_MODE=`` left W&B refusing to start (a pydantic fragment) and the run mirrored nothing."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", " ")
+    assert wandb_env_problem() is None and resolve_wandb_mode("auto") == "offline"
+    with _logger(tmp_path, wandb_mode="auto") as lg:
+        assert lg.wandb_mode == "offline" and lg.wandb_active
+        lg.log(1, STEP)
+    assert "W&B" not in lg.stream.getvalue()      # no start-failure warning
+    assert wandb_env_problem({"WANDB_MODE": "Offline"}) is None
+    why = wandb_env_problem({"WANDB_MODE": "ofline"})
+    assert why.startswith("WANDB_MODE='ofline' in the environment is not a W&B mode") and "unset it" in why
 
 
 def test_peak_kv_and_sample_rows(tmp_path):

@@ -63,6 +63,19 @@ def test_unknown_or_unavailable_engine_is_refused_before_anything_starts(tiny_mo
         assert "rollout.backend:" in err and "vllm" in err and "Traceback" not in err
 
 
+def test_a_wandb_mode_wandb_would_refuse_is_named_before_anything_starts(tiny_model_dir, tmp_path, capsys, no_ray,
+                                                                          monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(tiny_run_config(tiny_model_dir, tmp_path / "run").to_yaml())
+    assert cli_main(["train", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "logging.wandb.mode: WANDB_MODE='ofline' in the environment is not a W&B mode" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", "logging.wandb.mode=disabled")
+    assert preflight(cfg, load=False)[1] == []     # W&B is not started at all then
+
+
 def test_config_show_runs_the_checks_train_runs(tiny_model_dir, tmp_path, capsys):
     """A used output_dir, a bad dataset: `config show` refuses what `train` would refuse."""
     (tmp_path / "run").mkdir()

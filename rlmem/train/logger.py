@@ -60,8 +60,23 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+ENV_WANDB_MODES = ("online", "offline", "disabled", "dryrun")   # what ``$WANDB_MODE`` may say here
+
+
+def wandb_env_problem(env: dict[str, str] | None = None) -> str | None:
+    """Why ``$WANDB_MODE`` cannot be used, or None. W&B validates it itself (whatever mode is passed)
+    and fails with a pydantic fragment, so the run checks it first (``rlmem.train.preflight``)."""
+    env = os.environ if env is None else env
+    raw = env.get("WANDB_MODE")
+    if raw is None or not raw.strip() or raw.strip().lower() in ENV_WANDB_MODES:
+        return None
+    return (f"WANDB_MODE={raw!r} in the environment is not a W&B mode: set it to online, offline or "
+            f"disabled, or unset it (then logging.wandb.mode decides)")
+
+
 def resolve_wandb_mode(mode: str, env: dict[str, str] | None = None) -> str:
-    """``auto`` -> ``$WANDB_MODE`` if set, else online with ``WANDB_API_KEY``, else offline."""
+    """``auto`` -> ``$WANDB_MODE`` if set (blank counts as unset), else online with ``WANDB_API_KEY``,
+    else offline."""
     env = os.environ if env is None else env
     if mode != "auto":
         return mode
@@ -175,6 +190,8 @@ class RunLogger:
         except Exception as e:  # noqa: BLE001 - a broken install must not stop training
             self._warn("import", f"W&B unavailable ({e!r}); logging to {self.metrics_path} only")
             return None
+        if not os.environ.get("WANDB_MODE", "x").strip():
+            del os.environ["WANDB_MODE"]   # blank means unset here; W&B would reject it whatever mode it is given
         modes = [self.wandb_mode] + (["offline"] if self.wandb_mode == "online" else [])
         for mode in modes:
             resume = {} if "resume_from" in kwargs and mode == "online" else {"id": self.run_id, "resume": "allow"}

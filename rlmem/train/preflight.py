@@ -1,7 +1,7 @@
 """The checks of a run that need the environment, run by ``rlmem train`` before Ray starts and by
 ``rlmem config show`` (so a config that shows cleanly also starts): the rollout engine exists and
-can run here, the model is reachable, the datasets load, the learner accepts its settings, and
-the run directory can be used as asked (:func:`rlmem.train.rundir.plan_start`).
+can run here, the model is reachable, the datasets load, the learner accepts its settings,
+``$WANDB_MODE`` is one W&B accepts, and the run directory can be used as asked (:func:`rlmem.train.rundir.plan_start`).
 
 Problems come back as ``(dotted key, one line)`` like the config's own checks.
 """
@@ -119,10 +119,20 @@ def learner_problem(cfg: RunConfig) -> tuple[str, str] | None:
     return None
 
 
+def wandb_problem(cfg: RunConfig) -> tuple[str, str] | None:
+    """An unusable ``$WANDB_MODE`` (W&B would refuse to start and the run would log to files only)."""
+    from rlmem.train.logger import wandb_env_problem
+
+    if cfg.logging.wandb.mode == "disabled":
+        return None
+    why = wandb_env_problem()
+    return ("logging.wandb.mode", why) if why else None
+
+
 def preflight(cfg: RunConfig, *, load: bool = True) -> tuple[Prepared, list[tuple[str, str]]]:
     """Every environment check; ``load=False`` skips loading the datasets."""
     prepared = Prepared()
-    problems = [p for p in (engine_problem(cfg), model_problem(cfg), learner_problem(cfg)) if p]
+    problems = [p for p in (engine_problem(cfg), model_problem(cfg), learner_problem(cfg), wandb_problem(cfg)) if p]
     if load:
         problems += load_data(cfg, prepared)
     return prepared, problems
