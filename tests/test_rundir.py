@@ -133,8 +133,8 @@ def test_config_yaml_is_not_overwritten_by_a_refused_or_no_op_rerun(tiny_model_d
 
 
 def test_meaning_differences_ignores_operational_keys():
-    a = {"trainer": {"total_steps": 2, "keep_last": 3}, "eviction": {"eps": 0.5}, "logging": {"x": 1}}
-    b = {"trainer": {"total_steps": 9, "keep_last": 1}, "eviction": {"eps": 0.25}, "logging": {"x": 2}}
+    a = {"trainer": {"total_steps": 2, "keep_last": 3, "eval_every": 20}, "eviction": {"eps": 0.5}, "logging": {"x": 1}}
+    b = {"trainer": {"total_steps": 9, "keep_last": 1, "eval_every": 40}, "eviction": {"eps": 0.25}, "logging": {"x": 2}}
     assert meaning_differences(a, b) == ["eviction.eps: 0.5 -> 0.25"]
     trim_logs(__import__("pathlib").Path("/nonexistent-dir"), 1)   # nothing to trim: no error
 

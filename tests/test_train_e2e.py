@@ -80,8 +80,14 @@ def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path)
     from rlmem.train.driver import run_training
 
     out, _ = straight_run
-    first = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=1", "logging.records_every=1"))
+    # the first leg also evaluates (the straight run never does): in-training eval must not touch
+    # the training RNG or weights, which is why eval settings may change on resume (rundir.OPERATIONAL_KEYS)
+    first = run_training(tiny_run_config(tiny_model_dir, tmp_path, "trainer.total_steps=1", "logging.records_every=1",
+                                         "eval.source=countdown-generated", "eval.split=train", "eval.limit=2",
+                                         "eval.eps=[0.5]", "trainer.eval_every=1"))
     assert first["steps"] == 1
+    evals = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert evals and {e["step"] for e in evals} == {1}
     # what a run killed during step 2 leaves: its records, half-written, and a temporary file
     stale = records_path(tmp_path, 2)
     stale.write_text('{"prompt_ids": [1], "compl')

@@ -45,9 +45,11 @@ LOG_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")
 _OWN_ENTRIES = {LOCK_FILE, PREVIOUS_DIR}
 
 # Config keys that do not change what a run computes: where and how it runs, how it logs, how long.
+# In-training evaluation (``eval``, ``trainer.eval_every``) samples with its own seeds and leaves the
+# training RNG and weights alone (tests/test_train_e2e.py: a resume with evals = a run without).
 OPERATIONAL_KEYS = (
     "output_dir", "trainer.total_steps", "trainer.resume", "trainer.start_over", "trainer.allow_config_change",
-    "trainer.log_every", "trainer.save_every", "trainer.keep_last", "logging", "ray", "eval",
+    "trainer.log_every", "trainer.save_every", "trainer.keep_last", "trainer.eval_every", "logging", "ray", "eval",
     "learner.num_workers", "learner.micro_batch_size", "learner.gradient_checkpointing",
     "learner.offload_optimizer", "rollout.vllm",
 )
