@@ -4,7 +4,7 @@ import mmap
 import os
 import time
 
-from rlmem.train.cpu_comm import clear_stale_build_lock, mapped_paths, sweep_stale_buffers
+from rlmem.train.cpu_comm import clear_stale_build_lock, mapped_paths, release_own_buffers, sweep_stale_buffers
 
 
 def _age(path, seconds):
@@ -36,3 +36,18 @@ def test_a_build_lock_is_cleared_only_when_older_than_any_build(tmp_path):
     _age(lock, 3600)
     assert clear_stale_build_lock(tmp_path, max_age_s=600) == lock and not lock.exists()
     assert clear_stale_build_lock(tmp_path) is None                                      # nothing to clear
+
+
+def test_an_ending_learner_unlinks_the_buffers_it_maps_and_nothing_else(tmp_path):
+    mine = tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40000_0"
+    peer = tmp_path / "deepspeed_allreduce_buffer_0_127.0.0.1_40001_0"   # another run's, not mapped here
+    other = tmp_path / "not_deepspeed"
+    for p in (mine, peer, other):
+        p.write_bytes(b"\0" * 4096)
+    with open(mine, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m, \
+            open(other, "r+b") as g, mmap.mmap(g.fileno(), 4096):
+        assert release_own_buffers(tmp_path) == [mine]
+        m[0] = 1                                      # still mapped and usable until the process ends
+        assert m[0] == 1
+    assert not mine.exists() and peer.exists() and other.exists()
+    assert release_own_buffers(tmp_path, maps=tmp_path / "no-such-maps") == []

@@ -21,8 +21,16 @@ def straight_run(tiny_model_dir, tmp_path_factory):
     from rlmem.train.driver import run_training
 
     out = tmp_path_factory.mktemp("straight")
+    before = _shm_buffers()
     summary = run_training(tiny_run_config(tiny_model_dir, out, "logging.records_every=1"))
+    summary["new_shm_buffers"] = sorted(_shm_buffers() - before)
     return out, summary
+
+
+def _shm_buffers() -> set[str]:
+    from rlmem.train.cpu_comm import BUFFER_PREFIX, SHM_DIR
+
+    return {p.name for p in SHM_DIR.glob(BUFFER_PREFIX + "*")} if SHM_DIR.is_dir() else set()
 
 
 def _rows(out):
@@ -48,6 +56,7 @@ def test_training_changes_weights_with_exact_replay(straight_run, tiny_model_dir
     assert rows[0]["optim/grad_norm"] > 0
     ckpt = out / "checkpoints" / "step_000002"
     assert summary["checkpoint"] == str(ckpt) and summary["steps"] == 2
+    assert summary["new_shm_buffers"] == []   # the learner unlinked its DeepSpeed buffer as it stopped
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["wandb_run_id"] and "curriculum_step" not in state
     assert "curriculum/step" not in rows[0]

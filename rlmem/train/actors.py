@@ -154,6 +154,13 @@ class LearnerWorker:
     def node_id(self) -> str:
         return _node_id()
 
+    def release_shared_memory(self) -> int:
+        """Unlink DeepSpeed's CPU allreduce buffers before this rank is killed (Ray runs no exit hooks,
+        and the files would stay in /dev/shm for good: rlmem.train.cpu_comm). Returns how many."""
+        from rlmem.train.cpu_comm import release_own_buffers
+
+        return len(release_own_buffers())
+
 
 def remote_class(cls: type, *, max_concurrency: int = 1):
     """``ray.remote(cls)``: one definition, wrapped lazily so that importing this module needs no Ray."""

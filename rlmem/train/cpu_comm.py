@@ -8,8 +8,10 @@ the machine is out of memory and Ray's OOM killer takes the next run's workers (
 development machine: 247 files, 16 GB). A learner killed while it builds the op leaves the build's
 ``lock`` file, and every later learner then waits on it forever, silently.
 
-So before a CPU learner joins the process group it removes buffers no live process has mapped, and
-a build lock older than any build. Both are best effort: a failure here is reported, never raised.
+So a learner that is stopped by the driver unlinks the buffers it maps (:func:`release_own_buffers`),
+and before a CPU learner joins the process group it removes buffers no live process has mapped (a
+run that was killed never stopped its learners), and a build lock older than any build. All of it
+is best effort: a failure here is reported, never raised.
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ def sweep_stale_buffers(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0) -> lis
             removed.append(p)
         except OSError:
             continue
+    return removed
+
+
+def release_own_buffers(shm_dir: Path = SHM_DIR, maps: Path = Path("/proc/self/maps")) -> list[Path]:
+    """Unlink the DeepSpeed buffers this process maps, as it ends (the mappings stay valid until the
+    process exits; the memory goes with it). Only an ending learner calls this: its peers end too."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    prefix, removed = str(shm_dir / BUFFER_PREFIX), []
+    for path in sorted({line.split(maxsplit=5)[5].removesuffix(" (deleted)") for line in lines
+                        if len(line.split(maxsplit=5)) == 6}):
+        if path.startswith(prefix):
+            try:
+                Path(path).unlink()
+                removed.append(Path(path))
+            except OSError:
+                continue
     return removed
 
 

@@ -203,10 +203,10 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
         with _ignoring(Stopped):   # a second Ctrl-C must not skip the clean-up
             if logger is not None:
                 logger.close()
+            if workers is not None:
+                stop_workers(workers)
             if started_ray:
                 ray.shutdown()
-            elif workers is not None:
-                stop_workers(workers)
 
     last = run.last_ckpt
     print(f"[rlmem] done: {cfg.trainer.total_steps} steps\n[rlmem] metrics:     {out / 'metrics.jsonl'}\n"

@@ -210,10 +210,16 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
 
 
 def stop_workers(w: Workers) -> None:
-    """Kill our actors and free their placement groups (matters when the cluster outlives the run)."""
+    """Kill our actors and free their placement groups (matters when the cluster outlives the run).
+    Learners first unlink their shared-memory buffers (best effort, a few seconds at most: a dead or
+    hung learner leaves its buffer to the next learner's sweep, rlmem.train.cpu_comm)."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
+    try:
+        ray.get([lw.release_shared_memory.remote() for lw in w.learners], timeout=5)
+    except Exception:  # noqa: BLE001 - dead, hung, or stopped by a second Ctrl-C
+        pass
     for a in w.rollout + w.learners:
         try:
             ray.kill(a)
