@@ -139,6 +139,23 @@ def test_interoception_and_curriculum_values_checked():
     assert both.eviction.curriculum.enabled and both.eviction.interoception.enabled  # the curriculum caps ε
 
 
+def test_eviction_stages_are_checked_field_by_field():
+    ok = _load_tiny("eviction.stages=[{from_step: 3, eps: 0.25, tau: 0.5}, {from_step: 5, tau: 0.25}]")
+    assert [s.from_step for s in ok.eviction.stages] == [3, 5] and ok.eviction_config(0.25, 0.5).tau == 0.5
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("eviction.stages=[{from_step: 3, eps: 1.5}, {from_step: 2, tau: -1}, {from_step: 7}]")
+    assert ei.value.problems == [
+        ("eviction.stages.0.eps", "must be in (0, 1], or 0 for a full cache (got 1.5)"),
+        ("eviction.stages.1.from_step", "must be after the previous stage's (3): stages are in step order"),
+        ("eviction.stages.1.tau", "must be a finite number > 0 (got -1.0)"),
+        ("eviction.stages.2", "sets neither eps nor tau")]
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("eviction.curriculum.enabled=true", "eviction.stages=[{from_step: 3, eps: 0.5}]")
+    assert ei.value.problems == [("eviction.stages.0.eps", "eviction.curriculum sets ε itself; disable it or drop "
+                                                           "eps from the stage")]
+    assert _load_tiny("eviction.curriculum.enabled=true", "eviction.stages=[{from_step: 3, tau: 0.5}]")  # τ alone is fine
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(ConfigError) as ei:
         _load_tiny(f"model.path={tmp_path}/no-model", f"data.source={tmp_path}/train.jsonl",
@@ -336,7 +353,7 @@ def test_eviction_section_is_derived_from_eviction_config():
     from rlmem.train.config import EvictionSection
 
     fields = [f.name for f in dataclasses.fields(EvictionConfig)]
-    assert [k for k in EvictionSection.model_fields if k not in ("curriculum", "interoception")] == fields
+    assert [k for k in EvictionSection.model_fields if k not in ("curriculum", "interoception", "stages")] == fields
     defaults = EvictionSection()
     assert {f: getattr(defaults, f) for f in fields} == dataclasses.asdict(EvictionConfig())
     assert config_from_dict({"output_dir": "x", "model": {"path": "tiny:"}, "trainer": {"total_steps": 1}}
@@ -408,7 +425,7 @@ def test_config_show_prints_the_eviction_defaults_of_eviction_config(tmp_path, c
     p.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: 'tiny:'}}\ntrainer: {{total_steps: 1}}\n")
     assert cli_main(["config", "show", str(p), "data.countdown.num_problems=8"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["eviction"]
-    assert {k: v for k, v in shown.items() if k not in ("curriculum", "interoception")} == EvictionConfig().to_dict()
+    assert {k: v for k, v in shown.items() if k not in ("curriculum", "interoception", "stages")} == EvictionConfig().to_dict()
 
 
 def test_torch_threads_per_actor_is_checked_and_operational():

@@ -1,12 +1,12 @@
-"""Curriculum staircase with blend (hand values) and interoception ε per group."""
+"""Eviction stages, curriculum staircase with blend (hand values) and interoception ε per group."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlmem.train.config import CurriculumConfig, EvictionSection, InteroceptionConfig
+from rlmem.train.config import CurriculumConfig, EvictionSection, EvictionStage, InteroceptionConfig
 from rlmem.train.curriculum import (
-    curriculum_eps, group_eps, interoception_eps, retention_at,
+    curriculum_eps, group_eps, interoception_eps, retention_at, stage_at,
 )
 
 RATES = [1.0, 0.5, 0.25]
@@ -73,3 +73,15 @@ def test_curriculum_caps_interoception():
     assert group_eps(ev, 8, step=2, seed=3) == [0.25] * 8             # only 0.25 <= 0.25
     late = group_eps(ev, 64, step=9, seed=3)                          # cap 0.5: 0.25 and 0.5, never 0.75
     assert late == interoception_eps([0.25, 0.5], 64, 3, 9) and set(late) == {0.25, 0.5}
+
+
+def test_stages_switch_eps_and_tau_at_their_first_step_and_keep_unset_fields():
+    """The toy recipe in one config: ε 0.25 (steps 1-60), then ε 0.5 at τ 0.5, then τ 0.25 from step 101."""
+    ev = EvictionSection(delta=32, eps=0.25, block_size=4, window=16, tau=1.0,
+                         stages=[EvictionStage(from_step=61, eps=0.5, tau=0.5), EvictionStage(from_step=101, tau=0.25)])
+    assert stage_at(ev, 60) == {} and stage_at(ev, 61) == {"eps": 0.5, "tau": 0.5}
+    assert stage_at(ev, 100) == {"eps": 0.5, "tau": 0.5} and stage_at(ev, 101) == {"eps": 0.5, "tau": 0.25}
+    assert stage_at(ev, 10_000) == {"eps": 0.5, "tau": 0.25}
+    # group_eps counts steps from 0 (steps done): training step 61 is step=60 there
+    assert group_eps(ev, 2, step=59, seed=0) == [0.25, 0.25] and group_eps(ev, 2, step=60, seed=0) == [0.5, 0.5]
+    assert group_eps(ev.model_copy(update={"stages": []}), 1, step=500, seed=0) == [0.25]

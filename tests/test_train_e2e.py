@@ -120,6 +120,34 @@ def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path)
     assert sorted(p.name for p in records_path(tmp_path, 2).parent.iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
 
 
+def test_a_staged_run_equals_a_resume_with_the_new_settings(straight_run, tiny_model_dir, tmp_path):
+    """``eviction.stages`` (one config, one run) does what a resume with overrides did (the toy recipe
+    used to be a chain of those): step 2 samples and replays at the stage's τ, exactly."""
+    from rlmem.train.driver import run_training
+
+    out, _ = straight_run
+    staged = run_training(tiny_run_config(tiny_model_dir, tmp_path / "staged", "logging.records_every=1",
+                                          "eviction.stages=[{from_step: 2, tau: 0.25}]"))
+    resumed = run_training(tiny_run_config(tiny_model_dir, tmp_path / "resumed", "logging.records_every=1",
+                                           f"trainer.resume={out / 'checkpoints' / 'step_000001'}",
+                                           "trainer.allow_config_change=true", "eviction.tau=0.25"))
+    assert staged["steps"] == resumed["steps"] == 2
+    a, s, r = _rows(out), _rows(tmp_path / "staged"), _rows(tmp_path / "resumed")
+    assert [x["eviction/tau"] for x in s] == [1.0, 0.25] and [x["step"] for x in r] == [2]   # a branch logs its own steps
+    for key in ("loss", "loss/token", "loss/eviction", "reward/mean", "optim/grad_norm"):
+        assert s[0][key] == pytest.approx(a[0][key], rel=1e-6, abs=1e-9), key    # step 1: no stage yet
+        assert s[1][key] == pytest.approx(r[0][key], rel=1e-6, abs=1e-9), key    # step 2: = the resume
+    assert s[1]["replay/max_abs_eviction_logprob_diff"] <= 1e-4
+    recs = read_jsonl(records_path(tmp_path / "staged", 2))
+    assert {rec.eviction_config.tau for rec in recs} == {0.25}
+
+    def eviction_logprobs(rs):
+        return [la["logprob"] for x in rs for rd in x.to_dict()["eviction"]["rounds"] for la in rd["layers"]]
+
+    assert eviction_logprobs(recs) != eviction_logprobs(read_jsonl(records_path(out, 2)))   # and τ did matter
+    assert [x.to_dict() for x in recs] == [x.to_dict() for x in read_jsonl(records_path(tmp_path / "resumed", 2))]
+
+
 def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir):
     """Data parallelism through the Ray actors: same global batch, same update."""
     import ray

@@ -1,7 +1,13 @@
-"""Which eviction rate ε each group of a step trains at: curriculum staircase or interoception.
+"""Which eviction settings each group of a step trains at: stages, curriculum staircase, interoception.
 
-Both are pure functions of ``(config, seed, step)``, so a resumed run reproduces them exactly from
+All are pure functions of ``(config, seed, step)``, so a resumed run reproduces them exactly from
 the step number alone (no state to checkpoint beyond the step).
+
+Stages (``eviction.stages``): piecewise-constant ε and τ from a given training step on, so that a
+recipe of several phases (the toy reproduction's ε 0.25, then ε 0.5 at τ 0.5, then τ 0.25) is one
+config and one run instead of a chain of resumes with overrides. A stage's ε replaces
+``eviction.eps``; the curriculum and interoception, which set ε themselves, cannot be combined
+with a stage that sets ε (rlmem.train.config.checks).
 
 Curriculum (docs/design.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``Δ`` steps per stage; during the
 last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, reaching it exactly at
@@ -19,6 +25,16 @@ from typing import Sequence
 import numpy as np
 
 from rlmem.train.config import CurriculumConfig, EvictionSection, InteroceptionConfig
+
+
+def stage_at(eviction: EvictionSection, step: int) -> dict[str, float]:
+    """The ``eviction.stages`` values in force at training step ``step`` (1-based): ``{"eps": ..,
+    "tau": ..}``, only the fields some stage up to ``step`` sets; the later stage wins."""
+    out: dict[str, float] = {}
+    for stage in eviction.stages:
+        if step >= stage.from_step:
+            out.update({k: float(v) for k, v in (("eps", stage.eps), ("tau", stage.tau)) if v is not None})
+    return out
 
 
 def retention_at(step: int, rates: Sequence[float], steps_per_stage: int, blend_fraction: float = 0.6) -> float:
@@ -59,7 +75,8 @@ def group_eps(eviction: EvictionSection, num_groups: int, step: int, seed: int) 
     """The ε of each of the ``num_groups`` groups of ``step``: what the driver hands to rollouts.
 
     Interoception if enabled (its choices capped by the curriculum's current ε when both are
-    enabled), else the curriculum if enabled, else the fixed ``eviction.eps``.
+    enabled), else the curriculum if enabled, else the ε of the stage in force (``step`` is 0-based
+    here: stage ``from_step`` counts from 1), else the fixed ``eviction.eps``.
     """
     intro: InteroceptionConfig = eviction.interoception
     if intro.enabled and eviction.curriculum.enabled:
@@ -70,4 +87,4 @@ def group_eps(eviction: EvictionSection, num_groups: int, step: int, seed: int) 
         return interoception_eps(intro.eps_choices, num_groups, seed, step)
     if eviction.curriculum.enabled:
         return [curriculum_eps(step, eviction.curriculum)] * num_groups
-    return [float(eviction.eps)] * num_groups
+    return [float(stage_at(eviction, step + 1).get("eps", eviction.eps))] * num_groups

@@ -270,7 +270,7 @@ def run_step(run: Run, step: int) -> None:
 def make_batch(run: Run, step: int) -> Batch:
     """The step's prompts (stream position ``(step-1) * P``) and each group's ε."""
     from rlmem.data.stream import prompt_indices
-    from rlmem.train.curriculum import group_eps
+    from rlmem.train.curriculum import group_eps, stage_at
     from rlmem.train.rollouts import prompt_text
 
     cfg, tok = run.cfg, run.tokenizer
@@ -281,7 +281,8 @@ def make_batch(run: Run, step: int) -> Batch:
     tagged = cfg.eviction.interoception.enabled
     texts = [prompt_text(ex, tok, cfg, e if tagged else None) for ex, e in zip(exs, eps)]
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-    ev = [cfg.eviction_config(e) if e > 0 else None for e in eps]
+    tau = stage_at(cfg.eviction, step).get("tau")
+    ev = [cfg.eviction_config(e, tau) if e > 0 else None for e in eps]
     return Batch(step, exs, eps, texts, [ids[g] for g in range(P) for _ in range(G)],
                  [ev[g] for g in range(P) for _ in range(G)])
 
@@ -356,6 +357,9 @@ def step_metrics(run: Run, batch: Batch, records, rewards, verifier, zeroed, lm,
     P = run.cfg.algorithm.prompts_per_step
     m = rollout_metrics(records, rewards, verifier, [e if e > 0 else 0.0 for e in batch.eps], run.num_layers)
     m["reward/zeroed_before_first_round"] = float(zeroed)
+    taus = [ev.tau for ev in batch.eviction if ev is not None]
+    if taus:
+        m["eviction/tau"] = float(taus[0])   # one τ per step (the policy batches one τ: rlmem.eviction.policy)
     m["rollout/preempted_dropped"] = float(sum(bool(r.extra.get("preempted")) for r in records))
     m.update({LEARNER_METRIC_NAMES.get(k, k): v for k, v in lm.items()})
     m.update(times)

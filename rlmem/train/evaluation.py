@@ -28,6 +28,7 @@ def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[di
     ``peak_kv_mean``, ``peak_kv_reduction``, ``response_length_mean``."""
     from rlmem.eviction.record import peak_kv
     from rlmem.metrics import pass_at_k_summary, peak_kv_reduction
+    from rlmem.train.curriculum import stage_at
     from rlmem.train.rollouts import compute_rewards, decode_completion, generate, prompt_text, sampling_params, step_seed
 
     e = cfg.eval
@@ -41,7 +42,7 @@ def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[di
     pad = (-len(rows)) % workers
     results, baseline = [], None
     for eps in sorted({0.0, *e.eps}):
-        ev = cfg.eviction_config(eps) if eps > 0 else None
+        ev = cfg.eviction_config(eps, stage_at(cfg.eviction, step).get("tau")) if eps > 0 else None
         texts_p = [prompt_text(ex, tokenizer, cfg, eps if tagged else None) for ex in rows]
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts_p]
         ids += ids[:1] * pad

@@ -11,12 +11,12 @@ from rlmem.train.config.loading import (
 )
 from rlmem.train.config.schema import (
     COUNTDOWN_GENERATED, TINY_MODEL, AlgorithmConfig, BatchSizes, CountdownGenConfig, CurriculumConfig,
-    DataConfig, EvalConfig, EvictionSection, InteroceptionConfig, LearnerSection, LoggingConfig, ModelConfig,
+    DataConfig, EvalConfig, EvictionSection, EvictionStage, InteroceptionConfig, LearnerSection, LoggingConfig, ModelConfig,
     OptimizerConfig, RayConfig, RolloutConfig, RunConfig, TrainerConfig, policy_config,
 )
 
 __all__ = ["COUNTDOWN_GENERATED", "TINY_MODEL", "AlgorithmConfig", "BatchSizes", "ConfigError", "CountdownGenConfig",
-           "CurriculumConfig", "DataConfig", "EvalConfig", "EvictionSection", "InteroceptionConfig", "LearnerSection",
+           "CurriculumConfig", "DataConfig", "EvalConfig", "EvictionSection", "EvictionStage", "InteroceptionConfig", "LearnerSection",
            "LoggingConfig", "ModelConfig", "OptimizerConfig", "RayConfig", "RolloutConfig", "RunConfig",
            "TrainerConfig", "apply_override", "check_config", "check_files_exist", "config_from_dict", "load_config",
            "looks_local", "parse_override_value", "policy_config"]

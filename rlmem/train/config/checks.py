@@ -76,6 +76,23 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
                 cfg.eviction_config(e)
             except ValueError as err:
                 out.append(eviction_problem(err, f"eviction.interoception.eps_choices.{i}"))
+    last = 0
+    for i, stage in enumerate(ev.stages):
+        key = f"eviction.stages.{i}"
+        if stage.from_step <= last:
+            out.append((f"{key}.from_step", f"must be after the previous stage's ({last}): stages are in step order"))
+        last = max(last, stage.from_step)
+        if stage.eps is None and stage.tau is None:
+            out.append((key, "sets neither eps nor tau"))
+        if stage.eps is not None and (cur.enabled or intro.enabled):
+            which = "eviction.curriculum" if cur.enabled else "eviction.interoception"
+            out.append((f"{key}.eps", f"{which} sets ε itself; disable it or drop eps from the stage"))
+        if base_ok:
+            try:
+                cfg.eviction_config(stage.eps, stage.tau)
+            except ValueError as err:
+                k, why = eviction_problem(err)
+                out.append((f"{key}.{k.removeprefix('eviction.')}", why))
     for i, e in enumerate(cfg.eval.eps if base_ok else []):
         try:
             cfg.eviction_config(e)

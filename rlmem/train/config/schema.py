@@ -185,6 +185,16 @@ class InteroceptionConfig(Section):
     eps_choices: list[float] = [0.25, 0.5, 0.75]
 
 
+class EvictionStage(Section):
+    """From training step ``from_step`` on (1-based, so a run resumed from ``step_000060`` enters a
+    stage with ``from_step: 61``), ``eps`` and/or ``tau`` replace ``eviction.eps`` / ``eviction.tau``.
+    A field a stage leaves unset keeps the value in force before it; later stages win."""
+
+    from_step: int = Field(ge=1)
+    eps: float | None = None
+    tau: float | None = None
+
+
 EVICTION_POLICY_FIELDS = EVICTION_FIELDS
 
 EvictionSection = derived_section(
@@ -192,16 +202,20 @@ EvictionSection = derived_section(
     "NGC hyper-parameters: exactly EvictionConfig's fields and defaults (its rules are applied by the "
     "checks), plus how ε varies over groups and steps.",
     extra={"curriculum": (CurriculumConfig, Field(default_factory=CurriculumConfig)),
-           "interoception": (InteroceptionConfig, Field(default_factory=InteroceptionConfig))})
+           "interoception": (InteroceptionConfig, Field(default_factory=InteroceptionConfig)),
+           "stages": (list[EvictionStage], Field(default_factory=list))})
 
 
-def policy_config(eviction: BaseModel, eps: float | None = None) -> EvictionConfig:
-    """The :class:`EvictionConfig` of an ``eviction`` section at rate ``eps`` (default its own ``eps``).
+def policy_config(eviction: BaseModel, eps: float | None = None, tau: float | None = None) -> EvictionConfig:
+    """The :class:`EvictionConfig` of an ``eviction`` section at rate ``eps`` and block-logit
+    temperature ``tau`` (defaults: its own ``eps`` and ``tau``).
 
     Raises ValueError (naming the field) when the policy refuses the values."""
     values = {f: getattr(eviction, f) for f in EVICTION_POLICY_FIELDS}
     if eps is not None:
         values["eps"] = float(eps)
+    if tau is not None:
+        values["tau"] = float(tau)
     return EvictionConfig(**values)
 
 
@@ -338,9 +352,11 @@ class RunConfig(Section):
 
     # -- derived ---------------------------------------------------------------------------------
 
-    def eviction_config(self, eps: float | None = None) -> EvictionConfig:
-        """The policy config at rate ``eps`` (default ``eviction.eps``); raises ValueError if invalid."""
-        return policy_config(self.eviction, eps)
+    def eviction_config(self, eps: float | None = None, tau: float | None = None) -> EvictionConfig:
+        """The policy config at rate ``eps`` and temperature ``tau`` (defaults ``eviction.eps`` /
+        ``eviction.tau``; a step's values come from :func:`rlmem.train.curriculum.stage_at`);
+        raises ValueError if invalid."""
+        return policy_config(self.eviction, eps, tau)
 
     def learner_config(self, model_path: str) -> LearnerConfig:
         """What each learner rank gets: the sections' LearnerConfig fields plus the derived ones."""
