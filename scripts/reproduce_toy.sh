@@ -9,9 +9,10 @@
 #    the NGC run's checkpoint at the same step: a causal mask in the learner instead of the replay
 #    masks, and the token loss alone (mem_coef = 0);
 # 4. the figures;
-# 5. stages 2 and 3 (report, sessions 6 and 7): the NGC model trained on at ε = 0.5, 40 steps at
-#    eviction temperature τ = 0.5 then 120 at τ = 0.25, and the full-cache control trained on to
-#    the same step; held-out NGC on the one, the best rules on the other. Skip with STAGES=1.
+# 5. stages 2 and 3 (report, sessions 6 and 7; the config's eviction.stages): the NGC model trained
+#    on at ε = 0.5, 40 steps at eviction temperature τ = 0.5 then 120 at τ = 0.25, and the
+#    full-cache control trained on to the same step (step 220); held-out NGC on the one, every
+#    method on the other. Skip with STAGES=1.
 # Rerunning resumes: finished runs and eval cells are skipped. Parts 1-4 take about an hour on an
 # idle 2-core machine, part 5 about an hour and a half more. SEED=2 bash scripts/reproduce_toy.sh OUT re-runs the
 # evaluations with another problem order and sampling seed (the RL runs are reused).
@@ -46,7 +47,7 @@ evaluate() {  # MODEL NAME METHODS
 mkdir -p "$OUT/logs"
 ALL=full,ngc,knorm,keydiff,snapkv,tova,h2o,streamingllm,streamingllm_prompt,rkv
 train ngc "$STEPS" & a=$!
-train fullcache "$STEPS" eviction.eps=0 eviction.curriculum.enabled=false & b=$!
+train fullcache "$STEPS" eviction.eps=0 'eviction.stages=[]' eviction.curriculum.enabled=false & b=$!
 wait $a && wait $b
 evaluate models/countdown-toy warmstart "$ALL" & a=$!
 evaluate "$(ckpt fullcache "$STEPS")" fullcache-rl "$ALL" & b=$!
@@ -73,20 +74,19 @@ E=$OUT/eval-seed$SEED
     "causal mask=$E/causal-rl" "mem_coef 0=$E/tokenonly-rl"
 
 [ "${STAGES:-3}" = 1 ] && exit 0
-# 5. stages 2 and 3 branch from the NGC run's last checkpoint (new directories: the runs above stay as
+# 5. stages 2 and 3 are the config's eviction.stages (from step 61: ε 0.5, τ 0.5; from 101: τ 0.25):
+# one run to S3_END, branched from the NGC run's checkpoint (a new directory: the runs above stay as
 # they are); the control branches from the full-cache run's, so both have trained the same steps.
-S2_END=$((STEPS + 40)); S3_END=$((STEPS + 160))
+S3_END=${S3_END:-220}   # the report's step (fixed before any evaluation of it)
 branch() {  # NAME SOURCE_CHECKPOINT: start from SOURCE, or go on from NAME's own checkpoints when it has some
   if compgen -G "$OUT/runs/$1/checkpoints/step_*" > /dev/null; then echo trainer.resume=auto; else echo "trainer.resume=$2"; fi
 }
-AT_HALF=(trainer.allow_config_change=true eviction.eps=0.5 'eval.eps=[0.5]')
-{ train stage2 "$S2_END" "$(branch stage2 "$(ckdir ngc "$STEPS")")" "${AT_HALF[@]}" eviction.tau=0.5 \
-  && train stage3 "$S3_END" "$(branch stage3 "$(ckdir stage2 "$S2_END")")" "${AT_HALF[@]}" eviction.tau=0.25; } & a=$!
+train stage3 "$S3_END" "$(branch stage3 "$(ckdir ngc "$STEPS")")" 'eval.eps=[0.5]' & a=$!
 train fullcache-long "$S3_END" "$(branch fullcache-long "$(ckdir fullcache "$STEPS")")" eviction.eps=0 \
-    eviction.curriculum.enabled=false & b=$!
+    'eviction.stages=[]' eviction.curriculum.enabled=false & b=$!
 wait $a && wait $b
 evaluate "$(ckpt stage3 "$S3_END")" "stage3-step$S3_END" full,ngc & a=$!
-evaluate "$(ckpt fullcache-long "$S3_END")" "fullcache-rl-step$S3_END" full,streamingllm_prompt,h2o,keydiff & b=$!
+evaluate "$(ckpt fullcache-long "$S3_END")" "fullcache-rl-step$S3_END" "$ALL" & b=$!
 wait $a && wait $b
 .venv/bin/python scripts/plot_toy.py accuracy "$E/accuracy-vs-reduction-stage3.png" "NGC stage 3=$E/stage3-step$S3_END" \
     "warm start=$E/warmstart" "full-cache RL step $S3_END=$E/fullcache-rl-step$S3_END"
