@@ -1,6 +1,7 @@
 """Figures of the toy reproduction (docs/toy-reproduction.md).
 
-    python scripts/plot_toy.py curves OUT.png LABEL=RUN_DIR ...     reward, accuracy, ε, peak-KV per step
+    python scripts/plot_toy.py curves OUT.png LABEL=RUN_DIR[,BRANCH_DIR...] ...
+                                                       reward, accuracy, ε, peak-KV per step
     python scripts/plot_toy.py accuracy OUT.png LABEL=EVAL_DIR ...  held-out pass@1 vs peak-KV reduction
     python scripts/plot_toy.py stages OUT.png EPS STEP=EVAL_DIR ... bar=EVAL_DIR ... [mark=STEP:TEXT ...]
                                                        NGC's pass@1 at EPS over RL steps, one line per eval
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from rlmem.evaluation.plots import plot_accuracy_vs_reduction
 from rlmem.plots import plot_training_curves
+from rlmem.train.logger import read_metrics
 
 
 def pairs(args: list[str]) -> list[tuple[str, Path]]:
@@ -30,10 +32,16 @@ def pairs(args: list[str]) -> list[tuple[str, Path]]:
 
 
 def curves(out: str, args: list[str]) -> Path:
+    """``LABEL=DIR[,DIR...]``: a run and the runs branched from it, joined by step (a later directory's
+    row wins), so a recipe trained as a chain of resumes is drawn as one curve."""
     runs = {}
-    for label, d in pairs(args):
-        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        runs[label] = [r for r in rows if "reward/mean" in r]
+    for label, dirs in pairs(args):
+        by_step = {}
+        for d in str(dirs).split(","):
+            if not (Path(d) / "metrics.jsonl").is_file():
+                sys.exit(f"error: {d}: no metrics.jsonl (not a training run directory)")
+            by_step.update({r["step"]: r for r in read_metrics(d) if "reward/mean" in r})
+        runs[label] = [by_step[k] for k in sorted(by_step)]
     return plot_training_curves(runs, out)
 
 
