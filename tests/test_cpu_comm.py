@@ -2,9 +2,13 @@
 
 import mmap
 import os
+import sys
 import time
+from pathlib import Path
 
-from rlmem.train.cpu_comm import clear_stale_build_lock, mapped_paths, release_own_buffers, sweep_stale_buffers
+from rlmem.train.cpu_comm import (
+    clear_stale_build_lock, mapped_paths, private_build_dir, release_own_buffers, sweep_stale_buffers,
+)
 
 
 def _age(path, seconds):
@@ -51,3 +55,12 @@ def test_an_ending_learner_unlinks_the_buffers_it_maps_and_nothing_else(tmp_path
         assert m[0] == 1
     assert not mine.exists() and peer.exists() and other.exists()
     assert release_own_buffers(tmp_path, maps=tmp_path / "no-such-maps") == []
+
+
+def test_each_install_builds_the_shm_op_in_its_own_directory(monkeypatch):
+    assert private_build_dir({"TORCH_EXTENSIONS_DIR": "/x"}) is None          # the user's choice stands
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)
+    assert private_build_dir({}) is None                                       # not a venv: torch's default
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    if os.access(sys.prefix, os.W_OK):
+        assert private_build_dir({}) == Path(sys.prefix) / "torch_extensions"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -109,9 +110,24 @@ def shm_op_build_dir() -> Path | None:
         return None
 
 
+def private_build_dir(env: dict[str, str] | None = None) -> Path | None:
+    """``<venv>/torch_extensions`` for DeepSpeed's shm op when ``TORCH_EXTENSIONS_DIR`` is unset and
+    Python runs in a writable virtual environment (else None: torch's default stays). By default
+    torch builds every install's op in one ``~/.cache/torch_extensions/<py>_cpu``; two installs
+    (a checkout and a CI clone) then rebuild over each other and share one lock file."""
+    env = os.environ if env is None else env
+    if env.get("TORCH_EXTENSIONS_DIR") or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return None
+    return Path(sys.prefix) / "torch_extensions"
+
+
 def tidy_before_init() -> None:
-    """Run both clean-ups and say what they removed (called by the learner before it joins)."""
+    """Use a per-install build directory, run both clean-ups and say what they removed (called by
+    the learner before it joins)."""
     try:
+        private = private_build_dir()
+        if private is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(private)
         removed = sweep_stale_buffers()
         if removed:
             log.warning("removed %d shared-memory buffers of ended DeepSpeed learners from %s", len(removed), SHM_DIR)
