@@ -23,8 +23,11 @@ def successes(method: str, eps: float, dirs: list[str]) -> dict[int, dict[tuple,
     """seed -> problem (sorted numbers, target) -> rewards of its samples."""
     out: dict[int, dict[tuple, list[float]]] = {}
     for d in map(Path, dirs):
-        seed = json.loads((d / "results.json").read_text())["settings"]["seed"]
         name = "full.jsonl" if method == "full" else f"{method}_eps{eps:g}.jsonl"
+        for need in (d / "results.json", d / "records" / name):
+            if not need.is_file():
+                sys.exit(f"error: {need} is missing: is {d} a finished `rlmem eval` directory with {method} at ε = {eps:g}?")
+        seed = json.loads((d / "results.json").read_text())["settings"]["seed"]
         problems = toy_problems("test", seed=seed)
         by_problem = defaultdict(list)
         for r in read_jsonl(d / "records" / name):
