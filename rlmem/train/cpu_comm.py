@@ -29,6 +29,16 @@ BUFFER_PREFIX = "deepspeed_"
 SHM_OP_NAME = "deepspeed_shm_comm"
 
 
+def paths_in_maps(maps_text: str) -> set[str]:
+    """The file paths of a ``/proc/<pid>/maps`` text (an unlinked file's ``" (deleted)"`` dropped)."""
+    paths = set()
+    for line in maps_text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6:
+            paths.add(parts[5].removesuffix(" (deleted)"))
+    return paths
+
+
 def mapped_paths(proc: Path = Path("/proc")) -> set[str]:
     """Every file some live process has mapped or open (Linux ``/proc``; empty elsewhere)."""
     paths: set[str] = set()
@@ -36,10 +46,7 @@ def mapped_paths(proc: Path = Path("/proc")) -> set[str]:
         return paths
     for pid in (p for p in proc.iterdir() if p.name.isdigit()):
         try:
-            for line in (pid / "maps").read_text().splitlines():
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6:
-                    paths.add(parts[5].removesuffix(" (deleted)"))
+            paths |= paths_in_maps((pid / "maps").read_text())
             for fd in (pid / "fd").iterdir():
                 paths.add(os.readlink(fd))
         except OSError:   # the process ended, or is not ours to read
@@ -72,12 +79,11 @@ def release_own_buffers(shm_dir: Path = SHM_DIR, maps: Path = Path("/proc/self/m
     """Unlink the DeepSpeed buffers this process maps, as it ends (the mappings stay valid until the
     process exits; the memory goes with it). Only an ending learner calls this: its peers end too."""
     try:
-        lines = maps.read_text().splitlines()
+        mine = paths_in_maps(maps.read_text())
     except OSError:
         return []
     prefix, removed = str(shm_dir / BUFFER_PREFIX), []
-    for path in sorted({line.split(maxsplit=5)[5].removesuffix(" (deleted)") for line in lines
-                        if len(line.split(maxsplit=5)) == 6}):
+    for path in sorted(mine):
         if path.startswith(prefix):
             try:
                 Path(path).unlink()

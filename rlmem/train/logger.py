@@ -81,10 +81,8 @@ def resolve_wandb_mode(mode: str, env: dict[str, str] | None = None) -> str:
     if mode != "auto":
         return mode
     env_mode = env.get("WANDB_MODE", "").strip().lower()
-    if env_mode in ("online", "offline", "disabled"):
-        return env_mode
-    if env_mode == "dryrun":
-        return "offline"
+    if env_mode in ENV_WANDB_MODES:
+        return "offline" if env_mode == "dryrun" else env_mode
     return "online" if env.get("WANDB_API_KEY") else "offline"
 
 
