@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlmem.evaluation.plots import plot_accuracy_vs_reduction
 from rlmem.plots import plot_training_curves
-from rlmem.train.logger import read_metrics
+from rlmem.run.logger import read_metrics
 
 
 def pairs(args: list[str]) -> list[tuple[str, Path]]:

@@ -14,7 +14,7 @@ from rlmem.eviction.policy import EvictionConfig, decide, keep_count
 from rlmem.eviction.record import NEVER, evicted_at
 from rlmem.eviction.scorers import ScoringInputs, get_scorer
 from rlmem.models.loading import load_model, load_tokenizer
-from rlmem.replay import replay_forward, rollout_logprobs
+from rlmem.learner.replay import replay_forward, rollout_logprobs
 
 BASELINES = ["knorm", "keydiff", "snapkv", "tova", "h2o", "streamingllm", "streamingllm_prompt", "rkv"]
 HQ, HKV, W, D, C = 4, 2, 3, 8, 7

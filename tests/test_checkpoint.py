@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlmem.train import checkpoint as ck
-from rlmem.train.checkpoint import (
+from rlmem.run import checkpoint as ck
+from rlmem.run.checkpoint import (
     CheckpointError, TrainerState, capture_rng_state, checkpoint_dir, latest_verified, list_checkpoints,
     load_trainer_state, restore_rng_state, rotate_checkpoints, save_checkpoint, verify_checkpoint,
 )

@@ -9,7 +9,7 @@ import yaml
 
 from rlmem.cli import main as cli_main
 from rlmem.eviction.policy import EvictionConfig
-from rlmem.train.config import (
+from rlmem.run.config import (
     ConfigError, RunConfig, apply_override, config_from_dict, load_config, parse_override_value,
 )
 
@@ -312,7 +312,7 @@ def test_unknown_reward_names_are_config_errors():
 def test_tiny_model_is_made_on_first_use_and_loads(tmp_path):
     from transformers import AutoConfig
 
-    from rlmem.train.preflight import resolve_model_path
+    from rlmem.run.preflight import resolve_model_path
 
     cfg = _load_tiny(f"output_dir={tmp_path}/run", "model.tiny.layers=1")
     assert not (tmp_path / "run").exists()   # loading and checking a config writes nothing
@@ -327,7 +327,7 @@ def test_tiny_model_is_made_on_first_use_and_loads(tmp_path):
 
 
 def test_offline_hub_model_missing_from_the_cache_names_model_path(monkeypatch, tmp_path):
-    from rlmem.train.preflight import model_problem
+    from rlmem.run.preflight import model_problem
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -350,7 +350,7 @@ def test_tiny_model_shape_checked():
 def test_eviction_section_is_derived_from_eviction_config():
     import dataclasses
 
-    from rlmem.train.config import EvictionSection
+    from rlmem.run.config import EvictionSection
 
     fields = [f.name for f in dataclasses.fields(EvictionConfig)]
     assert [k for k in EvictionSection.model_fields if k not in ("curriculum", "interoception", "stages")] == fields
@@ -363,7 +363,7 @@ def test_eviction_section_is_derived_from_eviction_config():
 def test_learner_and_optimizer_sections_are_derived_from_learner_config(tmp_path):
     import dataclasses
 
-    from rlmem.train.learner_config import LearnerConfig
+    from rlmem.learner.config import LearnerConfig
 
     cfg = _load_tiny("optimizer.lr=2e-5", "algorithm.mem_coef=0.5", "learner.micro_batch_size=2")
     lc = cfg.learner_config("m")
@@ -430,7 +430,7 @@ def test_config_show_prints_the_eviction_defaults_of_eviction_config(tmp_path, c
 
 def test_torch_threads_per_actor_is_checked_and_operational():
     """Two runs sharing a machine set ray.torch_threads; a resumed run may change it freely."""
-    from rlmem.train.rundir import meaning_differences
+    from rlmem.run.rundir import meaning_differences
 
     with pytest.raises(ConfigError) as e:
         _load_tiny("ray.torch_threads=0")

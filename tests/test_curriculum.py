@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlmem.train.config import CurriculumConfig, EvictionSection, EvictionStage, InteroceptionConfig
+from rlmem.run.config import CurriculumConfig, EvictionSection, EvictionStage, InteroceptionConfig
 from rlmem.train.curriculum import (
     curriculum_eps, group_eps, interoception_eps, retention_at, stage_at,
 )

@@ -72,7 +72,7 @@ def test_placement_plan_and_requests_that_can_never_be_granted(tiny_model_dir, t
 def test_impossible_resources_fail_fast_naming_request_and_cluster(tiny_model_dir, tmp_path):
     """A GPU request on a CPU-only Ray fails at once (it used to hang), before any actor exists."""
     ray = pytest.importorskip("ray")
-    from rlmem.train.errors import TrainingError
+    from rlmem.run.errors import TrainingError
     from rlmem.train.workers import start_workers
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, "ray.num_gpus_per_actor=1", "ray.placement=separate")

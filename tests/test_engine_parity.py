@@ -20,7 +20,7 @@ from rlmem.engine.registry import create_engine, engine_names, engine_traits, en
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.models.loading import load_model, load_tokenizer
-from rlmem.replay import replay_forward, rollout_logprobs
+from rlmem.learner.replay import replay_forward, rollout_logprobs
 
 PROMPTS = ["Solve 12+7.", "a much longer prompt that is longer than delta, with more words to make sure of it", "x"]
 TOL = {"float32": 1e-4, "float64": 1e-9}

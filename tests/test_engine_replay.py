@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
-from rlmem.loss import eviction_loss, token_loss
+from rlmem.learner.loss import eviction_loss, token_loss
 from rlmem.eviction.record import NEVER, evicted_at, peak_kv, read_jsonl, write_jsonl
-from rlmem.replay import replay_forward, rollout_logprobs
+from rlmem.learner.replay import replay_forward, rollout_logprobs
 
 PROMPTS = ["Solve 12+7.", "a much longer prompt that is longer than delta", "x"]   # 11, 47, 1 tokens
 

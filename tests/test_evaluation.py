@@ -40,7 +40,7 @@ def test_evaluate_grades_with_the_verifier_and_measures_peak_kv(tiny_model_dir, 
     from rlmem.metrics import peak_no_eviction, schedule_peak
     from rlmem.train.actors import RolloutWorker, remote_class
     from rlmem.train.evaluation import evaluate
-    from rlmem.train.preflight import Prepared, load_data
+    from rlmem.run.preflight import Prepared, load_data
     from rlmem.train.rollouts import prompt_text
 
     # shaping that would make every sample "correct" if it leaked into the score
@@ -126,7 +126,7 @@ def test_eval_metrics_are_flattened_per_eps():
 
 def test_no_eval_source_means_no_evaluation(tiny_model_dir, tmp_path):
     from rlmem.train.evaluation import evaluate
-    from rlmem.train.preflight import Prepared, load_data
+    from rlmem.run.preflight import Prepared, load_data
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path)
     prepared = Prepared()
@@ -135,7 +135,7 @@ def test_no_eval_source_means_no_evaluation(tiny_model_dir, tmp_path):
 
 
 def test_generated_eval_problems_follow_the_training_generator(tiny_model_dir, tmp_path):
-    from rlmem.train.preflight import Prepared, load_data
+    from rlmem.run.preflight import Prepared, load_data
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, eval={**EVAL, "limit": 5})
     prepared = Prepared()
@@ -149,7 +149,7 @@ def test_generated_eval_problems_follow_the_training_generator(tiny_model_dir, t
 
 def test_ray_custom_resources_are_configured_and_reach_the_workers(tiny_model_dir, tmp_path, monkeypatch):
     from rlmem.train import driver, workers
-    from rlmem.train.config import ConfigError
+    from rlmem.run.config import ConfigError
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, ray={"rollout_resources": {"rollout_node": "0.01"},
                                                          "learner_resources": {"learner_node": 1}})

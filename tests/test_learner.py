@@ -19,9 +19,9 @@ from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.eviction.record import RolloutRecord
-from rlmem.loss import group_advantages, ngc_loss
-from rlmem.replay import replay_forward, rollout_logprobs
-from rlmem.train.learner import Learner, LearnerConfig
+from rlmem.learner.loss import group_advantages, ngc_loss
+from rlmem.learner.replay import replay_forward, rollout_logprobs
+from rlmem.learner.learner import Learner, LearnerConfig
 
 MAX_NEW = 24
 EVICTION = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
@@ -140,7 +140,7 @@ def test_kl_to_the_starting_weights(tiny_model_dir, batch):
     """kl_coef > 0: at step 1 the policy is the reference, so the KL and its gradient are 0 and the
     update equals the KL-free one; at step 2 the reported KL equals the k3 KL of the updated policy
     against the starting weights, replayed here under the same masks, and the update differs."""
-    from rlmem.loss import kl_penalty
+    from rlmem.learner.loss import kl_penalty
 
     records, adv = batch
     plain = Learner(make_cfg(tiny_model_dir, zero_stage=0), master_port=free_port())

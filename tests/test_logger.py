@@ -12,7 +12,7 @@ import torch
 
 from rlmem.eviction.record import NEVER, RolloutRecord, peak_kv
 from rlmem.plots import plot_accuracy_vs_compression, replay_mask_codes
-from rlmem.train.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line, wandb_env_problem
+from rlmem.run.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line, wandb_env_problem
 
 STEP = {"reward/mean": 0.25, "eviction/peak_kv_mean": 12.5, "replay/max_abs_logprob_diff": 3e-6}
 
@@ -61,7 +61,7 @@ def test_console_summary_and_missing_metric_warning(tmp_path):
 
 
 def test_resume_appends_after_the_trimmed_rows_with_the_same_run_id(tmp_path):
-    from rlmem.train.rundir import trim_logs
+    from rlmem.run.rundir import trim_logs
 
     with _logger(tmp_path, run_id="fixedid1") as lg:
         for s in range(1, 5):
@@ -210,7 +210,7 @@ def test_accuracy_vs_compression_plot(tmp_path):
 
 
 def test_from_config_with_progress_bar(tmp_path, capsys):
-    from rlmem.train.config import load_config
+    from rlmem.run.config import load_config
 
     cfg = load_config("configs/countdown-tiny.yaml", [f"output_dir={tmp_path}/r", "logging.wandb.mode=disabled"])
     with RunLogger.from_config(cfg, run_id="abcd1234", start_step=1) as lg:

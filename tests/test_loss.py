@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlmem.loss import LossConfig, eviction_loss, group_advantages, ngc_loss, token_loss
+from rlmem.learner.loss import LossConfig, eviction_loss, group_advantages, ngc_loss, token_loss
 
 PAD = -100.0  # padding values that would visibly corrupt a result if they leaked through a mask
 
@@ -278,7 +278,7 @@ def test_microbatches_sum_to_full_batch(aggregation, clip):
 def test_kl_penalty_is_k3_aggregated_like_the_token_loss():
     """KL(π_θ‖π_ref) per token = exp(r) − r − 1 with r = ref − logp, summed over valid tokens and
     divided by S·max_len (Dr. GRPO), computed here element by element; zero where the policies agree."""
-    from rlmem.loss import kl_penalty
+    from rlmem.learner.loss import kl_penalty
 
     lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -4.0, 0.0]], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([[-1.5, -2.0, -0.1], [-0.3, -1.0, 9.0]], dtype=torch.float64)
@@ -303,7 +303,7 @@ def test_kl_penalty_is_k3_aggregated_like_the_token_loss():
 
 
 def test_ngc_loss_adds_kl_coef_times_the_penalty_and_needs_the_reference():
-    from rlmem.loss import LossConfig, kl_penalty, ngc_loss
+    from rlmem.learner.loss import LossConfig, kl_penalty, ngc_loss
 
     g = torch.Generator().manual_seed(0)
     lp = -torch.rand(4, 5, generator=g, dtype=torch.float64)

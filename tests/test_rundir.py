@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from rlmem.train import checkpoint as ck
-from rlmem.train.errors import TrainingError
-from rlmem.train.rundir import (
+from rlmem.run import checkpoint as ck
+from rlmem.run.errors import TrainingError
+from rlmem.run.rundir import (
     LOCK_FILE, RunDirLock, apply_plan, meaning_differences, plan_start, trim_logs,
 )
 from train_helpers import tiny_run_config
@@ -35,7 +35,7 @@ def _steps(path):
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
-    code = ("import sys, time; sys.path.insert(0, %r); from rlmem.train.rundir import RunDirLock; "
+    code = ("import sys, time; sys.path.insert(0, %r); from rlmem.run.rundir import RunDirLock; "
             "l = RunDirLock(%r).acquire(); print('locked', flush=True); time.sleep(60)") % (os.getcwd(), str(tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

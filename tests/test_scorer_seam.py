@@ -15,7 +15,7 @@ from rlmem.eviction.record import RolloutRecord
 from rlmem.eviction.scorers import Scorer, ScoringInputs, get_scorer, register_scorer, scorer_names
 from rlmem.metrics import schedule_peak
 from rlmem.models.loading import load_model, load_tokenizer
-from rlmem.replay import replay_forward, rollout_logprobs
+from rlmem.learner.replay import replay_forward, rollout_logprobs
 
 
 @register_scorer

@@ -27,7 +27,7 @@ SHORT_RUN = ["trainer.total_steps=20", "trainer.eval_every=20", "trainer.save_ev
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    from rlmem.train.config import load_config
+    from rlmem.run.config import load_config
     from rlmem.train.driver import run_training
 
     out = tmp_path_factory.mktemp("toy") / "run"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rlmem.eviction.record import read_jsonl
-from rlmem.train import checkpoint as ck
-from rlmem.train.logger import records_path
+from rlmem.run import checkpoint as ck
+from rlmem.run.logger import records_path
 from train_helpers import hf_state, tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def straight_run(tiny_model_dir, tmp_path_factory):
 
 
 def _shm_buffers() -> set[str]:
-    from rlmem.train.cpu_comm import BUFFER_PREFIX, SHM_DIR
+    from rlmem.learner.deepspeed_shm import BUFFER_PREFIX, SHM_DIR
 
     return {p.name for p in SHM_DIR.glob(BUFFER_PREFIX + "*")} if SHM_DIR.is_dir() else set()
 

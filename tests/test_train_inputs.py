@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlmem.cli import main as cli_main
-from rlmem.train.config import RunConfig
-from rlmem.train.preflight import Prepared, load_data, preflight
+from rlmem.run.config import RunConfig
+from rlmem.run.preflight import Prepared, load_data, preflight
 from train_helpers import tiny_run_config
 
 

@@ -36,7 +36,7 @@ def test_training_with_the_vllm_backend(tiny_model_dir, tmp_path):
 
 
 def test_vllm_backend_refuses_a_block_size_vllm_cannot_use(tiny_model_dir, tmp_path):
-    from rlmem.train.preflight import preflight
+    from rlmem.run.preflight import preflight
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path / "run", rollout={"backend": "vllm"},
                           eviction={"delta": 16, "eps": 0.5, "block_size": 4, "window": 4})

@@ -13,7 +13,7 @@ import torch
 
 from rlmem.engine.vllm.compaction import block_moves, effective_slots, plan_round
 from rlmem.engine.vllm.layouts import CPU_VEC, FLASH_ATTN, copy_blocks, layout_for
-from rlmem.engine.vllm.weights import bucket_pairs, ipc_plan, unpack_plan_entry
+from rlmem.models.weight_buckets import make_buckets, unpack_bucket
 from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -112,20 +112,6 @@ def test_cpu_reader_matches_vllm_cache_write_op(isa):
     assert torch.equal(ref, kv)     # the reference writer used above is the real layout, V included
 
 
-def test_weight_buckets_roundtrip():
-    named = [(f"w{i}", torch.randn(i + 1, 3)) for i in range(6)] + [("h", torch.randn(4, dtype=torch.float64))]
-    buckets = list(bucket_pairs(named, bucket_bytes=64))
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in named]
-    assert all(sum(t.numel() * t.element_size() for _, t in b) <= 64 or len(b) == 1 for b in buckets)
-    with pytest.raises(ValueError, match="bucket_bytes"):
-        list(bucket_pairs(named, 0))
-    plan = ipc_plan(named, bucket_bytes=1 << 20)
-    assert sorted(e["dtype"] for e in plan) == ["torch.float32", "torch.float64"]
-    back = dict(p for e in plan for p in unpack_plan_entry(e))
-    for n, t in named:
-        assert torch.equal(back[n], t)
-
-
 def test_version_check_names_the_pinned_version(monkeypatch):
     from rlmem.engine.vllm import version
 
@@ -154,11 +140,13 @@ def test_cuda_ipc_weight_transport_roundtrip():
     """On a GPU: a flat bucket shared by IPC handle rebuilds the same tensors."""
     from torch.multiprocessing.reductions import reduce_tensor
 
+    from rlmem.models.weight_buckets import Bucket
+
     named = [("a", torch.randn(3, 4, device="cuda")), ("b", torch.randn(5, device="cuda"))]
-    for e in ipc_plan(named, 1 << 20):
-        func, args = reduce_tensor(e["flat"].cuda())
-        rebuilt = unpack_plan_entry({**e, "flat": func(*args)})
-        for (n, t), (n2, t2) in zip([p for p in named if p[0] in e["names"]], rebuilt):
+    for b in make_buckets(named, 1 << 20, device="cuda"):
+        func, args = reduce_tensor(b.flat)
+        rebuilt = unpack_bucket(Bucket(b.names, b.shapes, func(*args)))
+        for (n, t), (n2, t2) in zip([p for p in named if p[0] in b.names], rebuilt):
             assert n == n2 and torch.equal(t.cpu(), t2.cpu())
 
 

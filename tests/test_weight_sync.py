@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlmem.train.weight_sync import Bucket, WeightSyncError, make_buckets, unpack_bucket
+from rlmem.models.weight_buckets import Bucket, make_buckets, unpack_bucket
+from rlmem.train.weight_sync import WeightSyncError
 
 
 def _named():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlmem.train.config import RunConfig, config_from_dict
+from rlmem.run.config import RunConfig, config_from_dict
 
 
 def digit_reward(completions, **_) -> list[float]:

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
     from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams, token_log_softmax
-    from rlmem.loss import eviction_loss, token_loss
+    from rlmem.learner.loss import eviction_loss, token_loss
     from rlmem.models.tiny import make_tiny_model
-    from rlmem.replay import replay_forward
+    from rlmem.learner.replay import replay_forward
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlmem.train.config import ConfigError, load_config
+    from rlmem.run.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides, check_files=not args.no_check_files)
@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = "not checked (--no-check-files)"
     if not args.no_check_files:
-        from rlmem.train.errors import TrainingError
-        from rlmem.train.preflight import preflight
-        from rlmem.train.rundir import plan_start
+        from rlmem.run.errors import TrainingError
+        from rlmem.run.preflight import preflight
+        from rlmem.run.rundir import plan_start
 
         _, problems = preflight(cfg)
         try:

@@ -35,7 +35,7 @@ def check_records(model, records, *, kernel: str = "sdpa", batch_size: int = 8, 
     import torch
     from tqdm import tqdm
 
-    from rlmem.replay import replay_forward, rollout_logprobs
+    from rlmem.learner.replay import replay_forward, rollout_logprobs
 
     worst = {"token": 0.0, "eviction": 0.0, "token_at": None, "eviction_at": None, "tokens": 0, "decisions": 0}
     n_layers = model.config.num_hidden_layers
@@ -136,8 +136,8 @@ def training_records_hint(records_file: str | None, k: int) -> str:
     training with exactly those weights, and ``metrics.jsonl`` holds that step's differences."""
     from pathlib import Path
 
-    from rlmem.train.checkpoint import CONFIG_FILE, HF_SUBDIR, checkpoint_dir
-    from rlmem.train.logger import read_metrics
+    from rlmem.run.checkpoint import CONFIG_FILE, HF_SUBDIR, checkpoint_dir
+    from rlmem.run.logger import read_metrics
 
     head = f"these training records were sampled by the weights after step {k}, before step {k + 1}'s update"
     run_dir = Path(records_file).resolve().parent.parent if records_file else None

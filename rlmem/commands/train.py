@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rlmem.train.config import ConfigError, load_config
+    from rlmem.run.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -57,8 +57,8 @@ class RolloutWorker:
                          "peak_cache_bytes": float(s.peak_cache_bytes)}
 
     def update_weights(self, bucket) -> int:
-        """Load one weight-sync bucket (:class:`~rlmem.train.weight_sync.Bucket`); return its parameter count."""
-        from rlmem.train.weight_sync import unpack_bucket
+        """Load one weight-sync bucket (:class:`~rlmem.models.weight_buckets.Bucket`); return its parameter count."""
+        from rlmem.models.weight_buckets import unpack_bucket
 
         pairs = unpack_bucket(bucket)
         if hasattr(self.engine, "stage_weights"):     # engines that load a whole update at once (vLLM)
@@ -88,7 +88,7 @@ class RolloutWorker:
 
 
 class LearnerWorker:
-    """One data-parallel rank of the DeepSpeed learner (:class:`rlmem.train.learner.Learner`)."""
+    """One data-parallel rank of the DeepSpeed learner (:class:`rlmem.learner.learner.Learner`)."""
 
     def __init__(self, learner_config, *, rank: int, world_size: int, num_threads: int | None = None):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +108,7 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> float:
         """Join the process group and build the DeepSpeed engine (collective); return seconds taken."""
-        from rlmem.train.learner import Learner
+        from rlmem.learner.learner import Learner
 
         t0 = time.perf_counter()
         self.learner = Learner(self.cfg, rank=self.rank, world_size=self.world_size,
@@ -124,7 +124,7 @@ class LearnerWorker:
         ``(bucket refs, parameter count, bytes)``, other ranks ``None``."""
         import ray
 
-        from rlmem.train.weight_sync import make_buckets
+        from rlmem.models.weight_buckets import make_buckets
 
         named = self.learner.named_parameters_for_sync()
         if self.rank != 0:
@@ -156,8 +156,8 @@ class LearnerWorker:
 
     def release_shared_memory(self) -> int:
         """Unlink DeepSpeed's CPU allreduce buffers before this rank is killed (Ray runs no exit hooks,
-        and the files would stay in /dev/shm for good: rlmem.train.cpu_comm). Returns how many."""
-        from rlmem.train.cpu_comm import release_own_buffers
+        and the files would stay in /dev/shm for good: rlmem.learner.deepspeed_shm). Returns how many."""
+        from rlmem.learner.deepspeed_shm import release_own_buffers
 
         return len(release_own_buffers())
 

@@ -7,7 +7,7 @@ Stages (``eviction.stages``): piecewise-constant ε and τ from a given training
 recipe of several phases (the toy reproduction's ε 0.25, then ε 0.5 at τ 0.5, then τ 0.25) is one
 config and one run instead of a chain of resumes with overrides. A stage's ε replaces
 ``eviction.eps``; the curriculum and interoception, which set ε themselves, cannot be combined
-with a stage that sets ε (rlmem.train.config.checks).
+with a stage that sets ε (rlmem.run.config.checks).
 
 Curriculum (docs/design.md "Extras"): retention rates ρ_0 ≥ … ≥ ρ_K, ``Δ`` steps per stage; during the
 last fraction ``α`` of stage k the rate moves linearly from ρ_k to ρ_{k+1}, reaching it exactly at
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rlmem.train.config import CurriculumConfig, EvictionSection, InteroceptionConfig
+from rlmem.run.config import CurriculumConfig, EvictionSection, InteroceptionConfig
 
 
 def stage_at(eviction: EvictionSection, step: int) -> dict[str, float]:

@@ -9,8 +9,8 @@ contiguous) → decode → rewards → group advantages → learner ``train_step
 shards → weight sync → metrics, samples, pictures, evaluation → checkpoint. All randomness of a step
 is derived from ``(seed, step)``, so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
 
-Before Ray starts: the environment checks (:mod:`rlmem.train.preflight`), the run-directory lock
-and start plan (:mod:`rlmem.train.rundir`). SIGINT and SIGTERM (``ray job stop``) take the same
+Before Ray starts: the environment checks (:mod:`rlmem.run.preflight`), the run-directory lock
+and start plan (:mod:`rlmem.run.rundir`). SIGINT and SIGTERM (``ray job stop``) take the same
 path: abandon the step, keep the last checkpoint, close W&B, stop Ray, exit 130 / 143.
 """
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from rlmem.train.config import ConfigError, RunConfig
-from rlmem.train.errors import TrainingError, first_line
+from rlmem.run.config import ConfigError, RunConfig
+from rlmem.run.errors import TrainingError, first_line
 
 __all__ = ["TrainingError", "Stopped", "run_training"]
 
@@ -109,8 +109,8 @@ def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None =
 
     ``rollout_resources`` / ``learner_resources`` default to ``ray.rollout_resources`` /
     ``ray.learner_resources`` (custom Ray resources that pin each role to its nodes)."""
-    from rlmem.train.preflight import preflight
-    from rlmem.train.rundir import RunDirLock
+    from rlmem.run.preflight import preflight
+    from rlmem.run.rundir import RunDirLock
 
     _received.clear()
     prepared, problems = preflight(cfg)
@@ -130,10 +130,10 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
     import ray
 
     from rlmem.models.loading import load_tokenizer
-    from rlmem.train import checkpoint as ckpt
-    from rlmem.train.logger import RunLogger
-    from rlmem.train.preflight import resolve_model_path
-    from rlmem.train.rundir import apply_plan, describe_holder, plan_start
+    from rlmem.run import checkpoint as ckpt
+    from rlmem.run.logger import RunLogger
+    from rlmem.run.preflight import resolve_model_path
+    from rlmem.run.rundir import apply_plan, describe_holder, plan_start
     from rlmem.train.weight_sync import sync_weights
     from rlmem.train.workers import init_ray, start_workers, stop_workers, worker_nodes
 
@@ -233,7 +233,7 @@ def _ignoring(exc: type[BaseException]) -> Iterator[None]:
 
 def _logged_past(out: Path, step: int) -> bool:
     """Whether metrics.jsonl has rows after ``step`` (then W&B has them too and must be rewound)."""
-    from rlmem.train.logger import read_metrics
+    from rlmem.run.logger import read_metrics
 
     try:
         return any(int(r.get("step", 0)) > step for r in read_metrics(out))
@@ -299,7 +299,7 @@ def score(run: Run, batch: Batch, records: list):
     """Decode, reward (verifier + shaping), the min-length rule, group advantages."""
     import torch
 
-    from rlmem.loss import group_advantages
+    from rlmem.learner.loss import group_advantages
     from rlmem.train.rollouts import compute_rewards, decode_completion
 
     cfg, G = run.cfg, run.cfg.algorithm.rollouts_per_prompt
@@ -404,10 +404,10 @@ def log_step(run: Run, batch: Batch, records, texts, metrics, eval_results) -> N
 
 def checkpoint_if_due(run: Run, step: int) -> None:
     """After ``save_every`` steps and at the end: engine state (every rank), HF export, trainer state,
-    the resolved config, then the manifest (:func:`rlmem.train.checkpoint.save_checkpoint`)."""
+    the resolved config, then the manifest (:func:`rlmem.run.checkpoint.save_checkpoint`)."""
     import ray
 
-    from rlmem.train import checkpoint as ckpt
+    from rlmem.run import checkpoint as ckpt
 
     cfg, t = run.cfg, run.cfg.trainer
     if not ((t.save_every and step % t.save_every == 0) or step == t.total_steps):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rlmem.train.config import RunConfig
+from rlmem.run.config import RunConfig
 
 
 def evaluate(cfg: RunConfig, rollout_workers: list, tokenizer, examples: list[dict], step: int) -> list[dict[str, Any]]:

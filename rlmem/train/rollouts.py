@@ -12,8 +12,8 @@ import numpy as np
 
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig
-from rlmem.train.config import RunConfig
-from rlmem.train.errors import TrainingError
+from rlmem.run.config import RunConfig
+from rlmem.run.errors import TrainingError
 
 
 def step_seed(seed: int, step: int, worker: int) -> int:

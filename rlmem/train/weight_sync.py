@@ -8,79 +8,17 @@ driver waits with a deadline: a timeout raises :class:`WeightSyncError` naming t
 did not answer. Every worker reports how many parameters it loaded, so a silently skipped bucket
 is an error too.
 
-The packing logic (:func:`make_buckets`, :func:`unpack_bucket`) is device-independent and
-unit-tested on CPU; a CUDA/NCCL transport would reuse it unchanged.
+The packing (:mod:`rlmem.models.weight_buckets`) is shared with the engines' own transports.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
-
-import torch
+from typing import Any, Sequence
 
 
 class WeightSyncError(RuntimeError):
     """A weight sync that timed out or did not load every parameter; names the worker(s)."""
-
-
-@dataclass
-class Bucket:
-    """Several parameters of one dtype, flattened into one contiguous 1-D tensor."""
-
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    flat: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
-
-
-def make_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
-    """Group ``(name, tensor)`` pairs, in order, into buckets of at most ``bucket_bytes`` per dtype.
-
-    A tensor larger than ``bucket_bytes`` gets a bucket of its own. Tensors are copied (to CPU), so
-    the caller may keep training after a bucket is yielded. Streaming: at most one open bucket per
-    dtype is held in memory.
-    """
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1 (got {bucket_bytes})")
-    open_: dict[torch.dtype, tuple[list[str], list[torch.Tensor], int]] = {}
-
-    def close(dtype: torch.dtype) -> Bucket:
-        names, tensors, _ = open_.pop(dtype)
-        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=dtype)
-        return Bucket(names, [tuple(t.shape) for t in tensors], flat)
-
-    for name, t in named_tensors:
-        t = t.detach().to("cpu")
-        size = t.numel() * t.element_size()
-        names, tensors, used = open_.get(t.dtype, ([], [], 0))
-        if tensors and used + size > bucket_bytes:
-            yield close(t.dtype)
-            names, tensors, used = [], [], 0
-        names.append(name)
-        tensors.append(t)
-        open_[t.dtype] = (names, tensors, used + size)
-    for dtype in list(open_):
-        yield close(dtype)
-
-
-def unpack_bucket(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
-    """The ``(name, tensor)`` pairs of ``bucket`` (views into ``bucket.flat``, no copy)."""
-    out, offset = [], 0
-    for name, shape in zip(bucket.names, bucket.shapes):
-        n = 1
-        for s in shape:
-            n *= s
-        out.append((name, bucket.flat[offset:offset + n].view(shape)))
-        offset += n
-    if offset != bucket.flat.numel():
-        raise ValueError(f"weight sync: bucket of {bucket.flat.numel()} elements holds {offset} for its "
-                         f"{len(bucket.names)} parameters")
-    return out
 
 
 def sync_weights(learners: Sequence[Any], rollout_workers: Sequence[Any], *, bucket_mb: float,

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlmem.train.config import RunConfig
-from rlmem.train.errors import TrainingError
+from rlmem.run.config import RunConfig
+from rlmem.run.errors import TrainingError
 
 PLACEMENT_TIMEOUT_S = 120.0
 
@@ -212,7 +212,7 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
 def stop_workers(w: Workers) -> None:
     """Kill our actors and free their placement groups (matters when the cluster outlives the run).
     Learners first unlink their shared-memory buffers (best effort, a few seconds at most: a dead or
-    hung learner leaves its buffer to the next learner's sweep, rlmem.train.cpu_comm)."""
+    hung learner leaves its buffer to the next learner's sweep, rlmem.learner.deepspeed_shm)."""
     import ray
     from ray.util.placement_group import remove_placement_group
 

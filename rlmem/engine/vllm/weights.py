@@ -1,11 +1,11 @@
 """Weight updates into a running vLLM engine, bucketed, behind one interface.
 
-* CPU (and any single-process engine): buckets of ``(name, tensor)`` pairs go to every worker with
-  ``collective_rpc("rlmem_stage_weights")``; ``rlmem_commit_weights`` then loads them with vLLM's
+* CPU (and any single-process engine): flat buckets (:mod:`rlmem.models.weight_buckets`, the one
+  packing every transport uses) go to every worker with ``collective_rpc("rlmem_stage_weights")``; ``rlmem_commit_weights`` then loads them with vLLM's
   in-place ``reload_weights`` (the model's ``load_weights`` maps HF names onto fused parameters,
   e.g. q/k/v into ``qkv_proj``, and the layer-wise reload re-runs the CPU weight repacking).
 * CUDA colocated (learner and engine on the same GPU): the same buckets, flattened per dtype
-  (:func:`rlmem.train.weight_sync.make_buckets`), are shared as CUDA IPC handles and rebuilt in the
+  (:func:`rlmem.models.weight_buckets.make_buckets`), are shared as CUDA IPC handles and rebuilt in the
   worker, optionally around ``LLM.sleep`` / ``LLM.wake_up`` so the learner can use the memory
   between rollouts.
 
@@ -15,25 +15,11 @@ covered by a ``gpu``-marked test.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Protocol
 
 import torch
 
-
-def bucket_pairs(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of pairs of at most ``bucket_bytes`` (a bigger tensor goes alone)."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1 (got {bucket_bytes})")
-    cur, size = [], 0
-    for name, t in named:
-        n = t.numel() * t.element_size()
-        if cur and size + n > bucket_bytes:
-            yield cur
-            cur, size = [], 0
-        cur.append((name, t.detach()))
-        size += n
-    if cur:
-        yield cur
+from rlmem.models.weight_buckets import make_buckets
 
 
 class WeightTransport(Protocol):
@@ -72,9 +58,9 @@ class CpuRpcTransport:
     def stage(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Send buckets to the workers without loading them yet (a reload must see every tensor of a layer)."""
         count = 0
-        for bucket in bucket_pairs(((n, t.to("cpu")) for n, t in named), self.bucket_bytes):
-            expect_all(self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,)), len(bucket), "received")
-            count += len(bucket)
+        for bucket in make_buckets(named, self.bucket_bytes):
+            expect_all(self.llm.collective_rpc("rlmem_stage_weights", args=(bucket,)), len(bucket.names), "received")
+            count += len(bucket.names)
             self.last_buckets += 1
         self.staged += count
         return count
@@ -89,36 +75,6 @@ class CpuRpcTransport:
         self.last_buckets = 0
         self.stage(named)
         return self.commit()
-
-
-def ipc_plan(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[dict]:
-    """Flat per-dtype buckets and the metadata a worker needs to rebuild the named tensors.
-
-    Each entry: ``{"flat": tensor, "names": [...], "shapes": [...], "dtype": str}``. On CUDA the
-    flat tensor is what gets an IPC handle (one handle per bucket, not per parameter).
-    """
-    from rlmem.train.weight_sync import make_buckets
-
-    out = []
-    for b in make_buckets(named, bucket_bytes):
-        out.append({"flat": b.flat, "names": list(b.names), "shapes": [tuple(s) for s in b.shapes],
-                    "dtype": str(b.flat.dtype)})
-    return out
-
-
-def unpack_plan_entry(entry: dict) -> list[tuple[str, torch.Tensor]]:
-    """Views of one bucket's flat tensor as the named tensors (no copy)."""
-    out, off = [], 0
-    flat = entry["flat"]
-    for name, shape in zip(entry["names"], entry["shapes"]):
-        n = 1
-        for s in shape:
-            n *= s
-        out.append((name, flat[off: off + n].view(shape)))
-        off += n
-    if off != flat.numel():
-        raise ValueError(f"weight bucket: shapes cover {off} of {flat.numel()} elements")
-    return out
 
 
 class CudaIpcTransport:
@@ -136,12 +92,12 @@ class CudaIpcTransport:
         if self.sleep_between and not self.staged:
             self.llm.wake_up(tags=["weights"])
         count = 0
-        for entry in ipc_plan(((n, t.to("cuda")) for n, t in named), self.bucket_bytes):
-            handle = reduce_tensor(entry["flat"].cuda())
-            meta = {k: v for k, v in entry.items() if k != "flat"}
-            expect_all(self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta)), len(meta["names"]),
+        for bucket in make_buckets(named, self.bucket_bytes, device="cuda"):
+            handle = reduce_tensor(bucket.flat)
+            meta = {"names": bucket.names, "shapes": bucket.shapes}
+            expect_all(self.llm.collective_rpc("rlmem_load_weights_ipc", args=(handle, meta)), len(bucket.names),
                        "received")
-            count += len(meta["names"])
+            count += len(bucket.names)
         self.staged += count
         return count
 

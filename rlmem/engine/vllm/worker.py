@@ -81,7 +81,6 @@ class NGCWorkerState:
         self.window = 0
         self.qbuf: list[torch.Tensor] = []         # per layer [slots, window, Hq, d]
         self.step: list[tuple[int, int, int]] = []  # this step's (slot, token start, n tokens) of NGC requests
-        self.rounds_run = 0
 
     # ------------------------------------------------------------------ request bookkeeping
     def _ensure_buffers(self, window: int, slots: int) -> None:
@@ -211,7 +210,6 @@ class NGCWorkerState:
                 for bt in self.runner.input_batch.block_table.block_tables:
                     bt.num_blocks_per_row[row] = plan.keep
             st.last_t = plan.t
-            self.rounds_run += 1
 
     def _round_group(self, items: list, window: int, scorer, greedy: bool) -> None:
         cfgs = [st.settings.config for _, st, _, _ in items]
@@ -309,11 +307,12 @@ class NGCWorkerExtension:
     def rlmem_take(self, keys: list[str]) -> dict[str, dict]:
         return self.model_runner.rlmem.take(keys)
 
-    def rlmem_rounds_run(self) -> int:
-        return self.model_runner.rlmem.rounds_run
+    def rlmem_stage_weights(self, bucket) -> int:
+        """Receive one :class:`~rlmem.models.weight_buckets.Bucket` of HF-named tensors; they are loaded
+        together by :meth:`rlmem_commit_weights`."""
+        from rlmem.models.weight_buckets import unpack_bucket
 
-    def rlmem_stage_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Receive one bucket of HF-named tensors; they are loaded together by :meth:`rlmem_commit_weights`."""
+        named = unpack_bucket(bucket)
         staged = getattr(self, "rlmem_staged", None)
         if staged is None:
             staged = self.rlmem_staged = []
@@ -330,10 +329,9 @@ class NGCWorkerExtension:
 
     def rlmem_load_weights_ipc(self, handle, meta: dict) -> int:
         """CUDA: rebuild one flat bucket from its IPC handle (:mod:`.weights`) and load its named views."""
-        from rlmem.engine.vllm.weights import unpack_plan_entry
+        from rlmem.models.weight_buckets import Bucket
 
         func, args = handle
         args = list(args)
         args[6] = torch.cuda.current_device()     # the receiving process's device index
-        named = unpack_plan_entry({**meta, "flat": func(*args)})
-        return self.rlmem_stage_weights(named)
+        return self.rlmem_stage_weights(Bucket(list(meta["names"]), list(meta["shapes"]), func(*args)))

@@ -10,7 +10,7 @@ Files under ``<output_dir>``: ``metrics.jsonl`` (one object per step, non-finite
 with ``logging.records_every`` the full rollout records of every Nth step in
 ``records/step_NNNNNN.jsonl`` (rewards included; what ``rlmem inspect`` reads).
 Every row carries ``step``, the 1-based number of the training step it belongs to. On resume from
-the checkpoint of step S, :func:`rlmem.train.rundir.trim_logs` has already cut every file back to
+the checkpoint of step S, :func:`rlmem.run.rundir.trim_logs` has already cut every file back to
 ``step <= S`` (and removed the record files of later steps); the W&B run is reopened with the same id and, when it had logged past S
 (``rewind``), rewound to S (online; W&B cannot rewind an offline run, which then continues under a
 new id in the same group, named in the console).
@@ -39,7 +39,7 @@ def records_path(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / RECORDS_DIR / f"step_{int(step):06d}.jsonl"
 from rlmem.plots import plot_accuracy_vs_compression, plot_replay_mask
 
-log = logging.getLogger("rlmem.train.logger")
+log = logging.getLogger("rlmem.run.logger")
 
 # Keys every step should carry (the driver's contract; a missing one is reported once).
 REQUIRED_METRICS = ("reward/mean", "eviction/peak_kv_mean", "replay/max_abs_logprob_diff")
@@ -65,7 +65,7 @@ ENV_WANDB_MODES = ("online", "offline", "disabled", "dryrun")   # what ``$WANDB_
 
 def wandb_env_problem(env: dict[str, str] | None = None) -> str | None:
     """Why ``$WANDB_MODE`` cannot be used, or None. W&B validates it itself (whatever mode is passed)
-    and fails with a pydantic fragment, so the run checks it first (``rlmem.train.preflight``)."""
+    and fails with a pydantic fragment, so the run checks it first (``rlmem.run.preflight``)."""
     env = os.environ if env is None else env
     raw = env.get("WANDB_MODE")
     if raw is None or not raw.strip() or raw.strip().lower() in ENV_WANDB_MODES:
@@ -167,7 +167,7 @@ class RunLogger:
     @classmethod
     def from_config(cls, cfg, *, run_id: str | None = None, start_step: int = 0, rewind: bool = False,
                     **kw) -> "RunLogger":
-        """Build from a :class:`~rlmem.train.config.RunConfig` (the resolved config goes to W&B)."""
+        """Build from a :class:`~rlmem.run.config.RunConfig` (the resolved config goes to W&B)."""
         w = cfg.logging.wandb
         return cls(cfg.output_dir, total_steps=cfg.trainer.total_steps, wandb_project=w.project,
                    wandb_entity=w.entity, wandb_mode=w.mode, run_name=w.run_name, group=w.group, tags=w.tags,

@@ -32,10 +32,10 @@ from typing import Any
 
 import yaml
 
-from rlmem.train import checkpoint as ckpt
-from rlmem.train.config import RunConfig
-from rlmem.train.errors import TrainingError
-from rlmem.train.logger import RECORDS_DIR
+from rlmem.run import checkpoint as ckpt
+from rlmem.run.config import RunConfig
+from rlmem.run.errors import TrainingError
+from rlmem.run.logger import RECORDS_DIR
 
 LOCK_FILE = ".rlmem.lock"
 PREVIOUS_DIR = "previous"

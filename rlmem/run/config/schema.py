@@ -3,8 +3,8 @@
 Sections whose settings are defined elsewhere are *derived* from that one definition, field names,
 types and defaults included: ``eviction`` from :class:`rlmem.eviction.policy.EvictionConfig`,
 ``optimizer``, ``learner`` and the loss fields of ``algorithm`` from
-:class:`rlmem.train.learner_config.LearnerConfig`. Loading (YAML, overrides) lives in
-:mod:`rlmem.train.config.loading`, the cross-field checks in :mod:`rlmem.train.config.checks`.
+:class:`rlmem.learner.config.LearnerConfig`. Loading (YAML, overrides) lives in
+:mod:`rlmem.run.config.loading`, the cross-field checks in :mod:`rlmem.run.config.checks`.
 
 Batch semantics (the thing users of other frameworks find most confusing) are spelled out once in
 :meth:`RunConfig.batch_sizes`, in prompts and in samples; ``rlmem config show`` prints them.
@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
-from rlmem.train.learner_config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
+from rlmem.learner.config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
 
 TINY_MODEL = "tiny:"          # model.path value: make a random tiny Qwen2 on the fly (see ModelConfig)
 COUNTDOWN_GENERATED = "countdown-generated"  # data.source value: Countdown problems generated locally

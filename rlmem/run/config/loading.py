@@ -17,8 +17,8 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rlmem.train.config.checks import check_config
-from rlmem.train.config.schema import RunConfig
+from rlmem.run.config.checks import check_config
+from rlmem.run.config.schema import RunConfig
 
 
 class ConfigError(ValueError):

@@ -5,11 +5,11 @@ A run is one YAML file plus dotted command-line overrides (``algorithm.prompts_p
 :class:`ConfigError` listing every problem) and :mod:`.checks` (cross-field and file checks).
 """
 
-from rlmem.train.config.checks import check_config, check_files_exist, looks_local
-from rlmem.train.config.loading import (
+from rlmem.run.config.checks import check_config, check_files_exist, looks_local
+from rlmem.run.config.loading import (
     ConfigError, apply_override, config_from_dict, load_config, parse_override_value,
 )
-from rlmem.train.config.schema import (
+from rlmem.run.config.schema import (
     COUNTDOWN_GENERATED, TINY_MODEL, AlgorithmConfig, BatchSizes, CountdownGenConfig, CurriculumConfig,
     DataConfig, EvalConfig, EvictionSection, EvictionStage, InteroceptionConfig, LearnerSection, LoggingConfig, ModelConfig,
     OptimizerConfig, RayConfig, RolloutConfig, RunConfig, TrainerConfig, policy_config,

@@ -1,6 +1,6 @@
 """The learner's settings: the one definition of the optimizer, loss and learner-rank fields.
 
-Torch-free on purpose: the run-config schema (:mod:`rlmem.train.config.schema`) derives its
+Torch-free on purpose: the run-config schema (:mod:`rlmem.run.config.schema`) derives its
 ``optimizer`` and ``learner`` sections and the loss fields of ``algorithm`` from these dataclass
 fields (names, types, defaults), so the config check can build a :class:`LearnerConfig` and reuse
 its rules long before Ray or DeepSpeed are imported. Error messages name the run-config key.
@@ -23,7 +23,7 @@ ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_
 
 @dataclass
 class LearnerConfig:
-    """Everything one learner rank needs (see :class:`rlmem.train.learner.Learner`)."""
+    """Everything one learner rank needs (see :class:`rlmem.learner.learner.Learner`)."""
 
     model_path: str
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
@@ -41,11 +41,11 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False           # ZeRO offload of optimizer states to CPU (untested here)
-    # loss (rlmem.loss.LossConfig)
+    # loss (rlmem.learner.loss.LossConfig)
     aggregation: Literal["constant", "token_mean", "seq_mean"] = "constant"
     max_len: int | None = None                # Dr. GRPO constant: the max completion length
     mem_coef: float = 1.0
-    # KL(π_θ ‖ π_ref) on the sampled tokens, π_ref = the weights at model_path (rlmem.loss.kl_penalty)
+    # KL(π_θ ‖ π_ref) on the sampled tokens, π_ref = the weights at model_path (rlmem.learner.loss.kl_penalty)
     kl_coef: float = 0.0
     clip_eps: float | None = None
     clip_eps_high: float | None = None
@@ -86,8 +86,8 @@ class LearnerConfig:
         self.loss_config()  # validates aggregation / max_len / clip values
 
     def loss_config(self):
-        """The :class:`rlmem.loss.LossConfig` of these settings (imported lazily: it needs torch)."""
-        from rlmem.loss import LossConfig
+        """The :class:`rlmem.learner.loss.LossConfig` of these settings (imported lazily: it needs torch)."""
+        from rlmem.learner.loss import LossConfig
 
         return LossConfig(aggregation=self.aggregation, max_len=self.max_len, mem_coef=self.mem_coef,
                           clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, kl_coef=self.kl_coef)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("rlmem.train.cpu_comm")
+log = logging.getLogger("rlmem.learner.deepspeed_shm")
 
 SHM_DIR = Path("/dev/shm")
 BUFFER_PREFIX = "deepspeed_"

@@ -12,7 +12,7 @@ per data-parallel rank; the actor wrapper and driver live elsewhere)::
 **Exact full-batch gradient.** Each rank gets its share of the global batch. Every micro-batch
 loss uses the *global* denominators (``global_num_sequences``, and the global completion-token
 count for ``token_mean``, all-reduced here), so the sum of all micro-batch losses over all ranks
-is the full-batch loss (rlmem.loss). DeepSpeed runs with ``gradient_accumulation_steps = 1`` and
+is the full-batch loss (rlmem.learner.loss). DeepSpeed runs with ``gradient_accumulation_steps = 1`` and
 the accumulation boundary set by hand (so ``engine.backward`` does not divide by a step count),
 and its data-parallel all-reduce *averages* gradients, so each micro-batch loss is multiplied by
 ``world_size`` before ``engine.backward``. The result is the gradient of the full-batch loss,
@@ -47,8 +47,8 @@ from typing import Any, Iterator
 import torch
 
 from rlmem.eviction.record import RolloutRecord
-from rlmem.loss import ngc_loss
-from rlmem.train.learner_config import LearnerConfig
+from rlmem.learner.loss import ngc_loss
+from rlmem.learner.config import LearnerConfig
 
 __all__ = ["Learner", "LearnerConfig", "init_distributed"]
 
@@ -70,7 +70,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     backend = "nccl" if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cuda" else "gloo"
     if os.environ["DS_ACCELERATOR"] == "cpu":   # DeepSpeed's CPU collectives leak /dev/shm buffers (cpu_comm)
-        from rlmem.train.cpu_comm import tidy_before_init
+        from rlmem.learner.deepspeed_shm import tidy_before_init
         tidy_before_init()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank,
                                world_size=world_size, verbose=False)
@@ -94,7 +94,7 @@ class _ReplayLoss(torch.nn.Module):
 
     def forward(self, records: list[RolloutRecord], advantages: torch.Tensor, weight: float,
                 num_sequences: int, num_tokens: int | None):
-        from rlmem.replay import replay_forward, rollout_logprobs
+        from rlmem.learner.replay import replay_forward, rollout_logprobs
 
         out = replay_forward(self.policy, records, kernel=self.cfg.replay_kernel,
                              compute_eviction=self.cfg.compute_eviction, mask=self.cfg.replay_mask)

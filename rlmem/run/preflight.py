@@ -1,7 +1,7 @@
 """The checks of a run that need the environment, run by ``rlmem train`` before Ray starts and by
 ``rlmem config show`` (so a config that shows cleanly also starts): the rollout engine exists and
 can run here, the model is reachable, the datasets load, the learner accepts its settings,
-``$WANDB_MODE`` is one W&B accepts, and the run directory can be used as asked (:func:`rlmem.train.rundir.plan_start`).
+``$WANDB_MODE`` is one W&B accepts, and the run directory can be used as asked (:func:`rlmem.run.rundir.plan_start`).
 
 Problems come back as ``(dotted key, one line)`` like the config's own checks.
 """
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlmem.train.config import COUNTDOWN_GENERATED, RunConfig, looks_local
+from rlmem.run.config import COUNTDOWN_GENERATED, RunConfig, looks_local
 
 
 @dataclass
@@ -110,7 +110,7 @@ def load_data(cfg: RunConfig, prepared: Prepared) -> list[tuple[str, str]]:
 
 
 def learner_problem(cfg: RunConfig) -> tuple[str, str] | None:
-    """The learner's own rules (:class:`~rlmem.train.learner_config.LearnerConfig`), with their key."""
+    """The learner's own rules (:class:`~rlmem.learner.config.LearnerConfig`), with their key."""
     try:
         cfg.learner_config("<model>")
     except ValueError as e:
@@ -121,7 +121,7 @@ def learner_problem(cfg: RunConfig) -> tuple[str, str] | None:
 
 def wandb_problem(cfg: RunConfig) -> tuple[str, str] | None:
     """An unusable ``$WANDB_MODE`` (W&B would refuse to start and the run would log to files only)."""
-    from rlmem.train.logger import wandb_env_problem
+    from rlmem.run.logger import wandb_env_problem
 
     if cfg.logging.wandb.mode == "disabled":
         return None

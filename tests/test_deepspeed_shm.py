@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlmem.train.cpu_comm import (
+from rlmem.learner.deepspeed_shm import (
     clear_stale_build_lock, mapped_paths, private_build_dir, release_own_buffers, sweep_stale_buffers,
 )
 

@@ -3,7 +3,7 @@
 The schema validates each field; these rules involve several fields (batch sizes that divide, the
 eviction rules of :class:`~rlmem.eviction.policy.EvictionConfig` for every ε the run can use) or
 the disk (paths that must exist). Cheap and import-light; the checks that need the environment
-(engine availability, model cache, datasets) are :func:`rlmem.train.preflight.preflight`.
+(engine availability, model cache, datasets) are :func:`rlmem.run.preflight.preflight`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rlmem.train.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
+from rlmem.run.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
 
 def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str, str]]:
     """Problems that involve several fields or the file system, as ``(dotted key, message)``."""
