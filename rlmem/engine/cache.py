@@ -3,7 +3,7 @@
 Each layer holds ``K, V: [B, Hkv, C, d]`` where row ``i`` uses slots ``[0, length[l][i])`` in
 position order; capacity ``C`` follows the longest row (grown in chunks, shrunk after rounds), so
 evicted entries really free memory. RoPE was applied with the true position before a key entered
-the cache (docs/design.md section 1, "Positions keep counting"); the positions are kept beside the
+the cache (docs/design.md section 1, "Replay mask": positions keep counting); the positions are kept beside the
 keys for scorers that rank by position (StreamingLLM). The last ``w`` post-RoPE queries of every
 layer are kept for scoring, and so is a per-key ``state`` for scorers that accumulate over steps.
 """

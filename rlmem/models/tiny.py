@@ -2,7 +2,7 @@
 
 Nothing can be downloaded from a hub on the machines rlmem is tested on, so tests, benchmarks and
 the default CPU run use a model made here, saved with ``save_pretrained`` and loaded back through
-the real ``from_pretrained`` path (ENVIRONMENT.md). ``head_dim`` is 64 because vLLM's CPU attention
+the real ``from_pretrained`` path (the test machines reach no model hub). ``head_dim`` is 64 because vLLM's CPU attention
 rejects smaller heads.
 """
 

@@ -61,7 +61,7 @@ def effective_slots(positions: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     """Cache slots of the step's tokens: the true positions minus each token's request offset.
 
     RoPE keeps the true positions; what attention reads (``seq_lens``) and where new K/V go
-    (the slot mapping) use the compacted length (docs/design.md section 1, positions keep counting).
+    (the slot mapping) use the compacted length (docs/design.md section 1, "Replay mask": positions keep counting).
     """
     return positions - offsets
 
