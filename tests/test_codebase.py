@@ -98,3 +98,31 @@ def test_no_private_names_used_across_modules():
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")] + list((ROOT / "tests").rglob("*.py"))
     bad = [b for f in files for b in _private_uses(f)]
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def _dtype_tables(path: Path) -> list[str]:
+    """Collection literals (tuple, list, set, dict keys, Literal[...]) naming two or more dtypes."""
+    from rlmem.dtypes import TABLE
+
+    names = {d.name for d in TABLE} | {a for d in TABLE for a in d.aliases}
+    tree = ast.parse(path.read_text(), str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            elts = node.elts
+        elif isinstance(node, ast.Dict):
+            elts = [k for k in node.keys if k is not None]
+        else:
+            continue
+        hits = {e.value for e in elts if isinstance(e, ast.Constant) and e.value in names}
+        if len(hits) >= 2:
+            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {sorted(hits)}")
+    return bad
+
+
+def test_one_dtype_table():
+    """Dtype names, their torch dtypes and tolerances are listed once, in rlmem/dtypes.py; every
+    other module imports its names (LEARNER_DTYPES, MODEL_DTYPES, canonical, torch_dtype)."""
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != ROOT / "rlmem" / "dtypes.py"]
+    bad = [b for f in files for b in _dtype_tables(f)]
+    assert not bad, "dtype lists outside rlmem/dtypes.py:\n" + "\n".join(bad)

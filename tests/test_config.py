@@ -438,3 +438,28 @@ def test_torch_threads_per_actor_is_checked_and_operational():
     a, b = _load_tiny(), _load_tiny("ray.torch_threads=1")
     assert a.ray.torch_threads is None and b.ray.torch_threads == 1
     assert not meaning_differences(a.model_dump(mode="json"), b.model_dump(mode="json"))
+
+
+def test_one_dtype_table_aliases_and_tolerances():
+    """rlmem.dtypes is the one table: aliases resolve everywhere, tolerances are docs/design.md section 4's."""
+    import torch
+
+    from rlmem.dtypes import LEARNER_DTYPES, canonical, replay_tolerance, torch_dtype
+    from rlmem.engine.registry import engine_traits
+    from rlmem.learner.config import LearnerConfig
+
+    assert torch_dtype("bf16") is torch.bfloat16 and torch_dtype("float64") is torch.float64
+    assert torch_dtype(torch.float16) is torch.float16
+    assert [replay_tolerance(d) for d in ("fp32", "fp64", "bf16")] == [1e-4, 1e-9, 0.15]
+    with pytest.raises(ValueError, match=r"learner.dtype: must be one of \['float32', 'float64', 'bfloat16'\] \(got 'float16'\)"):
+        canonical("float16", choices=LEARNER_DTYPES, what="learner.dtype")
+    with pytest.raises(ValueError, match="dtype: must be one of .*got 'half'"):
+        torch_dtype("half")
+    assert LearnerConfig(model_path="m", dtype="bf16", max_len=8).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="learner.dtype: must be one of"):
+        LearnerConfig(model_path="m", dtype="float16", max_len=8)
+    assert engine_traits("torch").dtypes == LEARNER_DTYPES
+    assert "float64" not in engine_traits("vllm").dtypes
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("model.dtype=float64")
+    assert _keys(ei.value) == ["model.dtype"]

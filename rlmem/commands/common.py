@@ -7,12 +7,15 @@ import dataclasses
 import re
 from pathlib import Path
 
+from rlmem.dtypes import LEARNER_DTYPES
+
 
 class CommandError(Exception):
     """A user error (bad flag, file or record): ``rlmem`` prints ``error: <message>`` and exits 2."""
 
 
-DTYPE_CHOICES = ["float32", "float64", "bfloat16"]
+# --dtype of commands that replay or load the learner's model (rlmem.dtypes, the one table)
+DTYPE_CHOICES = list(LEARNER_DTYPES)
 
 
 def as_flags(message: str, section: str) -> str:

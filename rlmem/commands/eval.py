@@ -13,7 +13,7 @@ def _methods(text: str) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from rlmem.commands.common import add_backend_arg
+    from rlmem.commands.common import DTYPE_CHOICES, add_backend_arg
     from rlmem.evaluation.runner import EvalSettings
 
     d = EvalSettings(model="", task="", out="")
@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "eviction.interoception does (the full run stays untagged)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
     add_backend_arg(p)
-    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default=d.dtype)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core). Set 1 beside another torch "
                         "process: two processes each using every core slow both many-fold")

@@ -7,6 +7,7 @@ import argparse
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
                                    eviction_from_args, generate, load_model, read_prompts)
+from rlmem.dtypes import replay_tolerance
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tol", type=float, default=None,
-                   help="max allowed |rollout - replay| log-prob difference (default 1e-4 fp32, 1e-9 fp64, 5e-2 bf16)")
+                   help="max allowed |rollout - replay| log-prob difference (default: the dtype's, "
+                        + ", ".join(f"{d} {replay_tolerance(d):g}" for d in DTYPE_CHOICES) + ")")
     p.set_defaults(func=run)
 
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     for i, r in enumerate(records):
         if max(r.prompt_ids + r.completion_ids) >= vocab:
             raise CommandError(f"{args.records}: record {i} has token ids >= the model's vocab size {vocab}")
-    tol = args.tol if args.tol is not None else {"float32": 1e-4, "float64": 1e-9, "bfloat16": 5e-2}[args.dtype]
+    tol = args.tol if args.tol is not None else replay_tolerance(args.dtype)
     try:
         w = check_records(model, records, kernel=args.kernel, batch_size=args.batch_size)
     except RecordError as e:

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from rlmem.dtypes import DTYPE_NAMES, LEARNER_DTYPES, MODEL_DTYPES
 from rlmem.engine.base import RolloutEngine
 
 
@@ -19,7 +20,7 @@ from rlmem.engine.base import RolloutEngine
 class EngineTraits:
     """What an engine supports, so configs are refused early and the parity suite sizes its cases."""
 
-    dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16")
+    dtypes: tuple[str, ...] = LEARNER_DTYPES   # names from rlmem.dtypes; an exact engine runs what the replay runs
     protect_recent_zero: bool = True   # ragged per-layer caches (protect_recent=0, paper-literal)
     block_multiple: int = 1            # NGC block size must be a multiple of this (paged KV blocks)
 
@@ -40,6 +41,9 @@ def register_engine(name: str, factory: str | Callable[..., RolloutEngine], *,
                     description: str = "") -> None:
     if name in _ENGINES:
         raise ValueError(f"engine {name!r} is already registered")
+    unknown = [d for d in traits.dtypes if d not in DTYPE_NAMES]
+    if unknown:
+        raise ValueError(f"engine {name!r}: traits name dtypes {unknown} not in rlmem.dtypes {list(DTYPE_NAMES)}")
     _ENGINES[name] = EngineEntry(factory, available, traits, description)
 
 
@@ -84,6 +88,6 @@ def _vllm_unavailable() -> str | None:
 
 
 register_engine("vllm", "rlmem.engine.vllm.engine:from_pretrained", available=_vllm_unavailable,
-                traits=EngineTraits(dtypes=("float32", "bfloat16", "float16"), protect_recent_zero=False,
+                traits=EngineTraits(dtypes=MODEL_DTYPES, protect_recent_zero=False,
                                     block_multiple=32),   # CPU attention: multiples of 32 (CUDA: of 16)
                 description="vLLM (pinned 0.32.0) with NGC eviction inside the paged KV cache; freed blocks go back to vLLM's pool")

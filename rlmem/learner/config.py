@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-LEARNER_DTYPES = ("float32", "bfloat16", "float64")
+from rlmem.dtypes import LEARNER_DTYPES, canonical
 
 # Which run-config section each field lives in (the rest are derived by the driver).
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
@@ -26,7 +26,7 @@ class LearnerConfig:
     """Everything one learner rank needs (see :class:`rlmem.learner.learner.Learner`)."""
 
     model_path: str
-    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    dtype: Literal[LEARNER_DTYPES] = "float32"   # rlmem.dtypes, the one table
     zero_stage: Literal[0, 2, 3] = 0
     micro_batch_size: int = 1                 # sequences per forward/backward
     # optimizer (AdamW, the paper's settings)
@@ -58,8 +58,7 @@ class LearnerConfig:
     ds_config_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in LEARNER_DTYPES:
-            raise ValueError(f"learner.dtype: must be one of {LEARNER_DTYPES} (got {self.dtype!r})")
+        self.dtype = canonical(self.dtype, choices=LEARNER_DTYPES, what="learner.dtype")
         if self.zero_stage not in (0, 2, 3):
             raise ValueError(f"learner.zero_stage: must be 0, 2 or 3 (got {self.zero_stage!r})")
         if self.dtype == "float64" and self.zero_stage != 0:

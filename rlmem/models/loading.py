@@ -1,4 +1,4 @@
-"""Loading models and tokenizers: the one dtype table and the one loader every part uses.
+"""Loading models and tokenizers: the one loader every part uses (dtypes from :mod:`rlmem.dtypes`).
 
 The CLI, the engines, the learner and the rollout workers all load through here, so a bad path or
 dtype gets the same clear error everywhere (naming the path and what to do), never a library
@@ -12,26 +12,11 @@ from pathlib import Path
 
 import torch
 
-# Accepted dtype names (config files, CLI flags) -> torch dtypes.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+from rlmem.dtypes import torch_dtype
 
 
 class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message names the path and what to do."""
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (got {name!r})") from None
 
 
 def _check_dir(path: str | os.PathLike) -> Path:
@@ -55,17 +40,17 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
     from transformers import AutoModelForCausalLM
 
     p = _check_dir(path)
-    torch_dtype = resolve_dtype(dtype)
+    dt = torch_dtype(dtype)
     try:
         if p.suffix == ".gguf":
             from rlmem.models.gguf import GGUFError, load_gguf_model   # GGUF support (SmolLM2 from PyPI)
 
             try:
-                model = load_gguf_model(p, torch_dtype)
+                model = load_gguf_model(p, dt)
             except GGUFError as e:
                 raise ModelLoadError(f"model {e}") from None
         else:
-            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dt)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -19,7 +19,9 @@ from typing import Iterable
 
 import torch
 
+from rlmem.dtypes import canonical
 from rlmem.engine.base import GenerationStats
+from rlmem.engine.registry import engine_traits
 from rlmem.engine.sampling import SamplingParams
 from rlmem.engine.vllm.records import assemble
 from rlmem.engine.vllm.version import require_pinned
@@ -30,8 +32,6 @@ from rlmem.eviction.scorers import get_scorer
 
 SCHEDULER = "rlmem.engine.vllm.scheduler.NGCScheduler"
 WORKER_EXTENSION = "rlmem.engine.vllm.worker.NGCWorkerExtension"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 def cuda_present() -> bool:
@@ -81,9 +81,8 @@ class VllmEngine:
         cfg_path = Path(model_path) / "config.json"
         if not cfg_path.is_file():
             raise ValueError(f"{model_path}: no config.json (a local HF model directory is expected)")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: the vLLM engine runs {sorted(set(DTYPES.values()))}")
-        self.model_path, self.dtype, self.seed = str(model_path), DTYPES[dtype], seed
+        dtype = canonical(dtype, choices=engine_traits("vllm").dtypes, what="dtype (vLLM engine)")
+        self.model_path, self.dtype, self.seed = str(model_path), dtype, seed
         self.num_layers = int(json.loads(cfg_path.read_text())["num_hidden_layers"])
         self.options = dict(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                             kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from rlmem.dtypes import MODEL_DTYPES
 from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 from rlmem.learner.config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
 
@@ -91,7 +92,7 @@ class ModelConfig(Section):
     """
 
     path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal[MODEL_DTYPES] = "bfloat16"   # rlmem.dtypes, the one table
     tiny: TinyModelConfig = TinyModelConfig()
     trust_remote_code: bool = False
 
