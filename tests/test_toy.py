@@ -58,13 +58,37 @@ def test_tokenizer_round_trip_and_pipeline(tmp_path):
     assert score_countdown(tok.decode(c_ids, skip_special_tokens=False), ex["target"], ex["numbers"]) == 1.0
 
 
-def test_training_curves_figure(tmp_path):
+def test_training_curves_figure(tmp_path, saved_figures):
+    """Four panels; reward and accuracy drawn raw and as a trailing mean over 3 steps in the run's
+    colour; a run appears only in the panels it has values for; the PNG is the figure's size."""
+    from matplotlib.image import imread
+
     from rlmem.plots import plot_training_curves
 
-    rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.1 * s, "eviction/eps": 0.25 * s,
-             "eviction/peak_kv_mean": 100 - s} for s in range(3)]
-    out = plot_training_curves({"ngc": rows, "full cache": [{"step": 0, "reward/mean": 0.2}]}, tmp_path / "c.png")
-    assert out.is_file() and out.stat().st_size > 10_000
+    rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.3 * s, "eviction/eps": 0.25 * s,
+             "eviction/peak_kv_mean": 100 - s} for s in range(1, 5)]
+    out = plot_training_curves({"ngc": rows, "full cache": [{"step": 2, "reward/mean": 0.2}]}, tmp_path / "c.png")
+    [(fig, path)] = saved_figures
+    assert path == out == tmp_path / "c.png"
+    assert [ax.get_title() for ax in fig.axes] == ["reward", "verifier accuracy", "eviction rate ε (mean over groups)",
+                                                   "peak KV (tokens, mean over rollouts)"]
+
+    def lines(ax):
+        return [(None if l.get_label().startswith("_") else l.get_label(), l.get_xdata().tolist(),
+                 [round(y, 9) for y in l.get_ydata()]) for l in ax.lines]
+
+    reward, accuracy, eps, peak = fig.axes
+    assert lines(reward) == [(None, [1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4]),          # raw, faint, no legend entry
+                             ("ngc", [1, 2, 3, 4], [0.1, 0.15, 0.2, 0.3]),       # trailing mean of 3
+                             (None, [2], [0.2]), ("full cache", [2], [0.2])]
+    assert reward.lines[0].get_color() == reward.lines[1].get_color() != reward.lines[3].get_color()
+    assert reward.lines[0].get_alpha() == 0.35 and reward.lines[1].get_alpha() is None
+    assert lines(accuracy)[1] == ("ngc", [1, 2, 3, 4], [0.3, 0.45, 0.6, 0.9]) and len(accuracy.lines) == 2
+    assert lines(eps) == [("ngc", [1, 2, 3, 4], [0.25, 0.5, 0.75, 1.0])]
+    assert lines(peak) == [("ngc", [1, 2, 3, 4], [99, 98, 97, 96])]
+    assert [t.get_text() for t in reward.get_legend().get_texts()] == ["ngc", "full cache"]
+    w, h = fig.get_size_inches() * 100
+    assert imread(out).shape[:2] == (round(h), round(w))
 
 
 def test_shipped_model_loads_with_its_own_tokenizer():
@@ -91,8 +115,9 @@ def test_warm_start_training_is_seeded_and_weights_the_stop_decision(tmp_path):
     from safetensors.torch import load_file
 
     from rlmem.toy.tokenizer import build_toy_tokenizer
-    from rlmem.toy.warmstart import stop_decision_ids, train
 
+    script = _load_script("train_toy_reasoner")
+    stop_decision_ids, train = script.stop_decision_ids, script.train
     tok = build_toy_tokenizer()
     assert tok.convert_ids_to_tokens(stop_decision_ids(tok)) == ["<", ">", "="]
     kw = dict(steps=3, seed=0, batch_size=4, warmup=1, layers=1, hidden=32, heads=2, kv_heads=1, log_every=1)
@@ -103,3 +128,15 @@ def test_warm_start_training_is_seeded_and_weights_the_stop_decision(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
     meta = json.loads((tmp_path / "c" / "warmstart.json").read_text())
     assert meta["stop_weight"] == 5.0 and meta["steps"] == 3
+
+
+def _load_script(name: str):
+    """A module of scripts/ (not a package: the toy trainer lives with its command)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,1 +1,1 @@
-"""The toy Countdown reasoner: its word-level tokenizer and the warm-start training that makes it."""
+"""The toy Countdown reasoner's word-level tokenizer (its warm-start trainer is scripts/train_toy_reasoner.py)."""
