@@ -62,3 +62,45 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     p.write_text(json.dumps(good()) + "\n\n" + json.dumps(bad) + "\n")
     with pytest.raises(RecordError, match=r"r\.jsonl:3.*temperature"):
         read_jsonl(p)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"a": 1}\n{"b": \xff\xfe}\n', r"x\.jsonl:2: not UTF-8 text \(byte 0xff at column 7\)"),
+    (b'{"a": 1}\n\n[1, 2]\n', r"x\.jsonl:3: expected a JSON object, got an array: \[1, 2\]"),
+    (b'{"a": 1}\n"text"\n', r"x\.jsonl:2: expected a JSON object, got a string"),
+    (b'{"a": 1}\n{"a": 2\n', r"x\.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 8\)"),
+])
+def test_the_one_jsonl_reader_names_file_and_line(tmp_path, content, message):
+    """rlmem.jsonl is every JSONL read: bad JSON, non-UTF-8 bytes and non-objects name file:line."""
+    from rlmem.jsonl import read_json_lines
+
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(RecordError, match=message):
+        read_json_lines(p, RecordError)
+    (tmp_path / "r.jsonl").write_bytes(content.replace(b'{"a": 1}', json.dumps(good()).encode()))
+    with pytest.raises(RecordError, match=message.replace("x\\.jsonl", "r\\.jsonl")):   # the records reader
+        read_jsonl(tmp_path / "r.jsonl")
+
+
+def test_jsonl_reader_torn_tail_empty_files_and_bom(tmp_path):
+    from rlmem.jsonl import read_json_lines
+
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"step": 1}\r\n{"step": 2}\n{"st')        # BOM, CRLF, a crash mid-append
+    assert [o for _, o in read_json_lines(p, torn="tail")] == [{"step": 1}, {"step": 2}]
+    with pytest.raises(ValueError, match=r"log\.jsonl:3: not valid JSON"):
+        read_json_lines(p)
+    p.write_bytes(b'{"step": 1}\n{"st\n{"step": 3}\n')                    # torn in the middle: only "skip" skips it
+    with pytest.raises(ValueError, match=r"log\.jsonl:2: not valid JSON"):
+        read_json_lines(p, torn="tail")
+    assert [o["step"] for _, o in read_json_lines(p, torn="skip")] == [1, 3]
+    p.write_bytes(b"\n  \n")
+    assert read_json_lines(p) == []
+    with pytest.raises(RecordError, match=r"log\.jsonl: no records in file"):
+        read_json_lines(p, RecordError, empty="records")
+    with pytest.raises(RecordError, match=r"nope\.jsonl: file not found"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    assert [w for w, _ in read_json_lines(tmp_path / "log.jsonl")] == []
+    (tmp_path / "ok.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert [w for w, _ in read_json_lines(tmp_path / "ok.jsonl")] == [f"{tmp_path}/ok.jsonl:1", f"{tmp_path}/ok.jsonl:3"]

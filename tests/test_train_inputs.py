@@ -27,7 +27,7 @@ BAD_FILES = [
     ("schema.jsonl", '{"question_text": "x", "gold": 1}\n', "{p}: cannot recognise the schema from columns"),
     ("row.jsonl", '{"target": 5, "nums": [1, 4]}\n{"target": "five", "nums": [1, 4]}\n',
      "{p}:2: row field 'target' is not an integer"),
-    ("notobj.jsonl", '[1, 2]\n', "{p}:1: a row must be a JSON object"),
+    ("notobj.jsonl", '[1, 2]\n', "{p}:1: expected a JSON object, got an array"),
 ]
 
 

@@ -97,19 +97,12 @@ def generate(engine, prompts: list[list[int]], sampling, cfg, *, greedy_eviction
 
 def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:
     """Prompts file: one JSON object per line with ``prompt`` (raw text) or ``messages`` (chat template)."""
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise CommandError(f"--prompts {path}: file not found")
-    from rlmem.jsonl import iter_json_lines
+    from rlmem.jsonl import read_json_lines
 
     out = []
-    try:
-        lines = list(iter_json_lines(p))
-    except ValueError as e:
-        raise CommandError(f"{e}") from None
-    for where, obj in lines:
-        if not isinstance(obj, dict):
-            raise CommandError(f"{where}: expected a JSON object")
+    for where, obj in read_json_lines(path, CommandError):
         if "messages" in obj:
             msgs = obj["messages"]
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):

@@ -286,8 +286,6 @@ def read_located_rows(path: str) -> tuple[list[dict], list[str]]:
         return data, [f"{path} row {i + 1}" for i in range(len(data))]
     rows, locs = [], []
     for where, row in iter_json_lines(path, DatasetError):
-        if not isinstance(row, dict):
-            raise DatasetError(f"{where}: a row must be a JSON object")
         rows.append(row)
         locs.append(where)
     return rows, locs

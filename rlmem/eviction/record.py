@@ -276,7 +276,4 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[RolloutRecord], appen
 
 def read_jsonl(path: str | os.PathLike) -> list[RolloutRecord]:
     """Read and validate every record; errors name the file, line and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"rollout records file not found: {path}")
     return [RolloutRecord.from_dict(d, where) for where, d in iter_json_lines(path, RecordError)]

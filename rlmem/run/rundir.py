@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from rlmem.jsonl import iter_json_lines
 from rlmem.run import checkpoint as ckpt
 from rlmem.run.config import RunConfig
 from rlmem.run.errors import TrainingError
@@ -252,12 +253,13 @@ def trim_logs(out: Path, last_step: int) -> None:
         if not path.exists():
             continue
         kept = []
-        for line in path.read_text().splitlines():
+        # torn="skip": a line torn by a crash mid-append goes (rows are re-written as the logger wrote them)
+        for _, row in iter_json_lines(path, objects=False, torn="skip"):
             try:
-                if int(json.loads(line).get("step", 1 << 62)) <= last_step:
-                    kept.append(line)
+                if int(row.get("step", 1 << 62)) <= last_step:
+                    kept.append(json.dumps(row))
             except (ValueError, AttributeError, TypeError):
-                continue   # a torn last line from a crash
+                continue   # not a row with a step
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(l + "\n" for l in kept))
         os.replace(tmp, path)
