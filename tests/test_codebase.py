@@ -126,3 +126,30 @@ def test_one_dtype_table():
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != ROOT / "rlmem" / "dtypes.py"]
     bad = [b for f in files for b in _dtype_tables(f)]
     assert not bad, "dtype lists outside rlmem/dtypes.py:\n" + "\n".join(bad)
+
+
+def _jsonl_loops(path: Path) -> list[str]:
+    """``json.loads`` of a loop variable: a file parsed line by line outside rlmem/jsonl.py."""
+    tree = ast.parse(path.read_text(), str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For):
+            targets, body = [node.target], node.body
+        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            targets, body = [g.target for g in node.generators], [node]
+        else:
+            continue
+        names = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        for b in body:
+            for c in ast.walk(b):
+                if (isinstance(c, ast.Call) and ast.unparse(c.func) in ("json.loads", "loads") and c.args
+                        and isinstance(c.args[0], ast.Name) and c.args[0].id in names):
+                    bad.append(f"{path.relative_to(ROOT)}:{c.lineno}")
+    return sorted(set(bad))
+
+
+def test_one_jsonl_reader():
+    """Every JSON-lines file is read by rlmem/jsonl.py (file:line errors, UTF-8, objects, torn tails)."""
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != ROOT / "rlmem" / "jsonl.py"]
+    bad = [b for f in files for b in _jsonl_loops(f)]
+    assert not bad, "JSON lines parsed outside rlmem/jsonl.py:\n" + "\n".join(bad)
