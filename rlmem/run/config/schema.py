@@ -94,7 +94,6 @@ class ModelConfig(Section):
     path: str
     dtype: Literal[MODEL_DTYPES] = "bfloat16"   # rlmem.dtypes, the one table
     tiny: TinyModelConfig = TinyModelConfig()
-    trust_remote_code: bool = False
 
     @field_validator("path", mode="before")
     @classmethod
