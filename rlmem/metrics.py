@@ -9,12 +9,17 @@ Peak KV (docs/design.md section 1, Metric): the largest number of entries a laye
 generated after it), so a full-cache run of a ``p``-token prompt and ``c``-token completion peaks
 at ``p + c - 1`` entries (``count_last_token=True`` gives ``p + c``). Average peak-KV reduction
 = mean over prompts of ``peak_no_eviction(p_i, c_i_base) / peak_method_i``.
+
+:func:`peak_kv_entries` is the one peak rule. Every peak goes through it with its own inputs: the
+torch engine with the cache sizes it measures around each round, the vLLM engine with the worker's
+counts, :func:`rlmem.eviction.record.peak_kv` with the counts a record's rounds imply, and
+:func:`schedule_peak` with the counts the schedule predicts before anything runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
 
@@ -51,6 +56,24 @@ def pass_at_k_summary(correct_counts: Sequence[int], n: int | Sequence[int], k: 
     return mean, math.sqrt(var / m)
 
 
+def peak_kv_entries(written: int, rounds: Iterable[tuple[int, int, int]]) -> int:
+    """Peak KV entries of a cache (docs/design.md section 1, Metric): the one peak rule.
+
+    ``written``: positions ``0..written-1`` had their K/V written (``p + c - 1`` for a rollout: the
+    last sampled token is never fed). ``rounds``: ``(t, before, after)`` for each round in order,
+    the entries held just before round ``t`` (keys of positions ``< t`` not yet evicted) and just
+    after it. Between rounds a cache only grows, one entry per fed token, so the peak is the largest
+    ``before`` or the size at the end, ``after + written - t`` of the last round (``written`` when
+    there was none). With several layers, pass each round's largest counts over the layers: that
+    gives the largest per-layer peak.
+    """
+    peak, size, last = 0, 0, 0
+    for t, before, after in rounds:
+        peak = max(peak, int(before))
+        size, last = int(after), int(t)
+    return max(peak, size + int(written) - last)
+
+
 def peak_no_eviction(prompt_len: int, completion_len: int, *, count_last_token: bool = False) -> int:
     """Peak KV entries of a full-cache run: ``p + c - 1`` (the last token is never fed)."""
     p, c = int(prompt_len), int(completion_len)
@@ -72,17 +95,15 @@ def schedule_peak(prompt_len: int, completion_len: int, cfg: EvictionConfig, *,
     """
     p, c = int(prompt_len), int(completion_len)
     fed = p + c if count_last_token else max(p + c - 1, 0)  # positions 0..fed-1 are written
+    rounds, size, last = [], 0, 0
     # round_times(p, n) gives the rounds of an n-token sequence (x_{t_r} is fed, t_r < n - 1)
-    times = round_times(p, fed + 1, cfg)
-    size, pos, peak = 0, 0, 0
-    for t in times:
-        size += t - pos
-        pos = t
-        peak = max(peak, size)
-        n = num_blocks(size, cfg.block_size)
+    for t in round_times(p, fed + 1, cfg):
+        before = size + t - last
+        n = num_blocks(before, cfg.block_size)
         m = keep_count(n, cfg.eps, cfg.protect_recent) - min(cfg.protect_recent, n)
-        size = len(kept_key_slots(size, list(range(m)), cfg))
-    return max(peak, size + fed - pos)
+        size, last = len(kept_key_slots(before, list(range(m)), cfg)), t
+        rounds.append((t, before, size))
+    return peak_kv_entries(fed, rounds)
 
 
 def peak_kv_reduction(prompt_lens: Sequence[int], base_completion_lens: Sequence[int],

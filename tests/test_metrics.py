@@ -46,3 +46,36 @@ def test_peak_kv():
     assert schedule_peak(600, 1, paper) == 600
     with pytest.raises(ValueError):
         peak_kv_reduction([1], [1, 2], [1])
+
+
+def test_peak_kv_entries_hand_values():
+    from rlmem.metrics import peak_kv_entries
+
+    assert peak_kv_entries(149, []) == 149                           # full cache: p + c - 1
+    # rounds at 16 (16 -> 8 kept) and 24 (16 -> 8), 30 written: the peak is 16, before each round
+    assert peak_kv_entries(30, [(16, 16, 8), (24, 16, 8)]) == 16
+    # a long tail after the last round: 8 kept + (40 - 24) written since = 24
+    assert peak_kv_entries(40, [(16, 16, 8), (24, 16, 8)]) == 24
+
+
+@pytest.mark.parametrize("protect_recent", [0, 1])
+def test_every_peak_is_the_one_rule(tiny_model_dir, protect_recent):
+    """The torch engine's measured peak, the peak a record's rounds imply and (protect_recent >= 1,
+    where it is exact) the schedule's prediction are the same number for every row of a batch."""
+    from rlmem.engine.reference import from_pretrained
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.eviction.record import RolloutRecord, peak_kv
+
+    engine = from_pretrained(str(tiny_model_dir), seed=3)
+    cfg = EvictionConfig(delta=12, eps=0.6, block_size=4, window=4, protect_recent=protect_recent)
+    prompts = [[5, 6, 7], list(range(3, 23)), [9] * 7]            # the second one is longer than delta
+    records = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=40, seed=1), cfg)
+    assert any(r.num_rounds >= 2 for r in records)
+    for r in records:
+        derived = RolloutRecord.from_dict({**r.to_dict(), "peak_kv": None})
+        assert "peak_kv" not in derived.extra or derived.extra["peak_kv"] is None
+        assert peak_kv(derived, engine.num_layers) == r.extra["peak_kv"]
+        if protect_recent:
+            assert schedule_peak(len(r.prompt_ids), len(r.completion_ids), cfg) == r.extra["peak_kv"]
+        assert r.extra["peak_kv"] < len(r.prompt_ids) + len(r.completion_ids) - 1 or r.num_rounds == 0
+    assert engine.last_stats.per_row_peak == [r.extra["peak_kv"] for r in records]

@@ -25,7 +25,6 @@ class CompactingKVCache:
         self.positions: list[torch.Tensor | None] = [None] * num_layers  # [B, C] true positions, -1 = empty
         self.state: list[torch.Tensor | None] = [None] * num_layers      # [B, C] scorer state (H2O), lazily made
         self.lengths = torch.zeros(num_layers, batch, dtype=torch.long)
-        self.peak = torch.zeros(batch, dtype=torch.long)   # max entries any layer held, per row
 
     # ------------------------------------------------------------------ writes
     def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> None:
@@ -44,7 +43,6 @@ class CompactingKVCache:
         w = self.window
         idx = (lens.to(q.device)[:, None] - w + torch.arange(w, device=q.device)[None, :]).clamp_min(0)
         self.queries[layer] = torch.gather(q, 2, idx[:, None, :, None].expand(bsz, q.shape[1], w, q.shape[-1]))
-        self._update_peak(layer)
 
     def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Append one token per row (``[B, H, 1, d]``, true positions ``pos [B]``) at each row's own length."""
@@ -61,7 +59,6 @@ class CompactingKVCache:
             self.state[layer][rows, slot] = 0
         self.lengths[layer] = lens + 1
         self.queries[layer] = torch.cat([self.queries[layer][:, :, 1:], q], dim=2)
-        self._update_peak(layer)
 
     def compact(self, layer: int, row: int, keep_slots: list[int]) -> None:
         """Move the surviving entries of ``row`` to the front, in order; the rest is evicted."""
@@ -96,7 +93,6 @@ class CompactingKVCache:
             if self.state[layer] is not None:
                 self.state[layer] = self.state[layer][r, :need].contiguous()
         self.lengths = self.lengths[:, rows]
-        self.peak = self.peak[rows]
         self.batch = len(rows)
 
     # ------------------------------------------------------------------ reads
@@ -120,6 +116,10 @@ class CompactingKVCache:
             self.state[layer] = torch.zeros(k.shape[0], k.shape[2], dtype=torch.float32, device=k.device)
         return self.state[layer]
 
+    def held(self, row: int) -> int:
+        """Entries the fullest layer of batch slot ``row`` holds now (what the peak-KV rule counts)."""
+        return int(self.lengths[:, row].max())
+
     def nbytes(self) -> int:
         """Bytes held by keys and values (physical capacity, not just the used slots)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
@@ -138,6 +138,3 @@ class CompactingKVCache:
                 new = torch.full((old.shape[0], cap), fill, dtype=old.dtype, device=old.device)
                 new[:, :keep] = old[:, :keep]
                 store[layer] = new
-
-    def _update_peak(self, layer: int) -> None:
-        self.peak = torch.maximum(self.peak, self.lengths[layer])

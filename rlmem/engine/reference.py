@@ -23,6 +23,7 @@ from rlmem.engine.sampling import SamplingParams, sample_tokens
 from rlmem.eviction.policy import EvictionConfig, check_batch_configs, decide, is_round
 from rlmem.eviction.record import EvictionRound, EvictionTrace, LayerEviction, RolloutRecord
 from rlmem.eviction.scorers import Scorer, ScoringInputs, get_scorer
+from rlmem.metrics import peak_kv_entries
 from rlmem.models.interface import check_supported, decoder, install, lm_head, register_attention
 from rlmem.models.loading import load_model_and_tokenizer
 
@@ -155,6 +156,7 @@ class ReferenceEngine:
         logprobs: list[list[float]] = [[] for _ in range(bsz)]
         rounds: list[list[EvictionRound]] = [[] for _ in range(bsz)]
         finish: list[str] = [""] * bsz
+        sizes: list[list[tuple[int, int, int]]] = [[] for _ in range(bsz)]   # (t, held before, after) per round
         peaks = [0] * bsz
         peak_bytes = 0
 
@@ -181,7 +183,8 @@ class ReferenceEngine:
                 reason = self._finish_reason(completions[i], sampling)
                 if reason:
                     finish[i] = reason
-                    peaks[i] = int(cache.peak[s])
+                    # the one peak rule on the sizes this cache held (the last sampled token is never fed)
+                    peaks[i] = peak_kv_entries(len(prompts[i]) + len(completions[i]) - 1, sizes[i])
                 else:
                     keep_slots.append(s)
             if not keep_slots:
@@ -193,9 +196,12 @@ class ReferenceEngine:
             due = [s for s, i in enumerate(active) if cfgs[i] is not None and is_round(t[s], len(prompts[i]), cfgs[i])]
             if due:
                 peak_bytes = max(peak_bytes, cache.nbytes())
+                before = [cache.held(s) for s in due]
                 self._round(cache, scorer, due, [cfgs[active[s]] for s in due], gen, greedy_evictions,
                             [rounds[active[s]] for s in due], [t[s] for s in due],
                             prompt_lens[[active[s] for s in due]])
+                for s, b in zip(due, before):
+                    sizes[active[s]].append((t[s], b, cache.held(s)))
                 n_rounds += len(due)
             ids = torch.tensor([[completions[i][-1]] for i in active], device=device)
             pos = torch.tensor([[x] for x in t], device=device)

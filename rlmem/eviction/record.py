@@ -18,6 +18,7 @@ import torch
 
 from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
 from rlmem.jsonl import iter_json_lines
+from rlmem.metrics import peak_kv_entries
 
 NEVER = 2**62  # evicted_at value of a key that is never evicted
 # Eviction fields a record may omit (older records): their EvictionConfig default applies.
@@ -239,23 +240,25 @@ def evicted_at(record: RolloutRecord, num_layers: int | None = None) -> torch.Te
 def peak_kv(record: RolloutRecord, num_layers: int | None = None) -> int:
     """The largest number of entries any layer's cache held during the rollout (docs/design.md section 1, Metric).
 
-    Uses the engine's ``extra["peak_kv"]`` when present; otherwise derives it from the rounds:
-    the peak is reached just before a round (keys ``< t`` not yet evicted) or at the end, when the
-    keys of positions ``0..n-2`` were written (the last sampled token is never fed).
+    Uses the engine's ``extra["peak_kv"]`` when present (the engines apply the same rule to the
+    cache they ran); otherwise applies :func:`rlmem.metrics.peak_kv_entries` to the counts the
+    rounds imply: per round, the keys ``< t`` alive just before it (``evicted_at >= t``) and just
+    after it (``evicted_at > t``), the largest over the layers; positions ``0..n-2`` are written (the
+    last sampled token is never fed).
     """
     reported = record.extra.get("peak_kv")
     if isinstance(reported, (int, float)) and not isinstance(reported, bool):
         return int(reported)
     written = record.seq_len - 1
     if record.num_rounds == 0:
-        return written
+        return peak_kv_entries(written, [])
     ea = evicted_at(record, num_layers)
     pos = torch.arange(record.seq_len)
-    best = 0
-    for t in [r.t for r in record.eviction.rounds] + [written]:
-        alive = ((pos[None, :] < t) & (ea >= t)).sum(dim=1)
-        best = max(best, int(alive.max()))
-    return best
+    rounds = []
+    for r in record.eviction.rounds:
+        older = pos[None, :] < r.t
+        rounds.append((r.t, int((older & (ea >= r.t)).sum(dim=1).max()), int((older & (ea > r.t)).sum(dim=1).max())))
+    return peak_kv_entries(written, rounds)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[RolloutRecord], append: bool = False) -> None:

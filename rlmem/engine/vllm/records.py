@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rlmem.eviction.policy import EvictionConfig, round_times
 from rlmem.eviction.record import EvictionRound, EvictionTrace, LayerEviction, RolloutRecord
+from rlmem.metrics import peak_kv_entries
 
 
 def finish_reason(completion) -> str:
@@ -28,7 +29,7 @@ def assemble(prompt_ids: list[int], completion, temperature: float, cfg: Evictio
     completion_ids = list(completion.token_ids)
     seq_len = len(prompt_ids) + len(completion_ids)
     written = seq_len - 1                        # the last sampled token is never fed
-    trace, peak = None, written
+    trace, sizes = None, []
     preempted = bool(decisions and decisions.get("preempted"))
     if cfg is not None and cfg.enabled:
         due = set(round_times(len(prompt_ids), seq_len, cfg))
@@ -36,14 +37,12 @@ def assemble(prompt_ids: list[int], completion, temperature: float, cfg: Evictio
         if len(rounds_raw) != len(due):
             raise RuntimeError(f"vLLM engine: {len(rounds_raw)} rounds recorded for a {seq_len}-token sequence "
                                f"whose schedule has {len(due)}")
-        rounds, peak, alive, last = [], 0, 0, 0
+        rounds = []
         for t, n_alive, new_len, layers in rounds_raw:
-            peak = max(peak, n_alive)
-            alive, last = new_len, t
+            sizes.append((t, n_alive, new_len))
             rounds.append(EvictionRound(t, [LayerEviction(nb, list(kept), lp) for nb, kept, lp in layers]))
-        peak = max(peak, (alive + written - last) if rounds else written)
         trace = EvictionTrace(cfg, rounds)
-    extra = {"peak_kv": peak, "finish_reason": finish_reason(completion), "engine": "vllm"}
+    extra = {"peak_kv": peak_kv_entries(written, sizes), "finish_reason": finish_reason(completion), "engine": "vllm"}
     if preempted:
         extra["preempted"] = True
     return RolloutRecord(prompt_ids=list(prompt_ids), completion_ids=completion_ids,
