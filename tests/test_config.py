@@ -463,3 +463,27 @@ def test_one_dtype_table_aliases_and_tolerances():
     with pytest.raises(ConfigError) as ei:
         _load_tiny("model.dtype=float64")
     assert _keys(ei.value) == ["model.dtype"]
+
+
+def test_clip_rule_is_one_rule_with_one_message():
+    """learner.config.clip_problems is the only clip check: the run config, LearnerConfig and LossConfig
+    all give its message, naming the fields."""
+    from rlmem.learner.config import LearnerConfig, clip_problems
+    from rlmem.learner.loss import LossConfig
+
+    (key, msg), = clip_problems(None, None, ppo_epochs=2)
+    assert key == "algorithm.clip_eps" and "algorithm.ppo_epochs 2" in msg and "algorithm.mini_batches 1" in msg
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("algorithm.ppo_epochs=2")
+    assert ei.value.problems == [(key, msg)]
+    with pytest.raises(ValueError) as e2:
+        LearnerConfig(model_path="m", max_len=8, ppo_epochs=2)
+    assert str(e2.value) == f"{key}: {msg}"
+    with pytest.raises(ValueError, match=r"^algorithm\.clip_eps_high: needs algorithm\.clip_eps"):
+        LossConfig(max_len=4, clip_eps_high=0.3)
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("algorithm.clip_eps=0.2", "algorithm.clip_eps_high=0.1")
+    assert ei.value.problems == [("algorithm.clip_eps_high", "(0.1) must be >= algorithm.clip_eps (0.2)")]
+    with pytest.raises(ValueError, match=r"^algorithm\.clip_eps: must be > 0 or null \(got -0\.1\)"):
+        LossConfig(max_len=4, clip_eps=-0.1)
+    assert clip_problems(0.2, 0.28, mini_batches=4, ppo_epochs=2) == []

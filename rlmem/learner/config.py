@@ -21,6 +21,40 @@ LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "d
 ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
 
 
+def clip_problems(clip_eps: float | None, clip_eps_high: float | None, *, mini_batches: int = 1,
+                  ppo_epochs: int = 1) -> list[tuple[str, str]]:
+    """The clipping rule, checked here only: ``(run-config key, message)`` for each broken part.
+
+    Reusing a batch (``mini_batches > 1`` or ``ppo_epochs > 1``) makes every update after the first
+    off-policy, so it needs the PPO clip (``clip_eps``); the unclipped loss is only valid on-policy.
+    ``clip_eps_high`` (DAPO's clip-higher) widens the upper side of that clip, so it needs
+    ``clip_eps`` and is at least as large. :class:`LearnerConfig`, :class:`rlmem.learner.loss.LossConfig`
+    and the run-config checks all call this.
+    """
+    out = []
+    for name, v in (("clip_eps", clip_eps), ("clip_eps_high", clip_eps_high)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            out.append((f"algorithm.{name}", f"must be > 0 or null (got {v!r})"))
+    if (mini_batches > 1 or ppo_epochs > 1) and clip_eps is None:
+        out.append(("algorithm.clip_eps", f"must be set (e.g. 0.2) when a batch is reused (algorithm.mini_batches "
+                                          f"{mini_batches}, algorithm.ppo_epochs {ppo_epochs}); the unclipped loss "
+                                          "is only valid on-policy"))
+    if clip_eps_high is not None and not out:
+        if clip_eps is None:
+            out.append(("algorithm.clip_eps_high", "needs algorithm.clip_eps (it widens the upper side of that clip)"))
+        elif clip_eps_high < clip_eps:
+            out.append(("algorithm.clip_eps_high", f"({clip_eps_high}) must be >= algorithm.clip_eps ({clip_eps})"))
+    return out
+
+
+def raise_clip_problems(*args, **kwargs) -> None:
+    """:func:`clip_problems` as a ValueError ``"<key>: <message>"`` (the first problem)."""
+    problems = clip_problems(*args, **kwargs)
+    if problems:
+        key, msg = problems[0]
+        raise ValueError(f"{key}: {msg}")
+
+
 @dataclass
 class LearnerConfig:
     """Everything one learner rank needs (see :class:`rlmem.learner.learner.Learner`)."""
@@ -70,10 +104,8 @@ class LearnerConfig:
             raise ValueError(f"optimizer.lr: must be a finite number > 0 (got {self.lr!r})")
         if self.mini_batches < 1 or self.ppo_epochs < 1:
             raise ValueError("algorithm.mini_batches and algorithm.ppo_epochs must be >= 1")
-        if (self.mini_batches > 1 or self.ppo_epochs > 1) and self.clip_eps is None:
-            raise ValueError("algorithm.clip_eps: must be set (e.g. 0.2) when a batch is reused "
-                             "(algorithm.mini_batches > 1 or algorithm.ppo_epochs > 1); the unclipped loss "
-                             "is only valid on-policy")
+        raise_clip_problems(self.clip_eps, self.clip_eps_high, mini_batches=self.mini_batches,
+                            ppo_epochs=self.ppo_epochs)
         if self.schedule not in ("constant", "warmup", "warmup_cosine"):
             raise ValueError(f"optimizer.schedule: must be constant, warmup or warmup_cosine (got {self.schedule!r})")
         if self.schedule == "warmup_cosine" and not self.total_steps:

@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rlmem.learner.config import raise_clip_problems
+
 Aggregation = Literal["constant", "token_mean", "seq_mean"]
 AGGREGATIONS = ("constant", "token_mean", "seq_mean")
 
@@ -48,12 +50,7 @@ class LossConfig:
         if self.aggregation == "constant" and (self.max_len is None or self.max_len < 1):
             raise ValueError(f"loss.max_len: aggregation 'constant' (Dr. GRPO) needs a positive max_len, "
                              f"the maximum completion length (got {self.max_len!r})")
-        for name in ("clip_eps", "clip_eps_high"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"loss.{name}: must be > 0 or null (got {v!r})")
-        if self.clip_eps is None and self.clip_eps_high is not None:
-            raise ValueError("loss.clip_eps_high: set only together with loss.clip_eps")
+        raise_clip_problems(self.clip_eps, self.clip_eps_high)   # the one clip rule (learner.config)
         if self.mem_coef < 0:
             raise ValueError(f"loss.mem_coef: must be >= 0 (got {self.mem_coef!r})")
         if self.kl_coef < 0:
