@@ -135,3 +135,33 @@ def test_templates(tiny_model_dir):
             build_prompt(cd, tok, eviction_rate=bad)
     with pytest.raises(ValueError):
         build_prompt(cd, None, template="chat")
+
+
+def test_a_registered_dataset_is_loaded_through_the_registry(tmp_path, monkeypatch):
+    """load_examples has no per-source branches: registering a spec is how a source is added."""
+    import rlmem.data.datasets as ds
+
+    monkeypatch.setattr(ds, "DATASETS", dict(ds.DATASETS))
+    calls = []
+
+    def squares(split, *, limit, seed, **options):
+        calls.append((split, limit, seed, options))
+        return [{"id": f"sq-{i}", "prompt": f"{i}*{i}?", "reward": "math", "task": "math", "answer": str(i * i)}
+                for i in range(options.get("num_examples", 5))]
+
+    ds.register_dataset(ds.DatasetSpec("squares", generate=squares, aliases=("sq",)))
+    out = load_examples("sq", "test", limit=3, seed=7, num_examples=4)
+    assert [e["answer"] for e in out] == ["0", "1", "4"] and calls == [("test", 3, 7, {"num_examples": 4})]
+    with pytest.raises(KeyError, match="'squares'"):          # the unknown-source message lists it
+        load_examples("cubes")
+    with pytest.raises(ValueError, match="'sq' is already registered"):
+        ds.register_dataset(ds.DatasetSpec("other", generate=squares, aliases=("sq",)))
+    # a hub-style dataset (rows + converter) reads its local copy through the same spec
+    ds.register_dataset(ds.DatasetSpec("me/qa", ds.math_row, "train", "math", aliases=("qa",), splits=("train",)))
+    p = tmp_path / "qa.jsonl"
+    p.write_text(json.dumps({"question": "1+1?", "answer": 2}) + "\n")
+    assert load_examples("qa", path=str(p))[0]["answer"] == "2"
+    assert load_examples(str(p), dataset="qa")[0]["prompt"] == "1+1?"
+    with pytest.raises(ValueError, match="me/qa has no 'test' split"):
+        load_examples("qa", "test", path=str(p))
+    assert "countdown-generated" in ds.dataset_names() and "passkey-write" in ds.dataset_names()

@@ -1,4 +1,8 @@
-"""Dataset registry: hub ids and local JSONL/Parquet files -> task examples.
+"""Dataset registry: hub ids, generated tasks and local JSONL/Parquet files -> task examples.
+
+Every named source is a :class:`DatasetSpec` in :data:`DATASETS` (``register_dataset`` adds one);
+:func:`load_examples` reads any of them through the registry, and local files with a registered
+dataset's schema.
 
 Every loader returns a list of examples, each a dict with at least ``"id"``, ``"prompt"`` (the
 task statement: no instruction, no chat template), ``"reward"`` (a registered reward name),
@@ -157,33 +161,66 @@ def dapo_row(row: dict, index: int, origin: str, mapping: dict | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# registry
+# registry: every named source (hub datasets and generated tasks) is a DatasetSpec in DATASETS
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DatasetSpec:
-    hub_id: str
-    convert: Callable[..., dict]
-    hub_split: str
-    kind: str  # "countdown" | "math"
+    """One named data source. A hub dataset gives ``convert`` (row -> example), its ``hub_split`` and
+    an optional ``post`` (split logic, de-duplication); a generated one gives ``generate``
+    (``(split, limit=, seed=, **options) -> examples``). ``load_examples`` goes through :meth:`load`,
+    so registering a spec is all it takes to add a source."""
+
+    hub_id: str                                   # the name users write: a hub id or a generated source's name
+    convert: Callable[..., dict] | None = None
+    hub_split: str = "train"
+    kind: str = "math"                            # "countdown" | "math" | "passkey"
     aliases: tuple[str, ...] = ()
     splits: tuple[str, ...] = ("train", "test")
     post: Callable[..., list] | None = None
     extra: dict = field(default_factory=dict)
+    generate: Callable[..., list[dict]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.convert is None) == (self.generate is None):
+            raise ValueError(f"dataset {self.hub_id!r}: give exactly one of convert (hub rows) or generate")
+
+    def load(self, split: str, *, path: str | None = None, limit: int | None = None, seed: int = 0,
+             mapping: dict | None = None, **kwargs) -> list[dict]:
+        """This source's examples of ``split`` (hub rows, or ``path``'s local copy of them, converted)."""
+        if split not in self.splits:
+            raise ValueError(f"{self.hub_id} has no {split!r} split (has {self.splits})")
+        if self.generate is not None:
+            return self.generate(split, limit=limit, seed=seed, **kwargs)
+        rows, locs = read_located_rows(path) if path else (_read_hub(self), None)
+        return self.convert_rows(rows, locs, os.path.basename(path) if path else self.hub_id, split, mapping, **kwargs)
+
+    def convert_rows(self, rows: list[dict], locs: list[str] | None, origin: str, split: str,
+                     mapping: dict | None = None, **kwargs) -> list[dict]:
+        examples = [_convert(self, r, i, origin, mapping, locs[i] if locs else None) for i, r in enumerate(rows)]
+        return self.post(examples, split, **kwargs) if self.post is not None else examples
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add a source under its name and aliases (a name already taken is an error, not a silent swap)."""
     for name in (spec.hub_id, *spec.aliases):
+        if name in DATASETS and DATASETS[name] is not spec:
+            raise ValueError(f"dataset name {name!r} is already registered (by {DATASETS[name].hub_id!r})")
         DATASETS[name] = spec
     return spec
 
 
+def dataset_names() -> list[str]:
+    """The registered sources' names (aliases not repeated), in registration order."""
+    return list(dict.fromkeys(s.hub_id for s in DATASETS.values()))
+
+
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted({s.hub_id for s in DATASETS.values()}))}, "
-                       "'countdown-generated', 'countdown-toy', 'passkey', 'passkey-write', or a local .jsonl/.parquet path")
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(repr(n) for n in dataset_names())}, "
+                       "or a local .jsonl/.parquet path")
     return DATASETS[name]
 
 
@@ -230,6 +267,33 @@ def _dapo_post(rows_ex: list[dict], split: str, **_) -> list[dict]:
     return dedup_by_prompt(rows_ex)
 
 
+def _generate_passkey(variant: str, write_items: int):
+    def generate(split: str, *, limit: int | None, seed: int, **kwargs) -> list[dict]:
+        opts = {"write_items": write_items, **{k: kwargs[k] for k in ("filler_repeats", "write_items") if k in kwargs}}
+        return generate_passkey(kwargs.get("num_examples", limit or 100), seed * 2 + (split == "test"),
+                                variant=variant, **opts)
+    return generate
+
+
+def _generate_countdown(split: str, *, limit: int | None, seed: int, **kwargs) -> list[dict]:
+    gen_kw = {k: kwargs[k] for k in ("num_examples", "num_numbers", "number_range", "target_range",
+                                     "max_tries_per_example") if k in kwargs}
+    gen_kw.setdefault("num_examples", limit or 1000)
+    # train and test come from disjoint seeds
+    examples = generate_countdown(seed=seed * 2 + (split == "test"), **gen_kw)
+    for e in examples:
+        e["id"] = f"countdown-gen-{split}-{e['id'].rsplit('-', 1)[-1]}"
+    if split == "test" and kwargs.get("drop_leaks", True):
+        train = generate_countdown(seed=seed * 2, **gen_kw)
+        bad = set(find_leaks(train, examples))
+        examples = [e for i, e in enumerate(examples) if i not in bad]
+    return examples
+
+
+def _generate_toy(split: str, *, limit: int | None, seed: int, **kwargs) -> list[dict]:
+    return toy_problems(split, None, seed=seed)   # the toy task's fixed problem set, sampled with ``seed``
+
+
 register_dataset(DatasetSpec("Jiayi-Pan/Countdown-Tasks-3to4", countdown_row, "train", "countdown",
                              aliases=("countdown",), post=_countdown_post))
 register_dataset(DatasetSpec("BytedTsinghua-SIA/DAPO-Math-17k", dapo_row, "train", "math",
@@ -237,16 +301,18 @@ register_dataset(DatasetSpec("BytedTsinghua-SIA/DAPO-Math-17k", dapo_row, "train
 register_dataset(DatasetSpec("math-ai/amc23", math_row, "test", "math", aliases=("amc23",)))
 register_dataset(DatasetSpec("HuggingFaceH4/aime_2024", math_row, "train", "math", aliases=("aime24", "aime_2024")))
 register_dataset(DatasetSpec("MathArena/aime_2025", math_row, "train", "math", aliases=("aime25", "aime_2025")))
+# generated sources (no hub): Countdown from rlmem/data/countdown.py, the toy set, the pass-key tasks
+register_dataset(DatasetSpec("countdown-generated", kind="countdown", aliases=("countdown_generated",),
+                             generate=_generate_countdown))
+register_dataset(DatasetSpec(COUNTDOWN_TOY, kind="countdown", generate=_generate_toy))
+register_dataset(DatasetSpec("passkey", kind="passkey", generate=_generate_passkey("passkey", 0)))
+register_dataset(DatasetSpec("passkey-write", kind="passkey", generate=_generate_passkey("passkey-write", 12)))
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-# generated memory tasks (rlmem/data/passkey.py): source name -> generator settings
-PASSKEY_SOURCES = {"passkey": {"write_items": 0}, "passkey-write": {"write_items": 12}}
-
 
 def is_local_path(source: str) -> bool:
     return source.lower().endswith(LOCAL_SUFFIXES) or os.path.exists(source)
@@ -334,8 +400,9 @@ def _convert(spec: DatasetSpec, row: dict, index: int, origin: str, mapping: dic
 def load_examples(source: str, split: str = "train", *, path: str | None = None, limit: int | None = None,
                   seed: int = 0, shuffle: bool = False, dataset: str | None = None, mapping: dict | None = None,
                   **kwargs) -> list[dict]:
-    """Examples from a dataset id, ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py),
-    ``"passkey"``/``"passkey-write"``, or a local ``.jsonl``/``.parquet``.
+    """Examples from a registered source (:data:`DATASETS`: the hub datasets and the generated
+    ``"countdown-generated"``, ``"countdown-toy"`` (rlmem/data/toy.py), ``"passkey"``/``"passkey-write"``;
+    :func:`register_dataset` adds one) or a local ``.jsonl``/``.parquet``.
 
     ``split`` is ``"train"`` or ``"test"`` (the evaluation sets return their single split for
     either). ``limit`` keeps the first ``limit`` examples (after shuffling with ``seed`` if
@@ -345,46 +412,25 @@ def load_examples(source: str, split: str = "train", *, path: str | None = None,
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' (got {split!r})")
-    if source in PASSKEY_SOURCES:
-        gen_kw = {**PASSKEY_SOURCES[source], **{k: kwargs[k] for k in ("filler_repeats", "write_items") if k in kwargs}}
-        examples = generate_passkey(kwargs.get("num_examples", limit or 100), seed * 2 + (split == "test"),
-                                    variant=source, **gen_kw)
-    elif source in ("countdown-generated", "countdown_generated"):
-        gen_kw = {k: kwargs[k] for k in ("num_examples", "num_numbers", "number_range", "target_range",
-                                           "max_tries_per_example") if k in kwargs}
-        gen_kw.setdefault("num_examples", limit or 1000)
-        # train and test come from disjoint seeds
-        examples = generate_countdown(seed=seed * 2 + (split == "test"), **gen_kw)
-        for e in examples:
-            e["id"] = f"countdown-gen-{split}-{e['id'].rsplit('-', 1)[-1]}"
-        if split == "test" and kwargs.get("drop_leaks", True):
-            train = generate_countdown(seed=seed * 2, **gen_kw)
-            bad = set(find_leaks(train, examples))
-            examples = [e for i, e in enumerate(examples) if i not in bad]
-    elif source == COUNTDOWN_TOY:  # the toy task's fixed problem set, sampled with ``seed``
-        examples = toy_problems(split, None, seed=seed)
-    else:
-        if source in DATASETS:
-            spec = _spec(source)
-            rows, locs = read_located_rows(path) if path else (_read_hub(spec), None)
-            origin = os.path.basename(path) if path else spec.hub_id
-        elif is_local_path(source):
-            rows, locs = read_located_rows(source)
-            if not rows:
-                raise DatasetError(f"{source}: no rows (the file is empty)")
-            origin = os.path.basename(source)
-            spec = _spec(dataset) if dataset else (None if mapping else _guess_spec(rows, source))
-            if spec is None:  # explicit mapping without a dataset hint
-                kind = "countdown" if "numbers" in mapping or "target" in mapping else "math"
-                spec = DatasetSpec(source, countdown_row if kind == "countdown" else math_row, "", kind)
-        else:
-            _spec(source)  # raises KeyError listing known datasets
-            raise AssertionError
+    if source in DATASETS:
+        examples = DATASETS[source].load(split, path=path, limit=limit, seed=seed, mapping=mapping, **kwargs)
+    elif is_local_path(source):
+        rows, locs = read_located_rows(source)
+        if not rows:
+            raise DatasetError(f"{source}: no rows (the file is empty)")
+        spec = _spec(dataset) if dataset else (None if mapping else _guess_spec(rows, source))
+        if spec is None:  # explicit mapping without a dataset hint
+            kind = "countdown" if "numbers" in mapping or "target" in mapping else "math"
+            spec = DatasetSpec(source, countdown_row if kind == "countdown" else math_row, "", kind)
+        if spec.convert is None:
+            raise DatasetError(f"{source}: dataset={dataset!r} is a generated source; a file needs a hub "
+                               "dataset's schema (or a mapping)")
         if split not in spec.splits:
             raise ValueError(f"{spec.hub_id} has no {split!r} split (has {spec.splits})")
-        examples = [_convert(spec, r, i, origin, mapping, locs[i] if locs else None) for i, r in enumerate(rows)]
-        if spec.post is not None:
-            examples = spec.post(examples, split, **kwargs)
+        examples = spec.convert_rows(rows, locs, os.path.basename(source), split, mapping, **kwargs)
+    else:
+        _spec(source)  # raises KeyError listing the registered sources
+        raise AssertionError
     if shuffle:
         random.Random(seed).shuffle(examples)
     if limit is not None:
