@@ -108,8 +108,21 @@ def test_memory_comes_back_to_the_block_pool(engine):
     for s in rounds:
         assert s["free_after_rounds"] - s["free_before"] == sum(s["freed"].values()) > 0
     assert engine.last_stats.freed_blocks == sum(sum(s["freed"].values()) for s in rounds)
-    pool = sched.kv_cache_manager.block_pool
+    pool = sched.rlmem_vllm.kv_cache_manager.block_pool      # vLLM's pool, through rlmem's adapter
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+
+
+def test_max_running_caps_concurrent_sequences(engine):
+    """``set_max_running`` (the rollout benchmark's cap) reaches vLLM's scheduler through the adapter."""
+    before = engine.scheduler.rlmem_vllm.max_num_active_reqs
+    try:
+        engine.set_max_running(1)
+        engine.generate(prompts(3), SamplingParams(max_new_tokens=8, seed=0), CFG)
+        assert engine.last_stats.peak_running == 1
+    finally:
+        engine.set_max_running(before)
+    engine.generate(prompts(3), SamplingParams(max_new_tokens=8, seed=0), CFG)
+    assert engine.last_stats.peak_running == 3
 
 
 def test_block_size_must_equal_the_engines(engine):

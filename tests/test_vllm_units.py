@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
-from rlmem.engine.vllm.compaction import block_moves, effective_slots, plan_round
+from rlmem.engine.vllm.compaction import block_moves, cache_positions, plan_round
 from rlmem.engine.vllm.layouts import CPU_VEC, FLASH_ATTN, copy_blocks, layout_for
 from rlmem.models.weight_buckets import make_buckets, unpack_bucket
 from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks
@@ -19,19 +20,52 @@ from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, nu
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-def write_tokens(layout, kv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-    """Reference writer from each layout's definition (one token at a time)."""
-    nb, h, bs, two_d = kv.shape
-    d = two_d // 2
-    for i, s in enumerate(slots.tolist()):
-        b, o = divmod(s, bs)
-        if layout is FLASH_ATTN:
-            kv[b, :, o, :d] = keys[i]
-            kv[b, :, o, d:] = values[i]
-        else:   # cpu vec: block viewed [H, 2*bs, d]; K half stored [d, bs] per head, V half [bs, d]
-            flat = kv[b].view(h, 2 * bs * d)
-            flat[:, : bs * d].view(h, d, bs)[:, :, o] = keys[i]
-            flat[:, bs * d:].view(h, bs, d)[:, o] = values[i]
+def vllm_cache_write(layout, monkeypatch):
+    """A writer taken from vLLM, independent of rlmem's readers: the backend's own
+    ``do_kv_cache_update`` (its view of the ``[num_blocks, kv_heads, block_size, 2*head_size]`` cache).
+
+    CPU: the real ``cpu_attn_reshape_and_cache`` op. FlashAttention: vLLM's view (K and V split along
+    the last axis, then ``[block, slot, head, d]``) with the CUDA op ``reshape_and_cache_flash``
+    replaced by its definition (csrc/cache_kernels.cu; ``triton_reshape_and_cache_flash``'s
+    signature states the shapes): token ``i`` goes to ``cache[slot // block_size, slot % block_size]``.
+    """
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionType
+
+    layer = SimpleNamespace(isa="vec", _k_scale=torch.tensor(1.0), _v_scale=torch.tensor(1.0),
+                            _k_scale_float=1.0, _v_scale_float=1.0)
+    if layout is CPU_VEC:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl as impl
+    else:
+        from vllm.v1.attention.backends import flash_attn
+        impl = flash_attn.FlashAttentionImpl
+
+        def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+                                    v_scale):
+            assert kv_cache_dtype == "auto"
+            bs = key_cache.shape[1]                       # [num_blocks, block_size, kv_heads, head_size]
+            for i, s in enumerate(slot_mapping.tolist()):
+                if s >= 0:                                # negative slots are padding
+                    key_cache[s // bs, s % bs] = key[i]
+                    value_cache[s // bs, s % bs] = value[i]
+
+        monkeypatch.setattr(flash_attn, "reshape_and_cache_flash", reshape_and_cache_flash, raising=False)
+
+    def write(kv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        this = SimpleNamespace(attn_type=AttentionType.DECODER, head_size=keys.shape[-1], kv_cache_dtype="auto")
+        impl.do_kv_cache_update(this, layer, keys, values, kv, slots)
+
+    return write
+
+
+def strided_cache(shape: tuple[int, ...], layout_name: str) -> torch.Tensor:
+    """A zeroed logical ``[B, H, N, C]`` cache view over memory in one of vLLM's physical layouts."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    order = KVCacheLayout[layout_name].layer_view_order
+    phys = torch.zeros([shape[i] for i in order])
+    return phys.permute([order.index(i) for i in range(4)])
 
 
 @pytest.mark.parametrize("n_alive,eps,b", [(64, 0.5, 32), (100, 0.5, 32), (257, 0.75, 32), (96, 0.9, 32), (33, 0.5, 32)])
@@ -51,38 +85,49 @@ def test_plan_round_refuses_protect_recent_zero():
         plan_round(100, EvictionConfig(delta=64, eps=0.5, block_size=32, window=5, protect_recent=0))
 
 
-@pytest.mark.parametrize("layout", [CPU_VEC, FLASH_ATTN], ids=lambda l: l.name)
-def test_compaction_keeps_exactly_the_policys_slots(layout):
-    """Move kept blocks to the front of a shuffled block list; the cache then reads alive[keep_slots]."""
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+@pytest.mark.parametrize("layout,memory", [(CPU_VEC, "LBHNC"), (FLASH_ATTN, "LBHNC"), (FLASH_ATTN, "LBNHC")],
+                         ids=["cpu_vec", "flash_attn", "flash_attn-LBNHC"])
+def test_compaction_keeps_exactly_the_policys_slots(layout, memory, monkeypatch):
+    """Tokens written by vLLM's own cache write; kept blocks moved to the front of a shuffled block
+    list; the rlmem reader then reads exactly alive[keep_slots], and each block moved whole (V too)."""
     torch.manual_seed(0)
     h, bs, d, nblocks = 2, 32, 64, 12
     cfg = EvictionConfig(delta=64, eps=0.5, block_size=bs, window=5)
     n_alive = 150                                         # 5 blocks, the newest holds 22 tokens
-    kv = torch.zeros(nblocks, h, bs, 2 * d)
+    kv = strided_cache((nblocks, h, bs, 2 * d), memory)
     block_ids = [7, 2, 9, 4, 11]                          # a request's block list, in vLLM's order
     keys, values = torch.randn(n_alive, h, d), torch.randn(n_alive, h, d)
     slots = torch.tensor([block_ids[i // bs] * bs + i % bs for i in range(n_alive)])
-    write_tokens(layout, kv, keys, values, slots)
+    vllm_cache_write(layout, monkeypatch)(kv, keys, values, slots)
     ids_t = torch.tensor(block_ids)
     assert torch.equal(layout.read_keys(kv, ids_t, n_alive), keys.transpose(0, 1))
+    other = CPU_VEC if layout is FLASH_ATTN else FLASH_ATTN
+    assert not torch.equal(other.read_keys(kv, ids_t, n_alive), keys.transpose(0, 1))   # the layouts differ
 
     plan = plan_round(n_alive, cfg)
     kept = [3, 0]                                         # sampled order (not sorted)
     src, dst = block_moves(block_ids, kept, plan, cfg.protect_recent)
     assert all(block_ids.index(s) > block_ids.index(t) for s, t in zip(src.tolist(), dst.tolist()))
+    before = kv.clone()
     copy_blocks(kv, src, dst)
     keep = kept_key_slots(n_alive, kept, cfg)
     assert len(keep) == plan.new_len
     got = layout.read_keys(kv, ids_t[: plan.keep], plan.new_len)
     assert torch.equal(got, keys[keep].transpose(0, 1))
-    # values moved with their keys (whole-block copies are layout independent)
-    if layout is FLASH_ATTN:
-        v = kv[ids_t[: plan.keep]][..., d:].permute(1, 0, 2, 3).reshape(h, -1, d)[:, : plan.new_len]
-        assert torch.equal(v, values[keep].transpose(0, 1))
+    # values moved with their keys: block i of the list now holds the i-th kept block, whole
+    for i, j in enumerate(sorted(kept + [plan.num_blocks - 1])):
+        assert torch.equal(kv[block_ids[i]], before[block_ids[j]])
 
 
-def test_effective_slots_and_layout_errors():
-    assert effective_slots(torch.tensor([300, 301, 5]), torch.tensor([128, 128, 0])).tolist() == [172, 173, 5]
+def test_cache_positions_subtract_each_requests_offset():
+    """Three requests in one step: a decode (offset 128), a 3-token prefill (no offset), 2 tokens (offset 64)."""
+    positions = torch.tensor([300, 0, 1, 2, 301, 302])
+    got = cache_positions(positions, np.array([128, 0, 64]), np.array([0, 1, 4, 6, 6]))
+    assert got.tolist() == [172, 0, 1, 2, 237, 238] and got.dtype == positions.dtype
+
+
+def test_layout_errors():
     assert layout_for("CPU_ATTN", "vec") is CPU_VEC and layout_for("FLASH_ATTN") is FLASH_ATTN
     with pytest.raises(ValueError, match="prepacked"):
         layout_for("CPU_ATTN", "amx")
@@ -107,9 +152,6 @@ def test_cpu_reader_matches_vllm_cache_write_op(isa):
     ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa,
                                    k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
     assert torch.equal(CPU_VEC.read_keys(kv, torch.tensor(block_ids), n), keys.transpose(0, 1))
-    ref = torch.zeros_like(kv)
-    write_tokens(CPU_VEC, ref, keys, values, slots)
-    assert torch.equal(ref, kv)     # the reference writer used above is the real layout, V included
 
 
 def test_version_check_names_the_pinned_version(monkeypatch):
@@ -171,3 +213,113 @@ def test_cuda_engine_replays_and_takes_ipc_weights(tiny_model_dir):
     w = check_records(model, eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=100), cfg), progress=False)
     assert w["token"] < 1e-4
     eng.shutdown()
+
+
+# ---------------------------------------------------------------------- vLLM internals (one adapter)
+def test_internals_missing_member_is_one_line_naming_it_and_the_version():
+    """A live object without a listed member, or a class without it, fails with one line."""
+    from types import SimpleNamespace
+
+    from rlmem.engine.vllm.internals import OWNERS, VllmInternalsError, check_class, check_live
+    from rlmem.engine.vllm.version import PINNED_VERSION
+
+    pool = SimpleNamespace(free_blocks=lambda ordered_blocks: None, get_num_free_blocks=lambda: 0)
+    with pytest.raises(VllmInternalsError) as e:
+        check_live("BlockPool", pool)
+    msg = str(e.value)
+    assert "BlockPool.num_gpu_blocks is missing" in msg and f"vLLM {PINNED_VERSION}" in msg and "\n" not in msg
+
+    class Request:            # vLLM's Request as it might look in another release
+        def __init__(self):
+            self.request_id, self.num_computed_tokens, self.sampling_params = "r", 0, None
+            self.prompt_len = 3
+
+        @property
+        def num_tokens(self):
+            return 4
+
+    with pytest.raises(VllmInternalsError, match=rf"^vLLM internals: Request\.num_prompt_tokens is missing .*"
+                                                 rf"vLLM {PINNED_VERSION} "):
+        check_class(OWNERS["Request"], Request)
+
+    class Sampler:            # a renamed parameter the wrapper passes by position
+        def forward(self, logits, metadata):
+            return None
+
+    with pytest.raises(VllmInternalsError, match=r"Sampler\.forward takes \(logits, metadata\), rlmem expects "
+                                                 r"\(logits, sampling_metadata, \.\.\.\)"):
+        check_class(OWNERS["Sampler"], Sampler)
+    with pytest.raises(VllmInternalsError, match=r"Sampler\.forward takes"):
+        check_live("Sampler", Sampler())
+    # nested: the coordinator's block list managers are checked through the manager
+    with pytest.raises(VllmInternalsError, match=r"SingleTypeKVCacheManager\.req_to_blocks is missing"):
+        check_live("KVCacheManager", SimpleNamespace(
+            block_pool=SimpleNamespace(free_blocks=lambda ordered_blocks: 0, get_num_free_blocks=lambda: 0,
+                                       num_gpu_blocks=1),
+            coordinator=SimpleNamespace(
+                get_num_blocks_to_allocate=lambda request_id, num_tokens, num_tokens_main_model: 0,
+                allocate_new_blocks=lambda request_id, num_tokens, num_tokens_main_model: 0,
+                single_type_managers=[SimpleNamespace(blocks={})])))
+
+
+def test_adapter_reads_listed_members_only():
+    """The adapter refuses an unlisted member (so the list is complete) and names a missing listed one."""
+    from types import SimpleNamespace
+
+    from rlmem.engine.vllm.internals import VllmInternalsError, adapt
+
+    req = adapt("CachedRequestState", SimpleNamespace(block_ids=([3, 4],), num_prompt_tokens=5, sampling_params=None,
+                                                      output_token_ids=[1]))
+    assert req.block_ids == ([3, 4],) and req.num_prompt_tokens == 5
+    with pytest.raises(AttributeError, match=r"CachedRequestState\.output_token_ids is not listed in "
+                                             r"rlmem/engine/vllm/internals\.py"):
+        req.output_token_ids
+    with pytest.raises(VllmInternalsError, match=r"Request\.num_prompt_tokens is missing"):
+        adapt("Request", SimpleNamespace(request_id="r")).num_prompt_tokens
+    sampler = SimpleNamespace(forward=None)
+    adapt("Sampler", sampler).forward = print            # wrapping a listed method sets it on the object
+    assert sampler.forward is print
+    assert adapt("Attention", SimpleNamespace()).isa is None       # CPU-only, optional
+    out = adapt("SamplerOutput", SimpleNamespace(sampled_token_ids=None, logprobs_tensors=SimpleNamespace(logprobs=7)))
+    assert out.logprobs_tensors.logprobs == 7                      # nested owners are adapted too
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_installed_vllm_has_every_listed_internal():
+    """The pinned vLLM's real classes (both devices' engines) have every listed member; no engine start."""
+    from rlmem.engine.vllm.internals import DEVICE_ONLY, OWNERS, check_classes
+
+    total = sum(len(o.classes) for o in OWNERS.values())
+    assert check_classes() == total
+    assert check_classes("cpu") == total - sum(d == "cuda" for d in DEVICE_ONLY.values())
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_scheduler_overrides_are_listed():
+    """Each vLLM Scheduler method NGCScheduler overrides is listed, so a rename upstream is caught at start
+    instead of the override silently never running."""
+    from rlmem.engine.vllm.internals import OWNERS
+    from rlmem.engine.vllm.scheduler import NGCScheduler, Scheduler
+
+    overridden = {n for n, v in vars(NGCScheduler).items() if callable(v) and hasattr(Scheduler, n)} - {"__init__"}
+    assert overridden == {"schedule", "_preempt_request", "_free_request"}
+    assert overridden <= {m.name for m in OWNERS["Scheduler"].members}
+
+
+def test_vllm_modules_import_only_public_vllm_or_the_adapter():
+    """Outside internals.py, rlmem's vLLM backend imports only vLLM's public API (``vllm``, ``vllm.inputs``):
+    every internal class goes through :func:`internals.vllm_class`."""
+    import ast
+    from pathlib import Path
+
+    import rlmem.engine.vllm as pkg
+
+    bad = []
+    for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+        if path.name == "internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            bad += [f"{path.name}: {m}" for m in mods if m.split(".")[0] == "vllm" and m not in ("vllm", "vllm.inputs")]
+    assert not bad, bad

@@ -74,7 +74,7 @@ def run_vllm(args: argparse.Namespace) -> int:
         for name, ev in (("vllm full cache", None), ("vllm NGC", cfg)):
             if caps[name] < 1:
                 raise CommandError(f"--kv-blocks {args.kv_blocks}: too few for one {name} sequence")
-            eng.scheduler.max_num_active_reqs = min(caps[name], args.batch)
+            eng.set_max_running(min(caps[name], args.batch))
             recs = eng.generate(prompts, sampling, ev)
             s = eng.last_stats
             assert all(len(r.completion_ids) == n_new for r in recs)

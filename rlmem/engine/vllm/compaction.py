@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlmem.eviction.policy import EvictionConfig, keep_count, num_blocks
@@ -57,26 +58,15 @@ def block_moves(block_ids: list[int], kept_eligible: list[int], plan: Shrink, pr
     return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
 
 
-def effective_slots(positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Cache slots of the step's tokens: the true positions minus each token's request offset.
+def cache_positions(positions: torch.Tensor, row_offsets: np.ndarray, query_start_loc: np.ndarray) -> torch.Tensor:
+    """Positions of the step's tokens in the compacted cache: each token's true position minus its
+    request's offset (true length minus cache length); the slot mapping is built from these.
 
-    RoPE keeps the true positions; what attention reads (``seq_lens``) and where new K/V go
-    (the slot mapping) use the compacted length (docs/design.md section 1, "Replay mask": positions keep counting).
+    ``row_offsets[i]`` is request row ``i``'s offset, ``query_start_loc[i]:query_start_loc[i + 1]``
+    its tokens in the step (``positions`` holds exactly those tokens). RoPE keeps the true positions; what attention reads (``seq_lens``) and
+    where new K/V go (the slot mapping) use the compacted length (docs/design.md section 1,
+    "Replay mask": positions keep counting).
     """
-    return positions - offsets
-
-
-def window_index(n_new: list[int], token_starts: list[int], slots: list[int], window: int, num_slots: int
-                 ) -> torch.Tensor:
-    """Rows, in ``cat([buffer.view(num_slots * window, ...), step_queries])``, of each request's new window.
-
-    Request ``r`` had the window ``buffer[slots[r]]`` (oldest first) and this step adds ``n_new[r]``
-    queries starting at row ``token_starts[r]`` of the step's queries; its new window is the last
-    ``window`` of the concatenation. Returns ``[R, window]``.
-    """
-    out = torch.empty(len(n_new), window, dtype=torch.long)
-    base = num_slots * window
-    for r, (n, s, slot) in enumerate(zip(n_new, token_starts, slots)):
-        seq = list(range(slot * window, (slot + 1) * window)) + list(range(base + s, base + s + n))
-        out[r] = torch.tensor(seq[-window:])
-    return out
+    n = len(row_offsets)
+    per_token = torch.from_numpy(np.repeat(row_offsets, np.diff(query_start_loc[: n + 1])))
+    return positions - per_token.to(positions.device, positions.dtype)

@@ -23,6 +23,7 @@ from rlmem.dtypes import canonical
 from rlmem.engine.base import GenerationStats
 from rlmem.engine.registry import engine_traits
 from rlmem.engine.sampling import SamplingParams
+from rlmem.engine.vllm.internals import adapt, check_classes, check_live
 from rlmem.engine.vllm.records import assemble
 from rlmem.engine.vllm.version import require_pinned
 from rlmem.engine.vllm.weights import CpuRpcTransport, CudaIpcTransport, WeightTransport
@@ -109,6 +110,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options["kv_cache_gib"]))
         from vllm import LLM
 
+        check_classes("cuda" if cuda_present() else "cpu")   # one line naming a changed internal, before vLLM starts
         o = self.options
         kwargs = dict(model=self.model_path, tokenizer=self.model_path, dtype=self.dtype, seed=self.seed,
                       block_size=self.block_size, enable_prefix_caching=False, enforce_eager=o["enforce_eager"],
@@ -127,6 +129,7 @@ class VllmEngine:
         else:
             kwargs["enforce_eager"] = True   # CPU: no graphs to gain, and compilation slows start-up
         self.llm = LLM(**kwargs)
+        check_live("LLM", self.llm)
         self.info = self.llm.collective_rpc("rlmem_install", args=(self.seed,))[0]
         if self.info["num_layers"] != self.num_layers:
             raise RuntimeError(f"vLLM engine sees {self.info['num_layers']} attention layers, config.json says {self.num_layers}")
@@ -138,7 +141,7 @@ class VllmEngine:
     @property
     def scheduler(self):
         """The engine core's scheduler (in this process): block-pool counters for tests and benchmarks."""
-        return self.llm.llm_engine.engine_core.engine_core.scheduler
+        return adapt("LLM", self.llm).llm_engine.engine_core.engine_core.scheduler
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
@@ -187,11 +190,15 @@ class VllmEngine:
             freed_blocks=sched.rlmem_freed_blocks - freed0)
         return records
 
+    def set_max_running(self, n: int) -> None:
+        """Cap the sequences vLLM admits at once (benchmarks: as many as the KV pool holds without preemption)."""
+        self.start(self.block_size)
+        adapt("Scheduler", self.scheduler).max_num_active_reqs = int(n)
+
     @property
     def block_bytes(self) -> int:
         """Bytes of one KV block over all layers (K and V)."""
-        spec = self.scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        return int(spec.page_size_bytes) * self.num_layers
+        return self.scheduler.page_bytes() * self.num_layers
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -223,7 +230,7 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            adapt("LLM", self.llm).llm_engine.engine_core.shutdown()
             self.llm = None
 
 

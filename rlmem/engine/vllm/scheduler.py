@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.v1.core.sched.scheduler import Scheduler
-
 from rlmem.engine.vllm.compaction import plan_round
+from rlmem.engine.vllm.internals import OWNERS, adapt, check_class, check_live, vllm_class
 from rlmem.engine.vllm.requests import RequestNGC, from_sampling_params
 from rlmem.eviction.policy import is_round
+
+Scheduler = vllm_class("Scheduler")
 
 
 @dataclass
@@ -45,12 +46,18 @@ class StepInfo:
 
 
 class NGCScheduler(Scheduler):
+    """vLLM's scheduler plus NGC rounds; vLLM's own members are read through ``self.rlmem_vllm``
+    (:mod:`.internals`), checked here, before the first step."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.cache_config.enable_prefix_caching:
+        check_class(OWNERS["Scheduler"], Scheduler)     # the overridden methods exist in vLLM's class
+        check_live("Scheduler", self)
+        v = self.rlmem_vllm = adapt("Scheduler", self)
+        if v.cache_config.enable_prefix_caching:
             raise ValueError("the rlmem vLLM engine needs enable_prefix_caching=False: compacted blocks "
                              "would keep the hashes of tokens they no longer hold")
-        groups = self.kv_cache_config.kv_cache_groups
+        groups = v.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"the rlmem vLLM engine supports models with one KV cache group (got {len(groups)})")
         self.rlmem_offsets: dict[str, int] = {}
@@ -62,7 +69,7 @@ class NGCScheduler(Scheduler):
         self.rlmem_peak_running = 0                    # most requests scheduled in one step
         self.rlmem_peak_used = 0                       # most blocks in use after a schedule
         self.rlmem_trace: list[dict] | None = None     # per-step block counts when a test asks for them
-        self._offset_allocation(self.kv_cache_manager.coordinator)
+        self._offset_allocation(v.kv_cache_manager.coordinator)
 
     # ------------------------------------------------------------------ block accounting
     def _offset_allocation(self, coord) -> None:
@@ -88,32 +95,44 @@ class NGCScheduler(Scheduler):
         coord.allocate_new_blocks = allocate_new_blocks
 
     def _settings(self, request) -> RequestNGC | None:
+        """``request``: an adapted vLLM ``Request``."""
         rid = request.request_id
         if rid not in self.rlmem_settings:
             self.rlmem_settings[rid] = from_sampling_params(request.sampling_params)
         return self.rlmem_settings[rid]
 
+    def _running(self) -> list:
+        return [adapt("Request", r) for r in self.rlmem_vllm.running]
+
     def request_blocks(self, request_id: str) -> list:
-        return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request_id, [])
+        managers = self.rlmem_vllm.kv_cache_manager.coordinator.single_type_managers
+        return adapt("SingleTypeKVCacheManager", managers[0]).req_to_blocks.get(request_id, [])
+
+    def page_bytes(self) -> int:
+        """Bytes of one KV block of one layer (K and V)."""
+        group = adapt("KVCacheGroupSpec", self.rlmem_vllm.kv_cache_config.kv_cache_groups[0])
+        return int(group.kv_cache_spec.page_size_bytes)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, *args, **kwargs):
-        pool = self.kv_cache_manager.block_pool
+        pool = self.rlmem_vllm.kv_cache_manager.block_pool
         free_before = pool.get_num_free_blocks()
         rounds = self._step_rounds = self._start_rounds()
         free_after_rounds = pool.get_num_free_blocks()
         out = super().schedule(*args, **kwargs)
         used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()    # block 0 is vLLM's null block
         self.rlmem_peak_used = max(self.rlmem_peak_used, used)
-        self.rlmem_peak_running = max(self.rlmem_peak_running, len(out.num_scheduled_tokens))
+        self.rlmem_peak_running = max(self.rlmem_peak_running,
+                                      len(adapt("SchedulerOutput", out).num_scheduled_tokens))
         if self.rlmem_trace is not None:
+            running = self._running()
             self.rlmem_trace.append({
                 "free_before": free_before, "free_after_rounds": free_after_rounds,
                 "freed": {r: p.num_blocks - p.keep for r, p in rounds.items()},
-                "blocks": {r.request_id: len(self.request_blocks(r.request_id)) for r in self.running},
-                "computed": {r.request_id: r.num_computed_tokens for r in self.running},
+                "blocks": {r.request_id: len(self.request_blocks(r.request_id)) for r in running},
+                "computed": {r.request_id: r.num_computed_tokens for r in running},
                 "ngc": {r.request_id: self._settings(r) is not None and self._settings(r).config is not None
-                        for r in self.running}})
+                        for r in running}})
         self._step_rounds = {}
         preempted = set(self.rlmem_preempted)
         self.rlmem_preempted = []
@@ -126,8 +145,8 @@ class NGCScheduler(Scheduler):
         """Free the evicted tail blocks of every request whose round is due before this step."""
         rounds: dict[str, RoundPlan] = {}
         self._done_before: dict[str, int] = {}
-        pool = self.kv_cache_manager.block_pool
-        for request in self.running:
+        pool = self.rlmem_vllm.kv_cache_manager.block_pool
+        for request in self._running():
             s = self._settings(request)
             if s is None or s.config is None:
                 continue
@@ -156,7 +175,7 @@ class NGCScheduler(Scheduler):
     # ------------------------------------------------------------------ request lifecycle
     def _preempt_request(self, request, *args, **kwargs):
         super()._preempt_request(request, *args, **kwargs)
-        rid = request.request_id
+        rid = adapt("Request", request).request_id
         if self.rlmem_settings.get(rid) is not None:
             self.rlmem_offsets.pop(rid, None)   # recomputed from scratch with a full cache
             self.rlmem_preempted.append(rid)
@@ -165,7 +184,7 @@ class NGCScheduler(Scheduler):
 
     def _free_request(self, request, *args, **kwargs):
         out = super()._free_request(request, *args, **kwargs)
-        rid = request.request_id
+        rid = adapt("Request", request).request_id
         self.rlmem_offsets.pop(rid, None)
         self.rlmem_done.pop(rid, None)
         self.rlmem_settings.pop(rid, None)

@@ -13,7 +13,8 @@ runner subclasses (so one set of hooks serves CPU and CUDA with ``VLLM_USE_V2_MO
 * around the sampler: the record's log-prob of each sampled token under the untruncated
   ``softmax(logits / T)`` (vLLM's processed log-probs include top-k/top-p truncation).
 
-The decisions and flags are collected per request and read back with ``rlmem_take``.
+The decisions and flags are collected per request and read back with ``rlmem_take``. Every vLLM
+member used here is reached through :func:`.internals.adapt` and checked by ``rlmem_install``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from rlmem.engine.sampling import token_log_softmax
-from rlmem.engine.vllm.compaction import Shrink, block_moves
+from rlmem.engine.vllm.compaction import Shrink, block_moves, cache_positions
+from rlmem.engine.vllm.internals import adapt, check_live, vllm_class
 from rlmem.engine.vllm.layouts import KVLayout, copy_blocks, layout_for
 from rlmem.engine.vllm.requests import RequestNGC, from_sampling_params
 from rlmem.eviction.policy import decide
@@ -61,18 +63,20 @@ class NGCWorkerState:
     """Everything the hooks share; lives in the worker process."""
 
     def __init__(self, runner, seed: int):
-        from vllm.model_executor.layers.attention.attention import Attention
-
+        """``runner``: the adapted vLLM model runner (:func:`.internals.adapt`)."""
+        attention = vllm_class("Attention")
         self.runner = runner
         ctx = runner.compilation_config.static_forward_context
-        attn = sorted(((n, m) for n, m in ctx.items() if isinstance(m, Attention)), key=lambda x: _layer_index(x[0]))
+        attn = sorted(((n, m) for n, m in ctx.items() if isinstance(m, attention)), key=lambda x: _layer_index(x[0]))
+        for _, m in attn:
+            check_live("Attention", m)
         self.layer_names = [n for n, _ in attn]
-        self.layers = [m for _, m in attn]
+        self.layers = [adapt("Attention", m) for _, m in attn]
         self.num_layers = len(self.layers)
         m0 = self.layers[0]
         self.num_heads, self.head_size = m0.impl.num_heads, m0.impl.head_size
         self.block_size = runner.cache_config.block_size
-        self.layout: KVLayout = layout_for(m0.attn_backend.get_name(), getattr(m0, "isa", None))
+        self.layout: KVLayout = layout_for(m0.attn_backend.get_name(), m0.isa)
         self.generator = torch.Generator().manual_seed(seed)
         self.reqs: dict[str, _Req] = {}            # vLLM request id -> state
         self.done: dict[str, _Req] = {}            # our key -> state of finished requests
@@ -99,7 +103,7 @@ class NGCWorkerState:
         if st is not None:
             return st
         req = self.runner.requests.get(rid)
-        s = from_sampling_params(req.sampling_params) if req is not None else None
+        s = from_sampling_params(adapt("CachedRequestState", req).sampling_params) if req is not None else None
         if s is None or s.config is None:
             return None
         self._ensure_buffers(s.config.window, 1)
@@ -129,8 +133,9 @@ class NGCWorkerState:
 
     # ------------------------------------------------------------------ hooks
     def before_update_states(self, so) -> None:
+        """``so``: vLLM's ``SchedulerOutput``, with the scheduler's :class:`.scheduler.StepInfo` as ``rlmem``."""
         self.step = []
-        for rid in so.finished_req_ids:
+        for rid in adapt("SchedulerOutput", so).finished_req_ids:
             self._finish(rid)
         info = getattr(so, "rlmem", None)
         if info is None:
@@ -161,12 +166,11 @@ class NGCWorkerState:
             row_off[i] = offsets.get(rid, 0)
         if not row_off.any():
             return
-        total = so.total_num_scheduled_tokens
-        tok_off = torch.from_numpy(np.repeat(row_off, np.diff(qsl[: num_reqs + 1])))
-        off_dev = torch.from_numpy(row_off).to(r.seq_lens.device)
-        r.seq_lens[:num_reqs] -= off_dev.to(r.seq_lens.dtype)
-        r.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(row_off).to(r.optimistic_seq_lens_cpu.dtype)
-        eff = r.positions[:total] - tok_off.to(r.positions.device, r.positions.dtype)
+        total = adapt("SchedulerOutput", so).total_num_scheduled_tokens
+        seq_lens, optimistic = r.seq_lens, r.optimistic_seq_lens_cpu
+        seq_lens[:num_reqs] -= torch.from_numpy(row_off).to(seq_lens.device).to(seq_lens.dtype)
+        optimistic[:num_reqs] -= torch.from_numpy(row_off).to(optimistic.dtype)
+        eff = cache_positions(r.positions[:total], row_off, qsl)
         r.input_batch.block_table.compute_slot_mapping(num_reqs, r.query_start_loc.gpu[: num_reqs + 1], eff)
 
     def stash_queries(self, layer: int, query: torch.Tensor) -> None:
@@ -191,7 +195,7 @@ class NGCWorkerState:
             req = self.runner.requests.get(rid)
             if st is None or req is None:
                 continue
-            ids = req.block_ids[0]
+            ids = adapt("CachedRequestState", req).block_ids[0]
             if len(ids) != plan.num_blocks:
                 raise RuntimeError(f"rlmem vLLM worker: request {rid} has {len(ids)} blocks at round t={plan.t}, "
                                    f"the scheduler planned {plan.num_blocks}")
@@ -208,13 +212,14 @@ class NGCWorkerState:
             row = self.runner.input_batch.req_id_to_index.get(rid)
             if row is not None:
                 for bt in self.runner.input_batch.block_table.block_tables:
-                    bt.num_blocks_per_row[row] = plan.keep
+                    adapt("BlockTable", bt).num_blocks_per_row[row] = plan.keep
             st.last_t = plan.t
 
     def _round_group(self, items: list, window: int, scorer, greedy: bool) -> None:
         cfgs = [st.settings.config for _, st, _, _ in items]
         c_max = max(plan.n_alive for _, _, plan, _ in items)
-        prompt_lens = torch.tensor([self.runner.requests[rid].num_prompt_tokens for rid, _, _, _ in items])
+        prompt_lens = torch.tensor([adapt("CachedRequestState", self.runner.requests[rid]).num_prompt_tokens
+                                    for rid, _, _, _ in items])
         per_req = [[] for _ in items]
         new_kept = [[None] * self.num_layers for _ in items]
         for layer, module in enumerate(self.layers):
@@ -251,10 +256,11 @@ class NGCWorkerState:
 
     def patch_sampler_output(self, logits: torch.Tensor, metadata, out) -> None:
         """Overwrite the sampled tokens' log-probs with the untruncated ``log_softmax(logits / T)``."""
+        out = adapt("SamplerOutput", out)
         lt = out.logprobs_tensors
         if lt is None:
             return
-        temp = metadata.temperature
+        temp = adapt("SamplingMetadata", metadata).temperature
         if temp is None:
             temp = torch.ones(logits.shape[0], device=logits.device)
         temp = torch.where(temp < 1e-5, torch.ones_like(temp), temp)
@@ -267,11 +273,12 @@ class NGCWorkerExtension:
     """Methods mixed into every vLLM worker; reached with ``LLM.collective_rpc``."""
 
     def rlmem_install(self, seed: int = 0) -> dict:
-        runner = self.model_runner
-        if getattr(runner, "rlmem", None) is not None:
-            return runner.rlmem_info
-        st = NGCWorkerState(runner, seed)
-        runner.rlmem = st
+        """Check vLLM's internals (:mod:`.internals`) on this worker, then hook its runner (once)."""
+        if getattr(self, "rlmem_state", None) is not None:
+            return self.rlmem_info
+        check_live("Worker", self)
+        runner = adapt("Worker", self).model_runner
+        st = self.rlmem_state = NGCWorkerState(runner, seed)
 
         update_states, prepare_inputs, sampler_forward = runner._update_states, runner._prepare_inputs, runner.sampler.forward
 
@@ -300,12 +307,12 @@ class NGCWorkerExtension:
                 return _f(layer, query, *args, **kwargs)
 
             module.impl.forward = forward
-        runner.rlmem_info = {"num_layers": st.num_layers, "block_size": st.block_size, "layout": st.layout.name,
-                             "num_kv_blocks": int(runner.kv_cache_config.num_blocks)}
-        return runner.rlmem_info
+        self.rlmem_info = {"num_layers": st.num_layers, "block_size": st.block_size, "layout": st.layout.name,
+                           "num_kv_blocks": int(runner.kv_cache_config.num_blocks)}
+        return self.rlmem_info
 
     def rlmem_take(self, keys: list[str]) -> dict[str, dict]:
-        return self.model_runner.rlmem.take(keys)
+        return self.rlmem_state.take(keys)
 
     def rlmem_stage_weights(self, bucket) -> int:
         """Receive one :class:`~rlmem.models.weight_buckets.Bucket` of HF-named tensors; they are loaded
@@ -324,7 +331,7 @@ class NGCWorkerExtension:
         ``load_weights`` (HF names onto fused parameters) wrapped in vLLM's layer-wise
         re-processing, which the CPU build needs after its weights were repacked at start-up."""
         staged, self.rlmem_staged = getattr(self, "rlmem_staged", None) or [], None
-        self.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
+        adapt("Worker", self).reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
         return len(staged)
 
     def rlmem_load_weights_ipc(self, handle, meta: dict) -> int:
