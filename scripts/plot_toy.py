@@ -16,8 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlmem.evaluation.plots import plot_accuracy_vs_reduction
-from rlmem.plots import plot_training_curves
+from rlmem.figures import plot_accuracy_vs_reduction, plot_training_curves
 from rlmem.run.logger import read_metrics
 
 
@@ -64,7 +63,7 @@ def stages(out: str, args: list[str]) -> Path:
     eval's seed (``settings.seed``: different seeds are fresh problems). Each bar=DIR draws, for its
     seed, the best rule at EPS (any method but full and ngc) as a dashed line with its ± SE band.
     Each mark=STEP:TEXT draws a vertical line where a stage of the recipe starts, labelled TEXT."""
-    from rlmem.plots import pyplot, save_figure
+    from rlmem.figures import pyplot, save_figure
 
     eps, entries = float(args[0]), pairs(args[1:])
     ngc: dict[int, list] = {}

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from rlmem.data.stream import prompt_indices
-from rlmem.train.rollouts import compute_rewards, decode_completion, split_even, step_seed
+from rlmem.train.rollouts import compute_rewards, split_even, step_seed
 from rlmem.train.workers import impossible_request, placement_plan
 from train_helpers import tiny_run_config
 
@@ -36,9 +36,11 @@ def test_split_even_keeps_groups_contiguous():
 def test_decode_keeps_special_tags_and_drops_final_eos(tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from rlmem.evaluation.tasks import completion_text
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tok.encode("<answer> 1 + 2 </answer>", add_special_tokens=False) + [tok.eos_token_id]
-    assert decode_completion(tok, ids) == "<answer> 1 + 2 </answer>"
+    assert completion_text(tok, ids) == "<answer> 1 + 2 </answer>"
 
 
 def test_shaping_rewards_add_to_the_verifier_but_not_to_accuracy(tiny_model_dir, tmp_path):

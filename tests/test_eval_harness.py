@@ -116,10 +116,12 @@ def test_reduction_matches_the_schedule_on_long_generations(tiny_model_dir):
 
 # ------------------------------------------------------------------ the harness end to end
 def _settings(tiny_model_dir, tmp_path, out="ev", **kw):
+    from rlmem.eviction.policy import EvictionConfig
+
     f = _jsonl(tmp_path / "cd.jsonl", [{"target": 10 + i, "numbers": [2, 5, i + 1]} for i in range(5)])
     base = dict(model=str(tiny_model_dir), task=f"jsonl:{f}", out=str(tmp_path / out), methods=["full", "ngc"],
-                eps=[0.5], n=2, max_new_tokens=40, delta=16, block_size=4, window=4, batch_size=4,
-                temperature=1.0, top_p=1.0)
+                eps=[0.5], n=2, max_new_tokens=40, schedule=EvictionConfig(delta=16, block_size=4, window=4),
+                batch_size=4, temperature=1.0, top_p=1.0)
     base.update(kw)
     return EvalSettings(**base)
 

@@ -23,17 +23,21 @@ def as_flags(message: str, section: str) -> str:
     return re.sub(rf"\b{section}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = None,
+                      exclude: tuple[str, ...] = ()) -> None:
     """One flag per :class:`EvictionConfig` field, with its default and help (the one definition).
 
     ``defaults`` overrides some defaults on purpose (a benchmark sized for a tiny model); the help
-    then shows the value that applies.
+    then shows the value that applies. ``exclude`` leaves out fields a command sets otherwise
+    (``rlmem eval``: ``eps`` and ``scorer`` come from ``--eps`` and ``--methods``).
     """
     from rlmem.eviction.policy import EvictionConfig, eviction_field_help
     from rlmem.eviction.scorers import scorer_names
 
     g = p.add_argument_group("eviction (docs/design.md section 1)")
     for f in dataclasses.fields(EvictionConfig):
+        if f.name in exclude:
+            continue
         default = (defaults or {}).get(f.name, f.default)
         kwargs: dict = {"default": default, "metavar": f.name.upper(),
                         "help": f"{eviction_field_help(f.name)} (default {default})"}
@@ -46,13 +50,47 @@ def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = Non
         g.add_argument("--" + f.name.replace("_", "-"), dest=f"eviction_{f.name}", **kwargs)
 
 
-def eviction_from_args(args: argparse.Namespace):
+def eviction_from_args(args: argparse.Namespace, **fixed):
+    """The :class:`EvictionConfig` of the flags; ``fixed`` gives the fields left out of them."""
     from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 
     try:
-        return EvictionConfig(**{k: getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS})
+        return EvictionConfig(**{k: fixed[k] if k in fixed else getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS})
     except ValueError as e:
         raise CommandError(as_flags(str(e), "eviction")) from None
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, defaults: dict | None = None, greedy: bool = False) -> None:
+    """One flag per :class:`~rlmem.engine.sampling.SamplingParams` field (``SAMPLING_FIELDS``), with
+    its help (the one definition); ``defaults`` overrides some defaults on purpose (evaluation's),
+    ``greedy`` documents ``--temperature 0`` (greedy decoding) for commands that allow it."""
+    from rlmem.engine.sampling import SAMPLING_FIELDS, SamplingParams, sampling_field_help
+
+    g = p.add_argument_group("sampling")
+    own = SamplingParams()
+    for name in SAMPLING_FIELDS:
+        default = (defaults or {}).get(name, getattr(own, name))
+        help_ = sampling_field_help(name)
+        if name == "temperature" and greedy:
+            help_ += "; 0: greedy decoding (top-1)"
+        kwargs: dict = {"dest": f"sampling_{name}", "help": f"{help_} (default {default})"}
+        if name == "stop":
+            kwargs.update(action="append", default=None, metavar="STR")
+            kwargs["help"] = f"{help_} (default {default or 'none'})"
+            p.set_defaults(**{f"sampling_{name}_default": list(default)})
+        else:
+            kwargs.update(type=type(getattr(own, name)), default=default, metavar=name.upper())
+        g.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields of the flags (``--stop`` given: those strings, else the default)."""
+    from rlmem.engine.sampling import SAMPLING_FIELDS
+
+    out = {k: getattr(args, f"sampling_{k}") for k in SAMPLING_FIELDS}
+    if out["stop"] is None:
+        out["stop"] = list(getattr(args, "sampling_stop_default", []))
+    return out
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:

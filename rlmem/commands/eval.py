@@ -13,7 +13,8 @@ def _methods(text: str) -> list[str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from rlmem.commands.common import DTYPE_CHOICES, add_backend_arg
+    from rlmem.commands.common import DTYPE_CHOICES, add_backend_arg, add_eviction_args, add_sampling_args
+    from rlmem.engine.sampling import SAMPLING_FIELDS
     from rlmem.evaluation.runner import EvalSettings
 
     d = EvalSettings(model="", task="", out="")
@@ -25,18 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: full, ngc and baseline scorers (full is always run: the reduction's baseline)")
     p.add_argument("--eps", type=float, nargs="+", default=d.eps, help="eviction rates to evaluate")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
-    g = p.add_argument_group("schedule (docs/design.md section 1)")
-    g.add_argument("--delta", type=int, default=d.delta)
-    g.add_argument("--block-size", type=int, default=d.block_size)
-    g.add_argument("--window", type=int, default=d.window)
-    g.add_argument("--protect-recent", type=int, default=d.protect_recent)
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=int, default=d.n, help="samples per problem")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy decoding")
-    g.add_argument("--top-p", type=float, default=d.top_p)
-    g.add_argument("--top-k", type=int, default=d.top_k)
-    g.add_argument("--seed", type=int, default=d.seed)
+    # the schedule: EvictionConfig's flags (ε and the scorer are --eps and --methods)
+    add_eviction_args(p, exclude=("eps", "scorer"))
+    # SamplingParams' flags, with evaluation's defaults (rlmem.evaluation.pipeline.EVAL_SAMPLING_DEFAULTS)
+    add_sampling_args(p, defaults={k: getattr(d, k) for k in SAMPLING_FIELDS}, greedy=True)
+    g = p.add_argument_group("samples")
+    g.add_argument("--n", type=int, default=d.n, help=f"samples per problem (default {d.n})")
+    g.add_argument("--seed", type=int, default=d.seed, help="sampling seed: chunk c of every run samples with "
+                                                            "(seed, c), common random numbers across runs")
     g = p.add_argument_group("problems")
     g.add_argument("--split", choices=["train", "test"], default=d.split)
     g.add_argument("--limit", type=int, default=None, help="number of problems (generated tasks: how many)")
@@ -46,6 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--interoception", action="store_true",
                    help="tag each eviction run's prompts with its rate, as training with "
                         "eviction.interoception does (the full run stays untagged)")
+    g.add_argument("--reward", default=None, metavar="NAME",
+                   help="grade every problem with this verifier (a registered name or module:function, as a "
+                        "run's data.reward); default: each problem's own")
+    g.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of --reward (as a run's data.reward_kwargs; repeatable)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences generated together")
     add_backend_arg(p)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype)
@@ -57,13 +59,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlmem.commands.common import CommandError
+    from rlmem.commands.common import CommandError, as_flags, eviction_from_args, sampling_from_args
     from rlmem.evaluation.runner import EvalError, EvalSettings, run_eval
     from rlmem.evaluation.store import StoreError
     from rlmem.evaluation.tasks import TaskError, parse_options
 
     try:
         options = parse_options(args.task_option)
+        reward_kwargs = parse_options(args.reward_option, flag="--reward-option")
     except TaskError as e:
         raise CommandError(str(e)) from None
     if args.threads is not None:
@@ -72,16 +75,19 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    s = EvalSettings(model=args.model, task_options=options, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
-                     max_new_tokens=args.max_new_tokens, seed=args.seed, delta=args.delta, block_size=args.block_size,
-                     window=args.window, protect_recent=args.protect_recent, split=args.split, limit=args.limit,
-                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, template=args.template,
-                     interoception=args.interoception,
+    from rlmem.eviction.policy import EvictionConfig
+
+    # the schedule's ε and scorer are placeholders: each run sets its own (--eps, --methods)
+    schedule = eviction_from_args(args, eps=EvictionConfig.eps, scorer="ngc")
+    s = EvalSettings(model=args.model, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
+                     seed=args.seed, schedule=schedule, **sampling_from_args(args), split=args.split,
+                     limit=args.limit, task_options=options, template=args.template,
+                     interoception=args.interoception, reward=args.reward, reward_kwargs=reward_kwargs,
                      batch_size=args.batch_size, backend=args.backend, dtype=args.dtype)
     try:
         results = run_eval(s, progress=not args.no_progress)
     except (EvalError, StoreError, TaskError) as e:
-        raise CommandError(str(e)) from None
+        raise CommandError(as_flags(as_flags(str(e), "sampling"), "eviction")) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are saved in {args.out}; rerun the same command to resume")
         return 130

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rlmem.eviction.record import NEVER, RecordError, evicted_at, read_jsonl
-    from rlmem.plots import plot_eviction_strip, plot_replay_mask
+    from rlmem.figures import plot_eviction_strip, plot_replay_mask
 
     try:
         records = read_jsonl(args.records)

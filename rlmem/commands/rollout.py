@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, as_flags,
-                                   create_engine, eviction_from_args, generate, read_prompts)
+from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, add_sampling_args,
+                                   as_flags, create_engine, eviction_from_args, generate, read_prompts,
+                                   sampling_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,12 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' text or 'messages' per line")
     p.add_argument("--out", required=True, help="output records (JSONL)")
     add_eviction_args(p)
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_sampling_args(p)   # SamplingParams' fields and defaults
+    g = p.add_argument_group("samples")
     g.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluation mode: deterministic top-k evictions")
@@ -40,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = eviction_from_args(args)
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  max_new_tokens=args.max_new_tokens, stop=args.stop)
+        sampling = SamplingParams.from_fields(sampling_from_args(args))
     except ValueError as e:
         raise CommandError(as_flags(str(e), "sampling")) from None
     if args.num_samples < 1 or args.batch_size < 1:

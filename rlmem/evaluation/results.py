@@ -30,15 +30,18 @@ def pass_ks(n: int) -> list[int]:
     return ks
 
 
-def summarize_run(method: str, eps: float, cells: list[Cell], full_cells: list[Cell]) -> dict[str, Any]:
-    """One results entry (cells of one run, and of the ``full`` run as the reduction's baseline)."""
+def summarize_run(method: str, eps: float, cells: list[Cell], full_cells: list[Cell], *,
+                  ks: tuple[int, ...] | list[int] = ()) -> dict[str, Any]:
+    """One result row (cells of one run, and of the ``full`` run as the reduction's baseline): the
+    row of ``results.json`` and of a training run's ``eval.jsonl`` alike. pass@k for k = 1, 2, 4,
+    … ≤ N and every other k of ``ks`` (≤ N)."""
     if not cells:
         raise ValueError(f"{method} eps={eps}: no finished problems")
     n = len(cells[0].scores)
     correct = [sum(s >= 1.0 for s in c.scores) for c in cells]
     res: dict[str, Any] = {"method": method, "eps": eps, "problems": len(cells), "samples_per_problem": n,
                            "accuracy": sum(correct) / (n * len(cells))}
-    for k in pass_ks(n):
+    for k in sorted(set(pass_ks(n)) | {k for k in ks if 1 <= k <= n}):
         res[f"pass@{k}"], res[f"pass@{k}_stderr"] = pass_at_k_summary(correct, n, k)
     lens = [x for c in cells for x in c.completion_lens]
     peaks = [x for c in cells for x in c.peaks]

@@ -1,20 +1,10 @@
-"""``rlmem eval``'s loop: every (method, ε, problem) cell sampled ``N`` times, graded, committed.
+"""``rlmem eval``: the evaluation pipeline (:mod:`rlmem.evaluation.pipeline`) on a local engine,
+resumable in a run directory (:class:`rlmem.evaluation.store.EvalStore`).
 
-Runs are ``full`` (always run first: it is the baseline of the peak-KV reduction) then every
-``method × ε``. NGC and every baseline scorer run behind the same schedule (δ, ε, block size,
-window, protect_recent) with deterministic top-k evictions (``greedy_evictions=True``, evaluation
-mode in docs/design.md section 1).
-
-Problems are processed in fixed chunks of ``max(1, batch_size // N)`` problems (``N`` samples
-each, generated together). A chunk's sampling seed depends only on ``(seed, chunk index)``, the
-same for every method, so:
-
-* a resumed run regenerates exactly the cells an uninterrupted one would have produced;
-* sample ``j`` of a method and sample ``j`` of ``full`` share their random numbers (common random
-  numbers make the per-sample peak-KV pairing and the method comparison less noisy).
-
-Each finished chunk is committed to :class:`rlmem.evaluation.store.EvalStore` before the next one
-starts; finished cells are skipped on resume.
+:class:`EvalSettings` are the command's options; :meth:`EvalSettings.plan` turns them into the
+pipeline's :class:`~rlmem.evaluation.pipeline.EvalPlan`, the same object a training run's
+evaluation builds from its ``eval`` section. Each finished chunk is committed to the store before
+the next one starts; finished cells are skipped on resume.
 """
 
 from __future__ import annotations
@@ -25,15 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlmem.evaluation.plots import plot_accuracy_vs_reduction, plot_pass_at_k
-from rlmem.evaluation.results import summarize_run, write_markdown, write_results
-from rlmem.evaluation.store import Cell, EvalStore, run_name
-from rlmem.evaluation.tasks import completion_text, grade, load_task, prompt_text
-from rlmem.eviction.policy import EvictionConfig
+from rlmem.evaluation.executor import EngineExecutor
+from rlmem.evaluation.pipeline import EvalError, EvalPlan, eval_sampling_default, result_rows, sample
+from rlmem.evaluation.results import write_markdown, write_results
+from rlmem.evaluation.store import EvalStore, run_name
+from rlmem.evaluation.tasks import load_task
+from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
+from rlmem.figures import plot_accuracy_vs_reduction, plot_pass_at_k
 
+__all__ = ["EvalError", "EvalSettings", "run_eval"]
 
-class EvalError(ValueError):
-    """Settings that cannot run (the message names the option)."""
+# The schedule fields of a run directory's settings (ε and the scorer are set per run).
+SCHEDULE_FIELDS = tuple(f for f in EVICTION_FIELDS if f not in ("eps", "scorer"))
 
 
 @dataclass
@@ -44,34 +37,45 @@ class EvalSettings:
     methods: list[str] = field(default_factory=lambda: ["full", "ngc"])
     eps: list[float] = field(default_factory=lambda: [0.5])
     n: int = 4                       # samples per problem
-    max_new_tokens: int = 256
     seed: int = 0
-    delta: int = EvictionConfig.delta             # the schedule's defaults are EvictionConfig's (the paper's)
-    block_size: int = EvictionConfig.block_size
-    window: int = EvictionConfig.window
-    protect_recent: int = EvictionConfig.protect_recent
+    schedule: EvictionConfig = field(default_factory=EvictionConfig)   # EvictionConfig's fields and defaults
+    # sampling: SamplingParams' fields, with evaluation's defaults (rlmem.evaluation.pipeline)
+    temperature: float = eval_sampling_default("temperature")          # 0: greedy decoding
+    top_k: int = eval_sampling_default("top_k")
+    top_p: float = eval_sampling_default("top_p")
+    max_new_tokens: int = eval_sampling_default("max_new_tokens")
+    stop: list[str] = field(default_factory=lambda: list(eval_sampling_default("stop")))
     split: str = "test"
     limit: int | None = None         # number of problems (generated tasks: how many to generate)
     task_options: dict = field(default_factory=dict)   # data-source options (passkey: filler_repeats, ...)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
     template: str = "auto"
     interoception: bool = False      # tag each ε > 0 prompt with its rate, as training with interoception does
+    reward: str | None = None        # one verifier for every problem (None: each problem's own)
+    reward_kwargs: dict = field(default_factory=dict)
     batch_size: int = 16
     backend: str = "torch"
     dtype: str = "float32"
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a resume must share (methods and ε may be added to a run directory)."""
+        """The settings a resume must share (methods and ε may be added to a run directory); the
+        schedule is flattened to its fields (``delta``, ``block_size``, …)."""
         d = dataclasses.asdict(self)
-        for k in ("methods", "eps", "out"):
+        for k in ("methods", "eps", "out", "schedule"):
             d.pop(k)
+        d.update({k: getattr(self.schedule, k) for k in SCHEDULE_FIELDS})
         return d
 
     def runs(self) -> list[tuple[str, float]]:
         """``(method, ε)`` pairs in run order: ``full`` first, then each method at each ε."""
         return [("full", 0.0)] + [(m, float(e)) for m in self.methods if m != "full" for e in self.eps]
+
+    def plan(self, runs: list[tuple[str, float]] | None = None) -> EvalPlan:
+        from rlmem.engine.sampling import SAMPLING_FIELDS
+
+        return EvalPlan(runs=tuple(self.runs() if runs is None else runs), schedule=self.schedule, n=self.n,
+                        seed=self.seed, batch_size=self.batch_size,
+                        sampling={k: getattr(self, k) for k in SAMPLING_FIELDS}, template=self.template,
+                        interoception=self.interoception, reward=self.reward, reward_kwargs=dict(self.reward_kwargs))
 
 
 def known_methods() -> list[str]:
@@ -94,11 +98,21 @@ def validate(s: EvalSettings) -> None:
         for e in s.eps:
             if not 0 < e <= 1:
                 raise EvalError(f"--eps: every value must be in (0, 1] (got {e})")
-    for name in ("n", "max_new_tokens", "batch_size"):
+    for name in ("n", "batch_size"):
         if getattr(s, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(s, name)})")
-    if not s.temperature >= 0:
-        raise EvalError(f"--temperature: must be >= 0, 0 for greedy decoding (got {s.temperature})")
+    plan = s.plan()
+    try:
+        plan.sampling_params(0)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if s.reward is not None:
+        from rewards import get_reward
+
+        try:
+            get_reward(s.reward)
+        except KeyError as e:
+            raise EvalError(f"--reward: {str(e).strip(chr(34))}") from None
     if s.limit is not None and s.limit < 1:
         raise EvalError(f"--limit: must be >= 1 (got {s.limit})")
     from rlmem.engine.registry import engine_unavailable_reason
@@ -108,21 +122,9 @@ def validate(s: EvalSettings) -> None:
         raise EvalError(f"--backend {s.backend}: {why}")
     for m, e in s.runs():
         try:
-            method_config(m, e, s)
+            plan.config(m, e)
         except ValueError as err:
             raise EvalError(f"{m} at eps={e}: {err}") from None
-
-
-def method_config(method: str, eps: float, s: EvalSettings) -> EvictionConfig | None:
-    """The eviction config of a run (None for ``full``)."""
-    if method == "full":
-        return None
-    return EvictionConfig(delta=s.delta, eps=eps, block_size=s.block_size, window=s.window,
-                          protect_recent=s.protect_recent, scorer=method)
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    return (int(seed) * 1_000_003 + chunk) % (2**63)
 
 
 def make_tokenizer(s: EvalSettings):
@@ -150,88 +152,28 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the eval; write results.json, results.md and the plots; return the results."""
     from tqdm import tqdm
 
-    from rlmem.engine.sampling import SamplingParams
-
     validate(s)
     task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
     store = EvalStore(s.out)
     store.open(s.fingerprint())
     tokenizer = make_tokenizer(s)
-    engine = None
-    examples = task.examples
-    prompts: dict[float | None, tuple[list[str], list[list[int]]]] = {}
-
-    def prompts_for(eps: float) -> tuple[list[str], list[list[int]]]:
-        """Prompt texts and ids of a run: untagged, or tagged with ε (``--interoception``)."""
-        rate = eps if (s.interoception and eps > 0) else None
-        if rate not in prompts:
-            texts = [prompt_text(ex, tokenizer, s.template, eviction_rate=rate) for ex in examples]
-            ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-            for i, p in enumerate(ids):
-                if not p:
-                    raise EvalError(f"problem {i} ({examples[i].get('id')}): empty prompt after tokenization")
-            prompts[rate] = texts, ids
-        return prompts[rate]
-
-    runs = s.runs()
-    for _, eps in runs:   # every run's prompts are checked before anything is generated
-        prompts_for(eps)
-    per = max(1, s.batch_size // s.n)
-    chunks = [list(range(i, min(i + per, len(examples)))) for i in range(0, len(examples), per)]
-    done = sum(store.done(run_name(m, e), p) for m, e in runs for p in range(len(examples)))
-    bar = tqdm(total=len(runs) * len(examples) * s.n, initial=done * s.n, desc="eval", unit="seq",
+    plan, examples = s.plan(), task.examples
+    done = sum(store.done(run_name(m, e), p) for m, e in plan.runs for p in range(len(examples)))
+    bar = tqdm(total=len(plan.runs) * len(examples) * s.n, initial=done * s.n, desc="eval", unit="seq",
                disable=not progress, dynamic_ncols=True)
-    tokens, seconds = 0, 0.0
-    greedy = s.temperature == 0   # T = 0 means greedy decoding (top-1), as in vLLM
-    for method, eps in runs:
-        run = run_name(method, eps)
-        cfg = method_config(method, eps, s)
-        texts, ids = prompts_for(eps)
-        for ci, chunk in enumerate(chunks):
-            todo = [p for p in chunk if not store.done(run, p)]
-            if not todo:
-                continue
-            bar.set_postfix_str(f"{run}, problems {todo[0]}-{todo[-1]}", refresh=False)
-            jobs = [(p, j) for p in todo for j in range(s.n)]
-            sampling = SamplingParams(temperature=1.0 if greedy else s.temperature, top_k=1 if greedy else s.top_k,
-                                      top_p=1.0 if greedy else s.top_p,
-                                      max_new_tokens=s.max_new_tokens, seed=chunk_seed(s.seed, ci))
-            t0 = time.perf_counter()
-            if engine is None:
-                engine = make_engine(s)
-            try:
-                recs = engine.generate([ids[p] for p, _ in jobs], sampling, cfg, greedy_evictions=True)
-            except ValueError as e:   # e.g. prompt + max_new_tokens beyond the model's positions
-                raise EvalError(f"{run}, problems {todo[0]}-{todo[-1]}: {e}") from None
-            seconds += time.perf_counter() - t0
-            comp = [completion_text(tokenizer, r.completion_ids) for r in recs]
-            scores = grade([examples[p] for p, _ in jobs], comp, [texts[p] for p, _ in jobs])
-            store.commit(*_cells(method, eps, jobs, recs, comp, scores, examples))
-            tokens += sum(len(r.completion_ids) for r in recs)
-            bar.update(len(jobs))
-            bar.set_postfix_str(f"{run}, {tokens / max(seconds, 1e-9):.0f} tok/s")
+    clock = {"tokens": 0, "t": time.perf_counter(), "seconds": 0.0}
+
+    def committed(job, recs) -> None:
+        now = time.perf_counter()
+        clock["seconds"] += now - clock["t"]
+        clock["t"] = now
+        clock["tokens"] += sum(len(r.completion_ids) for r in recs)
+        bar.update(len(recs))
+        bar.set_postfix_str(f"{job.run}, {clock['tokens'] / max(clock['seconds'], 1e-9):.0f} tok/s")
+
+    sample(plan, examples, tokenizer, EngineExecutor(lambda: make_engine(s)), store, on_commit=committed)
     bar.close()
     return finish(s, store)
-
-
-def _cells(method, eps, jobs, recs, comp, scores, examples) -> tuple[list[Cell], dict[str, list[dict]]]:
-    from rlmem.eviction.record import peak_kv
-
-    run = run_name(method, eps)
-    by_problem: dict[int, list[int]] = {}
-    for k, (p, _) in enumerate(jobs):
-        by_problem.setdefault(p, []).append(k)
-    cells, lines = [], []
-    for p, ks in by_problem.items():
-        cells.append(Cell(method=method, eps=eps, problem=p, prompt_len=len(recs[ks[0]].prompt_ids),
-                          scores=[scores[k] for k in ks], completion_lens=[len(recs[k].completion_ids) for k in ks],
-                          peaks=[peak_kv(recs[k]) for k in ks]))
-        for k in ks:
-            recs[k].reward = scores[k]
-            recs[k].extra.update(method=method, eps=eps, problem_index=p, sample_index=jobs[k][1],
-                                 problem_id=examples[p].get("id"), completion_text=comp[k])
-            lines.append(recs[k].to_dict())
-    return cells, {run: lines}
 
 
 def stored_runs(s: EvalSettings, store: EvalStore) -> list[tuple[str, float]]:
@@ -248,15 +190,14 @@ def stored_runs(s: EvalSettings, store: EvalStore) -> list[tuple[str, float]]:
 
 def finish(s: EvalSettings, store: EvalStore) -> list[dict[str, Any]]:
     """Summaries of every run in the finished-cell index; results files and plots."""
-    full = store.run_cells("full")
     runs = stored_runs(s, store)
-    results = [summarize_run(m, e, store.run_cells(run_name(m, e)), full) for m, e in runs
-               if store.run_cells(run_name(m, e))]
+    results = result_rows(s.plan(), store, runs)
     methods = list(dict.fromkeys(m for m, _ in runs))
     eps = sorted({e for m, e in runs if m != "full"} | {float(e) for e in s.eps})
     settings = {**s.fingerprint(), "methods": methods, "eps": eps}
     write_results(s.out, settings, results)
-    title = f"{Path(s.model).name} on {s.task}: N={s.n}, δ={s.delta}, b={s.block_size}, w={s.window}"
+    sc = s.schedule
+    title = f"{Path(s.model).name} on {s.task}: N={s.n}, δ={sc.delta}, b={sc.block_size}, w={sc.window}"
     write_markdown(s.out, results, title)
     plot_accuracy_vs_reduction(results, Path(s.out) / "accuracy_vs_reduction.png", title=title)
     plot_pass_at_k(results, Path(s.out) / "pass_at_k.png", title=title)

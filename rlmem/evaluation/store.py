@@ -66,29 +66,47 @@ def append_lines(path: Path, lines: Iterable[str]) -> None:
 
 
 def _read_lines(path: Path) -> list[dict]:
-    """JSON objects of ``path``, skipping a torn (unparseable) final line."""
+    """JSON objects of ``path``, skipping a torn (unparseable) final line (a crash mid-append)."""
+    from rlmem.jsonl import iter_json_lines
+
     if not path.is_file():
         return []
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:   # torn by a crash mid-append
-                continue
-            raise StoreError(f"{path}:{i + 1}: not valid JSON (the file was edited?); use a new --out") from None
-    return out
+    try:
+        return [obj for _, obj in iter_json_lines(path, StoreError, torn="tail")]
+    except StoreError as e:
+        raise StoreError(f"{e} (the file was edited?); use a new --out") from None
 
 
-class EvalStore:
+class CellStore:
+    """Finished cells in memory: what an evaluation needs to skip done work and summarise runs.
+
+    In-training evaluation uses it as is; :class:`EvalStore` (``rlmem eval``) also persists them.
+    """
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, int], Cell] = {}
+
+    def done(self, run: str, problem: int) -> bool:
+        return (run, problem) in self.cells
+
+    def commit(self, cells: list[Cell], records_by_run: dict[str, list[dict]]) -> None:
+        """Make ``cells`` finished (the records are kept only by stores that persist them)."""
+        for c in cells:
+            self.cells[(c.run, c.problem)] = c
+
+    def run_cells(self, run: str) -> list[Cell]:
+        """Finished cells of ``run``, by problem index."""
+        return sorted((c for (r, _), c in self.cells.items() if r == run), key=lambda c: c.problem)
+
+
+class EvalStore(CellStore):
+    """The cells of an ``rlmem eval`` directory, persisted (see the module docstring)."""
+
     def __init__(self, out_dir: str | os.PathLike):
+        super().__init__()
         self.root = Path(out_dir)
         self.records_dir = self.root / RECORDS_DIR
         self.index_path = self.root / INDEX_FILE
-        self.cells: dict[tuple[str, int], Cell] = {}
 
     def open(self, settings: dict[str, Any]) -> int:
         """Create or resume the run directory; returns how many finished cells were found.
@@ -122,20 +140,12 @@ class EvalStore:
         self._drop_orphan_records()
         return len(self.cells)
 
-    def done(self, run: str, problem: int) -> bool:
-        return (run, problem) in self.cells
-
     def commit(self, cells: list[Cell], records_by_run: dict[str, list[dict]]) -> None:
         """Make ``cells`` finished: their records first, then their index lines."""
         for run, recs in records_by_run.items():
             append_lines(self.records_dir / f"{run}.jsonl", (json.dumps(r) for r in recs))
         append_lines(self.index_path, (json.dumps(asdict(c)) for c in cells))
-        for c in cells:
-            self.cells[(c.run, c.problem)] = c
-
-    def run_cells(self, run: str) -> list[Cell]:
-        """Finished cells of ``run``, by problem index."""
-        return sorted((c for (r, _), c in self.cells.items() if r == run), key=lambda c: c.problem)
+        super().commit(cells, records_by_run)
 
     def records_path(self, run: str) -> Path:
         return self.records_dir / f"{run}.jsonl"

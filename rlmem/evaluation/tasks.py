@@ -69,7 +69,7 @@ def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed:
     return EvalTask(spec, examples)
 
 
-def parse_options(items: list[str]) -> dict:
+def parse_options(items: list[str], flag: str = "--task-option") -> dict:
     """``["filler_repeats=6", "name=x"]`` -> ``{"filler_repeats": 6, "name": "x"}`` (JSON values, else strings)."""
     import json
 
@@ -77,7 +77,7 @@ def parse_options(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise TaskError(f"--task-option {item!r}: expected KEY=VALUE")
+            raise TaskError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -165,19 +165,23 @@ def prompt_text(example: dict, tokenizer, template: str = "auto", eviction_rate:
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
-    """What the verifier reads: the decoded completion with special tokens kept (``<answer>`` may be
-    one) and a final EOS dropped, the convention of training's rewards."""
+    """What the verifier reads (the one decoder, training's rewards included): the decoded
+    completion with special tokens kept (``<answer>`` may be one) and a final EOS dropped."""
     eos = tokenizer.eos_token_id
     if ids and eos is not None and ids[-1] == eos:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def grade(examples: list[dict], completions: list[str], prompts: list[str]) -> list[float]:
-    """Verifier score of each completion (example ``i`` graded against completion ``i``).
+def grade(examples: list[dict], completions: list[str], prompts: list[str], *, reward: str | None = None,
+          reward_kwargs: dict | None = None) -> list[float]:
+    """Verifier score of each completion (example ``i`` graded against completion ``i``): the one
+    grader, used by ``rlmem eval``, the in-training evaluation and training's rewards.
 
-    Examples are grouped by their ``reward`` name; each group is one TRL-style call with the
-    examples' columns as lists.
+    ``reward`` names the verifier for every example (a training run's ``data.reward``, with
+    ``reward_kwargs``); without it examples are grouped by their own ``reward`` name. Each group is
+    one TRL-style call: the completions, ``prompts=``, and the examples' columns as lists. A
+    verifier's ``None`` scores 0.0.
     """
     from rewards import get_reward
 
@@ -186,12 +190,14 @@ def grade(examples: list[dict], completions: list[str], prompts: list[str]) -> l
     scores = [0.0] * len(examples)
     by_reward: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        by_reward.setdefault(ex.get("reward") or ("countdown" if "numbers" in ex else "math"), []).append(i)
+        name = reward or ex.get("reward") or ("countdown" if "numbers" in ex else "math")
+        by_reward.setdefault(name, []).append(i)
     for name, idx in by_reward.items():
         fn = get_reward(name)
-        keys = sorted({k for i in idx for k in examples[i]} - {"prompt", "completions", "messages"})
+        keys = sorted({k for i in idx for k in examples[i]} - {"prompt", "prompts", "completions", "messages"}
+                      - set(reward_kwargs or {}))
         cols = {k: [examples[i].get(k) for i in idx] for k in keys}
-        out = fn([completions[i] for i in idx], prompts=[prompts[i] for i in idx], **cols)
+        out = fn([completions[i] for i in idx], prompts=[prompts[i] for i in idx], **cols, **(reward_kwargs or {}))
         if len(out) != len(idx):
             raise ValueError(f"reward {name!r} returned {len(out)} values for {len(idx)} completions")
         for i, v in zip(idx, out):

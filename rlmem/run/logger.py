@@ -37,7 +37,7 @@ RECORDS_DIR = "records"
 def records_path(output_dir: str | os.PathLike, step: int) -> Path:
     """Where a run keeps the rollout records of ``step`` (``logging.records_every``)."""
     return Path(output_dir) / RECORDS_DIR / f"step_{int(step):06d}.jsonl"
-from rlmem.plots import plot_accuracy_vs_compression, plot_replay_mask
+from rlmem.figures import plot_accuracy_vs_reduction, plot_replay_mask
 
 log = logging.getLogger("rlmem.run.logger")
 
@@ -320,15 +320,15 @@ class RunLogger:
         return path
 
     def log_eval(self, step: int, results: list[dict[str, Any]]) -> Path:
-        """Append eval results (one dict per ε) to eval.jsonl; plot accuracy vs compression.
-
-        The numbers themselves reach metrics.jsonl and W&B with the step's metrics
-        (:func:`rlmem.train.evaluation.eval_metrics`)."""
+        """Append eval result rows (one per run: full, then the policy at each ε; the rows of
+        :func:`rlmem.evaluation.pipeline.result_rows`) to eval.jsonl; plot pass@1 against peak-KV
+        reduction. The numbers themselves reach metrics.jsonl and W&B with the step's metrics
+        (:func:`rlmem.train.rollouts.eval_metrics`)."""
         with open(self.eval_path, "a") as f:
             for r in results:
                 f.write(json.dumps(to_jsonable({"step": int(step), **r}), allow_nan=False) + "\n")
         path = self.figures_dir / f"accuracy_vs_compression_step_{int(step):06d}.png"
-        plot_accuracy_vs_compression(results, path, title=f"accuracy vs compression, step {step}")
+        plot_accuracy_vs_reduction(results, path, title=f"accuracy vs compression, step {step}")
         self._log_image("eval/accuracy_vs_compression", path, step)
         return path
 

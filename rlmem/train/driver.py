@@ -270,8 +270,8 @@ def run_step(run: Run, step: int) -> None:
 def make_batch(run: Run, step: int) -> Batch:
     """The step's prompts (stream position ``(step-1) * P``) and each group's ε."""
     from rlmem.data.stream import prompt_indices
+    from rlmem.evaluation.tasks import prompt_text
     from rlmem.train.curriculum import group_eps, stage_at
-    from rlmem.train.rollouts import prompt_text
 
     cfg, tok = run.cfg, run.tokenizer
     P, G = cfg.algorithm.prompts_per_step, cfg.algorithm.rollouts_per_prompt
@@ -279,8 +279,9 @@ def make_batch(run: Run, step: int) -> Batch:
     exs = [run.examples[i] for i in prompt_indices(done * P, P, len(run.examples), cfg.seed, cfg.data.shuffle)]
     eps = group_eps(cfg.eviction, P, done, cfg.seed)
     tagged = cfg.eviction.interoception.enabled
-    texts = [prompt_text(ex, tok, cfg, e if tagged else None) for ex, e in zip(exs, eps)]
-    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    texts = [prompt_text(ex, tok, cfg.data.template, eviction_rate=e if tagged and e > 0 else None)
+             for ex, e in zip(exs, eps)]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
     tau = stage_at(cfg.eviction, step).get("tau")
     ev = [cfg.eviction_config(e, tau) if e > 0 else None for e in eps]
     return Batch(step, exs, eps, texts, [ids[g] for g in range(P) for _ in range(G)],
@@ -299,11 +300,12 @@ def score(run: Run, batch: Batch, records: list):
     """Decode, reward (verifier + shaping), the min-length rule, group advantages."""
     import torch
 
+    from rlmem.evaluation.tasks import completion_text
     from rlmem.learner.loss import group_advantages
-    from rlmem.train.rollouts import compute_rewards, decode_completion
+    from rlmem.train.rollouts import compute_rewards
 
     cfg, G = run.cfg, run.cfg.algorithm.rollouts_per_prompt
-    texts = [decode_completion(run.tokenizer, r.completion_ids) for r in records]
+    texts = [completion_text(run.tokenizer, r.completion_ids) for r in records]
     rows = [ex for ex in batch.examples for _ in range(G)]
     rewards, verifier = compute_rewards(cfg, texts, rows, [p for p in batch.prompt_texts for _ in range(G)])
     zeroed = 0
@@ -371,13 +373,21 @@ def step_metrics(run: Run, batch: Batch, records, rewards, verifier, zeroed, lm,
 
 
 def evaluate_if_due(run: Run, step: int, metrics: dict[str, float]) -> list[dict] | None:
-    from rlmem.train.evaluation import eval_metrics, evaluate
+    """The evaluation pipeline (rlmem/evaluation) on the rollout workers, after the weight sync: one
+    result row per run (full, then the policy at each ``eval.eps``), as ``rlmem eval`` would give for
+    this step's checkpoint with the same settings and seed (:func:`rlmem.train.rollouts.eval_plan`)."""
+    from rlmem.evaluation.pipeline import EvalError, evaluate
+    from rlmem.train.rollouts import WorkerExecutor, eval_metrics, eval_plan
 
     t = run.cfg.trainer
     if not run.eval_examples or not ((t.eval_every and step % t.eval_every == 0) or step == t.total_steps):
         return None
     t0 = time.perf_counter()
-    results = evaluate(run.cfg, run.workers.rollout, run.tokenizer, run.eval_examples, step)
+    try:
+        results = evaluate(eval_plan(run.cfg, step), run.eval_examples, run.tokenizer,
+                           WorkerExecutor(run.workers.rollout))
+    except EvalError as e:
+        raise TrainingError(f"evaluation at step {step}: {e}") from None
     metrics.update(eval_metrics(results))
     metrics["time/eval"] = time.perf_counter() - t0
     return results

@@ -1,7 +1,9 @@
-"""The per-step pieces shared by training and evaluation: prompts, generation fan-out over the
-rollout workers, decoding, rewards and the step's rollout metrics.
+"""The per-step pieces of training: prompts, generation fan-out over the rollout workers, rewards,
+the step's rollout metrics, and the rollout workers as the evaluation pipeline's executor.
 
-Everything here is a plain function; only :func:`generate` talks to Ray (the workers' ``generate``).
+Prompt text, decoding and grading are the evaluation pipeline's (:mod:`rlmem.evaluation.tasks`),
+so a training reward and an evaluation score of the same completion are the same number. Only
+:func:`generate` and :class:`WorkerExecutor` talk to Ray (the workers' ``generate``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlmem.engine.sampling import SamplingParams
+from rlmem.engine.sampling import SAMPLING_FIELDS, SamplingParams
+from rlmem.evaluation.executor import GenerationJob
+from rlmem.evaluation.pipeline import EvalPlan
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.run.config import RunConfig
 from rlmem.run.errors import TrainingError
@@ -27,20 +31,9 @@ def split_even(items: list, parts: int) -> list[list]:
     return [items[i * n:(i + 1) * n] for i in range(parts)]
 
 
-def prompt_text(example: dict, tokenizer, cfg: RunConfig, eps: float | None) -> str:
-    """The prompt of ``example`` per ``data.template``; with ``eps`` > 0 the interoception tag is added."""
-    from rlmem.data.templates import build_prompt
-
-    return build_prompt(example, tokenizer, template=cfg.data.template,
-                        eviction_rate=eps if eps is not None and eps > 0 else None)
-
-
-def sampling_params(cfg: RunConfig, seed: int, *, temperature: float | None = None,
-                    max_new_tokens: int | None = None) -> SamplingParams:
-    """The run's sampling settings (``rollout.*``), with the eval overrides when given."""
-    r = cfg.rollout
-    return SamplingParams(temperature=temperature or r.temperature, top_k=r.top_k or 0, top_p=r.top_p,
-                          max_new_tokens=max_new_tokens or r.max_new_tokens, stop=list(r.stop), seed=seed)
+def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
+    """The rollouts' sampling (the ``rollout`` section's SamplingParams fields) with ``seed``."""
+    return SamplingParams.from_fields({k: getattr(cfg.rollout, k) for k in SAMPLING_FIELDS}, seed)
 
 
 def generate(workers: list, prompt_ids: list[list[int]], eviction: list[EvictionConfig | None],
@@ -56,30 +49,18 @@ def generate(workers: list, prompt_ids: list[list[int]], eviction: list[Eviction
     return [r for recs, _ in results for r in recs], sum(s["new_tokens"] for _, s in results)
 
 
-def decode_completion(tokenizer, ids: list[int]) -> str:
-    """Completion text for the verifier: special tokens kept (``<answer>`` may be one), final EOS dropped."""
-    eos = tokenizer.eos_token_id
-    if ids and eos is not None and ids[-1] == eos:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=False)
-
-
 def compute_rewards(cfg: RunConfig, texts: list[str], examples: list[dict], prompts: list[str]
                     ) -> tuple[list[float], list[float]]:
-    """The configured verifier, TRL-style (completions plus the example columns as lists), plus the
-    weighted shaping rewards. Returns ``(total, verifier)``: accuracy is measured on the verifier alone."""
-    from rewards import get_reward
-
-    cols: dict[str, list] = {}
-    for k in examples[0]:
-        if k not in ("prompt", "completions"):
-            cols[k] = [ex.get(k) for ex in examples]
+    """The configured verifier plus the weighted shaping rewards, each graded by the evaluation
+    pipeline's grader (:func:`rlmem.evaluation.tasks.grade`: TRL-style, the example columns as
+    lists). Returns ``(total, verifier)``: accuracy is measured on the verifier alone."""
+    from rlmem.evaluation.tasks import grade
 
     def call(name: str, kwargs: dict) -> list[float]:
-        out = get_reward(name)(texts, prompts=prompts, **cols, **kwargs)
-        if len(out) != len(texts):
-            raise TrainingError(f"reward {name!r} returned {len(out)} values for {len(texts)} completions")
-        return [0.0 if v is None else float(v) for v in out]
+        try:
+            return grade(examples, texts, prompts, reward=name, reward_kwargs=kwargs)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
     verifier = call(cfg.data.reward, cfg.data.reward_kwargs)
     total = list(verifier)
@@ -119,3 +100,62 @@ def rollout_metrics(records: Sequence[Any], rewards: list[float], verifier: list
         "eviction/kv_saving_vs_own_length": peak_kv_reduction(prm.astype(int).tolist(), comp.astype(int).tolist(),
                                                               peaks),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the pipeline of rlmem/evaluation, with the rollout workers as its executor
+
+
+class WorkerExecutor:
+    """The evaluation pipeline's executor on the run's rollout workers: job ``i`` of a batch goes to
+    worker ``i mod W`` (a job carries its own seed, so its records do not depend on the worker).
+
+    ``workers`` are Ray actor handles of :class:`~rlmem.train.actors.RolloutWorker`, or the plain
+    objects in-process (the class is usable without Ray).
+    """
+
+    def __init__(self, workers: list):
+        if not workers:
+            raise ValueError("WorkerExecutor needs at least one rollout worker")
+        self.workers = list(workers)
+        self.parallel = len(self.workers)
+
+    def generate(self, jobs: list[GenerationJob]) -> list[list]:
+        calls = [(self.workers[i % len(self.workers)], j) for i, j in enumerate(jobs)]
+        args = [(j.prompt_ids, j.sampling, [j.eviction] * len(j.prompt_ids), True) for _, j in calls]
+        if all(hasattr(w.generate, "remote") for w, _ in calls):
+            import ray
+
+            out = ray.get([w.generate.remote(*a) for (w, _), a in zip(calls, args)])
+        else:
+            out = [w.generate(*a) for (w, _), a in zip(calls, args)]
+        return [recs for recs, _ in out]
+
+
+def eval_plan(cfg: RunConfig, step: int) -> EvalPlan:
+    """What the run evaluates at ``step``: the full cache and the run's scorer at every ε of
+    ``eval.eps``, the step's schedule (τ of its stage), the ``eval`` section's sampling, the
+    run's template, interoception and verifier (``data.reward`` alone: shaping is a training
+    signal, not a score). The seed is the run's ``seed`` at every step, so successive evaluations
+    share their random numbers and ``rlmem eval --seed SEED`` on a checkpoint reproduces its rows."""
+    from rlmem.train.curriculum import stage_at
+
+    e = cfg.eval
+    schedule = cfg.eviction_config(tau=stage_at(cfg.eviction, step).get("tau"))
+    sampling = {k: getattr(e, k) for k in SAMPLING_FIELDS}
+    if sampling["max_new_tokens"] is None:
+        sampling["max_new_tokens"] = cfg.rollout.max_new_tokens
+    if sampling["stop"] is None:
+        sampling["stop"] = list(cfg.rollout.stop)
+    eps = sorted({float(x) for x in e.eps} - {0.0})
+    return EvalPlan(runs=(("full", 0.0), *((schedule.scorer, x) for x in eps)), schedule=schedule, n=e.num_samples,
+                    seed=cfg.seed, batch_size=e.batch_size, sampling=sampling, template=cfg.data.template,
+                    interoception=cfg.eviction.interoception.enabled, reward=cfg.data.reward,
+                    reward_kwargs=dict(cfg.data.reward_kwargs), ks=tuple(e.k))
+
+
+def eval_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Flatten result rows into ``eval/eps_{ε}/{name}`` metrics for metrics.jsonl and W&B (one
+    method per ε in training, so ε names the row); text and missing values are left out."""
+    return {f"eval/eps_{r['eps']:g}/{k}": float(v) for r in rows for k, v in r.items()
+            if k not in ("eps", "method") and isinstance(v, (int, float)) and not isinstance(v, bool)}

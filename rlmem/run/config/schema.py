@@ -2,8 +2,10 @@
 
 Sections whose settings are defined elsewhere are *derived* from that one definition, field names,
 types and defaults included: ``eviction`` from :class:`rlmem.eviction.policy.EvictionConfig`,
+the sampling fields of ``rollout`` and ``eval`` from :class:`rlmem.engine.sampling.SamplingParams`,
 ``optimizer``, ``learner`` and the loss fields of ``algorithm`` from
-:class:`rlmem.learner.config.LearnerConfig`. Loading (YAML, overrides) lives in
+:class:`rlmem.learner.config.LearnerConfig`. Their rules are applied by the checks, which build the
+one definition from the section (so the messages are the definition's, with the section's key). Loading (YAML, overrides) lives in
 :mod:`rlmem.run.config.loading`, the cross-field checks in :mod:`rlmem.run.config.checks`.
 
 Batch semantics (the thing users of other frameworks find most confusing) are spelled out once in
@@ -22,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from rlmem.dtypes import MODEL_DTYPES
+from rlmem.engine.sampling import SAMPLING_FIELDS, SamplingParams
+from rlmem.evaluation.pipeline import eval_sampling_default
 from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 from rlmem.learner.config import ALGORITHM_FIELDS, LEARNER_FIELDS, OPTIMIZER_FIELDS, LearnerConfig
 
@@ -54,7 +58,8 @@ def _is_number(tp: Any) -> bool:
 
 def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, *,
                     constraints: dict[str, dict[str, Any]] | None = None,
-                    defaults: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> type[Section]:
+                    defaults: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    base: type[Section] | None = None) -> type[Section]:
     """A section whose ``fields`` are those of the dataclass ``source``: same names, types and defaults.
 
     ``constraints`` adds pydantic bounds (``{"lr": {"gt": 0}}``); ``defaults`` overrides a default on
@@ -64,11 +69,12 @@ def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, 
     by_name = {f.name: f for f in dataclasses.fields(source)}
     spec: dict[str, Any] = {}
     for f in fields:
-        d = (defaults or {}).get(f, by_name[f].default)
+        own = by_name[f].default if by_name[f].default is not dataclasses.MISSING else by_name[f].default_factory()
+        d = (defaults or {}).get(f, own)
         help_ = by_name[f].metadata.get("help") if by_name[f].metadata else None
         spec[f] = (hints[f], Field(d, description=help_, **(constraints or {}).get(f, {})))
     spec.update(extra or {})
-    model = create_model(name, __base__=Section, __doc__=doc, **spec)
+    model = create_model(name, __base__=base or Section, __doc__=doc, **spec)
     model.__module__ = __name__
     return model
 
@@ -153,17 +159,34 @@ class VllmConfig(Section):
     cpu_kvcache_space_gb: int = Field(2, ge=1)     # VLLM_CPU_KVCACHE_SPACE for the CPU build
 
 
-class RolloutConfig(Section):
-    """Generation. Log-probs are always under softmax(logits/temperature) without top-k/top-p."""
+class SamplingSection(Section):
+    """Base of the sections holding SamplingParams fields: ``top_k: null`` (older configs) means 0, off."""
 
-    backend: str = "torch"                         # an engine name in rlmem.engine's registry
-    num_workers: int = Field(1, ge=1)
-    temperature: float = Field(0.9, gt=0)
-    top_k: int | None = Field(None, ge=1)          # null: no top-k truncation
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(1024, ge=1)
-    stop: list[str] = []
-    vllm: VllmConfig = VllmConfig()
+    @field_validator("top_k", mode="before", check_fields=False)
+    @classmethod
+    def _null_top_k(cls, v: Any) -> Any:
+        return 0 if v is None else v
+
+
+def sampling_values(section: BaseModel) -> dict[str, Any]:
+    """The SamplingParams fields of a ``rollout`` or ``eval`` section (None: not set there)."""
+    return {k: getattr(section, k) for k in SAMPLING_FIELDS}
+
+
+# Training's sampling defaults differ from SamplingParams' neutral ones (T 1, 256 tokens) on purpose:
+# the paper's Countdown settings, temperature 0.9 and 1024 new tokens. (The paper also samples with
+# top-k 50; the default leaves top-k off so that rollouts sample the distribution the learner
+# replays, docs/design.md section 1; configs/countdown-r1-distill-1.5b.yaml sets it.)
+ROLLOUT_SAMPLING_DEFAULTS = {"temperature": 0.9, "max_new_tokens": 1024}
+
+RolloutConfig = derived_section(
+    "RolloutConfig", SamplingParams, SAMPLING_FIELDS,
+    "Generation: SamplingParams' fields (defaults: the paper's T 0.9 and 1024 new tokens), the engine "
+    "and its workers. Log-probs are always under softmax(logits/temperature) without top-k/top-p.",
+    defaults=ROLLOUT_SAMPLING_DEFAULTS, base=SamplingSection,
+    extra={"backend": (str, Field("torch")),       # an engine name in rlmem.engine's registry
+           "num_workers": (int, Field(1, ge=1)),
+           "vllm": (VllmConfig, Field(default_factory=VllmConfig))})
 
 
 class CurriculumConfig(Section):
@@ -294,15 +317,24 @@ class LoggingConfig(Section):
     progress_bar: bool = True
 
 
-class EvalConfig(Section):
-    source: str | None = None                      # null: no evaluation
-    split: str = "test"
-    limit: int | None = Field(None, ge=1)
-    num_samples: int = Field(1, ge=1)              # n per problem for the unbiased pass@k
-    k: list[int] = [1]
-    eps: list[float] = [0.0, 0.5]                  # accuracy vs compression sweep
-    temperature: float = Field(0.6, gt=0)
-    max_new_tokens: int | None = Field(None, ge=1)  # null: rollout.max_new_tokens
+EVAL_OWN_SAMPLING = ("temperature", "top_k", "top_p")   # the rest default to the rollout section's
+
+EvalConfig = derived_section(
+    "EvalConfig", SamplingParams, EVAL_OWN_SAMPLING,
+    "In-training evaluation, the pipeline of rlmem/evaluation on the rollout workers (the rows of "
+    "`rlmem eval`). Sampling: SamplingParams' fields with evaluation's defaults "
+    "(rlmem.evaluation.pipeline.EVAL_SAMPLING_DEFAULTS: T 0.6, top-p 0.95; temperature 0 = greedy); "
+    "max_new_tokens and stop, when null, are the rollout section's (evaluate at the trained length).",
+    defaults={k: eval_sampling_default(k) for k in EVAL_OWN_SAMPLING}, base=SamplingSection,
+    extra={"source": (str | None, Field(None)),                 # null: no evaluation
+           "split": (str, Field("test")),
+           "limit": (int | None, Field(None, ge=1)),
+           "num_samples": (int, Field(1, ge=1)),                 # n per problem for the unbiased pass@k
+           "k": (list[int], Field(default_factory=lambda: [1])),  # pass@k beside k = 1, 2, 4, … ≤ n
+           "eps": (list[float], Field(default_factory=lambda: [0.0, 0.5])),   # accuracy vs compression sweep
+           "batch_size": (int, Field(16, ge=1)),                 # sequences per job (rlmem eval --batch-size)
+           "max_new_tokens": (int | None, Field(None, description="null: rollout.max_new_tokens")),
+           "stop": (list[str] | None, Field(None, description="null: rollout.stop"))})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Pictures people would rather look at than read: what a rollout evicted, layer by layer."""
+"""Every figure rlmem draws: pictures people would rather look at than read.
+
+What a rollout evicted (:func:`plot_eviction_strip`, :func:`plot_replay_mask`: ``rlmem inspect``,
+the training logger), accuracy against memory (:func:`plot_accuracy_vs_reduction`,
+:func:`plot_pass_at_k`: ``rlmem eval`` and the in-training evaluation, from the same result rows),
+and training curves (:func:`plot_training_curves`: the toy report's scripts).
+"""
 
 from __future__ import annotations
 
@@ -118,30 +124,75 @@ def plot_replay_mask(evicted_at, prompt_len: int, path: str | os.PathLike, title
     return save_figure(fig, path)
 
 
-def plot_accuracy_vs_compression(results: list[dict[str, Any]], path: str | os.PathLike,
-                                 title: str = "accuracy vs compression") -> Path:
-    """Accuracy (every ``pass@k`` key, else ``accuracy``) against peak-KV reduction, one point per ε.
+MARKERS = "osD^v<>ph*XP"
 
-    Each result: ``{"eps", "peak_kv_reduction", "pass@1": .., "pass@1_stderr": .., ...}``.
+
+def _methods(results: list[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for r in results:
+        if r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+def plot_accuracy_vs_reduction(results: list[dict[str, Any]], path: str | os.PathLike, *, k: int = 1,
+                               title: str = "accuracy vs peak-KV reduction") -> Path:
+    """pass@k (± SE) against peak-KV reduction, one series per method (points joined in ε order).
+
+    The question NGC is about: at the same memory, which eviction rule keeps the most accuracy?
+    One marker per method, one point per ε; ``full`` is a black star at 1×. ``results`` are result
+    rows (:func:`rlmem.evaluation.results.summarize_run`): ``results.json``'s or ``eval.jsonl``'s.
     """
     plt = pyplot()
-
-    keys = sorted({k for r in results for k in r if k.startswith("pass@") and not k.endswith("_stderr")}) or ["accuracy"]
-    pts = sorted(results, key=lambda r: r.get("peak_kv_reduction") or 1.0)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for key in keys:
-        xs = [r.get("peak_kv_reduction") or 1.0 for r in pts if r.get(key) is not None]
-        ys = [r[key] for r in pts if r.get(key) is not None]
-        errs = [r.get(f"{key}_stderr", r.get("stderr")) or 0.0 for r in pts if r.get(key) is not None]
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=key)
-        for r, x, y in zip([r for r in pts if r.get(key) is not None], xs, ys):
-            ax.annotate(f"ε={r.get('eps', 0):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("average peak-KV reduction (×)")
-    ax.set_ylabel("accuracy")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    key = f"pass@{k}"
+    top = 0.0
+    for i, m in enumerate(_methods(results)):
+        pts = sorted((r for r in results if r["method"] == m and r.get(key) is not None
+                      and r.get("peak_kv_reduction") is not None), key=lambda r: r["eps"])
+        if not pts:
+            continue
+        xs = [r["peak_kv_reduction"] for r in pts]
+        ys = [r[key] for r in pts]
+        es = [r.get(f"{key}_stderr", 0.0) for r in pts]
+        top = max([top, *(y + e for y, e in zip(ys, es))])
+        style = (dict(marker="*", markersize=11, **({"color": "black"} if m == "full" else {}))
+                 if m.split(" (")[0] == "full" else dict(marker=MARKERS[i % len(MARKERS)]))
+        ax.errorbar(xs, ys, yerr=es, capsize=3, lw=1, label=m, **style)
+        for r, x, y in zip(pts, xs, ys):
+            if m.split(" (")[0] != "full":
+                ax.annotate(f"ε={r['eps']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    ax.set_xlabel("average peak-KV reduction (×, higher = less memory)")
+    ax.set_ylabel(key)
+    ax.set_ylim(-0.03 * max(top, 0.1), min(1.03, 1.15 * top + 0.02))   # low accuracies keep their spread
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_pass_at_k(results: list[dict[str, Any]], path: str | os.PathLike, title: str = "pass@k") -> Path:
+    """pass@k against k (log2 axis) for every (method, ε), with error bars."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    top = 0.0
+    for i, r in enumerate(results):
+        ks = sorted(int(k[5:]) for k in r if k.startswith("pass@") and not k.endswith("_stderr"))
+        if not ks:
+            continue
+        label = "full" if r["method"] == "full" else f"{r['method']} ε={r['eps']:g}"
+        top = max([top, *(r[f"pass@{k}"] + r[f"pass@{k}_stderr"] for k in ks)])
+        ax.errorbar(ks, [r[f"pass@{k}"] for k in ks], yerr=[r[f"pass@{k}_stderr"] for k in ks], capsize=2, lw=1,
+                    marker=MARKERS[i % len(MARKERS)], label=label,
+                    **({"color": "black"} if r["method"] == "full" else {}))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(-0.03 * max(top, 0.1), min(1.03, 1.15 * top + 0.02))   # low accuracies keep their spread
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path, dpi=110)
 
 
 TRAINING_CURVES = (("reward/mean", "reward"), ("accuracy/mean", "verifier accuracy"),
