@@ -7,6 +7,7 @@ vLLM is installed.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -292,6 +293,26 @@ def test_installed_vllm_has_every_listed_internal():
     total = sum(len(o.classes) for o in OWNERS.values())
     assert check_classes() == total
     assert check_classes("cpu") == total - sum(d == "cuda" for d in DEVICE_ONLY.values())
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_engine_start_stops_on_a_changed_internal_before_vllm_starts(tiny_model_dir, monkeypatch):
+    """A listed member the installed vLLM lacks stops ``VllmEngine.start`` with the one line, before ``LLM(...)``."""
+    from dataclasses import replace
+
+    from rlmem.engine.vllm import internals
+    from rlmem.engine.vllm.engine import VllmEngine
+
+    for var in ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))     # start() sets them; restored afterwards
+    request = internals.OWNERS["Request"]
+    monkeypatch.setitem(internals.OWNERS, "Request", replace(
+        request, members=request.members + (internals.Member("num_output_placeholders_v2", "a test"),)))
+    eng = VllmEngine(str(tiny_model_dir))
+    with pytest.raises(internals.VllmInternalsError, match=r"^vLLM internals: Request\.num_output_placeholders_v2 "
+                                                           r"is missing \(class vllm\.v1\.request\.Request\)"):
+        eng.start(32)
+    assert eng.llm is None
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")

@@ -63,9 +63,9 @@ def cache_positions(positions: torch.Tensor, row_offsets: np.ndarray, query_star
     request's offset (true length minus cache length); the slot mapping is built from these.
 
     ``row_offsets[i]`` is request row ``i``'s offset, ``query_start_loc[i]:query_start_loc[i + 1]``
-    its tokens in the step (``positions`` holds exactly those tokens). RoPE keeps the true positions; what attention reads (``seq_lens``) and
-    where new K/V go (the slot mapping) use the compacted length (docs/design.md section 1,
-    "Replay mask": positions keep counting).
+    its tokens in the step (``positions`` holds exactly those tokens). RoPE keeps the true positions;
+    what attention reads (``seq_lens``) and where new K/V go (the slot mapping) use the compacted
+    length (docs/design.md section 1, "Replay mask": positions keep counting).
     """
     n = len(row_offsets)
     per_token = torch.from_numpy(np.repeat(row_offsets, np.diff(query_start_loc[: n + 1])))

@@ -349,7 +349,7 @@ def check_classes(device: str | None = None, owners: dict[str, Owner] | None = N
         for path in owner.classes:
             if device is not None and DEVICE_ONLY.get(path, device) != device:
                 continue
-            check_class(owner, _import(path, owner.name), f"{owner.name} ({path.rpartition(':')[2]})")
+            check_class(owner, _import(path, owner.name))
             n += 1
     for name, path in CLASSES.items():
         _import(path, name)
