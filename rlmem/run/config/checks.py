@@ -100,7 +100,6 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
                                                  f"ray.num_gpus_per_actor"))
             elif amount <= 0:
                 out.append((f"ray.{key}.{name}", f"must be > 0 (got {amount})"))
-    out += sampling_problems(cfg)
     for i, k in enumerate(cfg.eval.k):
         if k < 1 or k > cfg.eval.num_samples:
             out.append((f"eval.k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples ({cfg.eval.num_samples})"))
@@ -156,27 +155,6 @@ def looks_local(path: str) -> bool:
     if Path(path).exists():
         return True
     return not _HUB_ID.match(path)
-
-
-def sampling_problems(cfg: RunConfig) -> list[tuple[str, str]]:
-    """SamplingParams' rules (the one definition) on the ``rollout`` and ``eval`` sections: the
-    rollouts must sample (T > 0); evaluation may decode greedily (T = 0)."""
-    from rlmem.engine.sampling import SamplingParams
-    from rlmem.run.config.schema import sampling_values
-
-    out = []
-    rollout = sampling_values(cfg.rollout)
-    for section, values, greedy in (("rollout", rollout, False),
-                                    ("eval", {**rollout, **{k: v for k, v in sampling_values(cfg.eval).items()
-                                                            if v is not None}}, True)):
-        try:
-            SamplingParams.from_fields(values, allow_greedy=greedy)
-        except ValueError as e:
-            m = re.match(r"sampling\.(\w+): (.*)", str(e), re.S)
-            out.append((f"{section}.{m.group(1)}", m.group(2)) if m else (section, str(e)))
-    if out and out[0][0].startswith("rollout.") and len(out) == 2 and out[1][0] == out[0][0].replace("rollout", "eval"):
-        out.pop()   # eval inherited the rollout's bad value: one complaint
-    return out
 
 
 def eviction_problem(err: ValueError, key: str | None = None) -> tuple[str, str]:

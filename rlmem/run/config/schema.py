@@ -15,13 +15,15 @@ Batch semantics (the thing users of other frameworks find most confusing) are sp
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from rlmem.dtypes import MODEL_DTYPES
 from rlmem.engine.sampling import SAMPLING_FIELDS, SamplingParams
@@ -160,12 +162,32 @@ class VllmConfig(Section):
 
 
 class SamplingSection(Section):
-    """Base of the sections holding SamplingParams fields: ``top_k: null`` (older configs) means 0, off."""
+    """Base of the sections holding SamplingParams fields: each value is checked by SamplingParams'
+    own rule (the one definition; the message is its, with the section's key). ``top_k: null``
+    (older configs) means 0, off. ``greedy_ok``: temperature 0 means greedy decoding (evaluation)."""
+
+    greedy_ok: ClassVar[bool] = False
 
     @field_validator("top_k", mode="before", check_fields=False)
     @classmethod
     def _null_top_k(cls, v: Any) -> Any:
         return 0 if v is None else v
+
+    @field_validator(*SAMPLING_FIELDS, mode="after", check_fields=False)
+    @classmethod
+    def _sampling_rule(cls, v: Any, info) -> Any:
+        if v is None:   # eval's max_new_tokens / stop: the rollout section's
+            return v
+        try:
+            SamplingParams.from_fields({info.field_name: v}, allow_greedy=cls.greedy_ok)
+        except ValueError as e:
+            why = re.sub(r"^sampling\.\w+: ", "", str(e))
+            raise PydanticCustomError("sampling", re.sub(r" \(got [^()]*\)$", "", why)) from None
+        return v
+
+
+class EvalSamplingSection(SamplingSection):
+    greedy_ok: ClassVar[bool] = True
 
 
 def sampling_values(section: BaseModel) -> dict[str, Any]:
@@ -325,7 +347,7 @@ EvalConfig = derived_section(
     "`rlmem eval`). Sampling: SamplingParams' fields with evaluation's defaults "
     "(rlmem.evaluation.pipeline.EVAL_SAMPLING_DEFAULTS: T 0.6, top-p 0.95; temperature 0 = greedy); "
     "max_new_tokens and stop, when null, are the rollout section's (evaluate at the trained length).",
-    defaults={k: eval_sampling_default(k) for k in EVAL_OWN_SAMPLING}, base=SamplingSection,
+    defaults={k: eval_sampling_default(k) for k in EVAL_OWN_SAMPLING}, base=EvalSamplingSection,
     extra={"source": (str | None, Field(None)),                 # null: no evaluation
            "split": (str, Field("test")),
            "limit": (int | None, Field(None, ge=1)),
