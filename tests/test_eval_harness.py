@@ -234,6 +234,18 @@ def test_resume_refuses_other_settings_and_bad_options(tiny_model_dir, tmp_path)
     run_eval(s, progress=False)
     with pytest.raises(StoreError, match="max_new_tokens: 40 there, 41 now"):
         run_eval(_settings(tiny_model_dir, tmp_path, limit=1, n=1, max_new_tokens=41), progress=False)
+    # a directory from before --tau, --score-transform, --stop and --reward existed resumes at their
+    # defaults, and is refused with another value
+    from rlmem.eviction.policy import EvictionConfig
+
+    cfg_file = tmp_path / "ev" / "eval_config.json"
+    old = {k: v for k, v in json.loads(cfg_file.read_text()).items()
+           if k not in ("tau", "score_transform", "stop", "reward", "reward_kwargs")}
+    cfg_file.write_text(json.dumps(old))
+    assert run_eval(s, progress=False)[0]["problems"] == 1
+    with pytest.raises(StoreError, match="tau: 1.0 there, 0.5 now"):
+        run_eval(_settings(tiny_model_dir, tmp_path, limit=1, n=1,
+                           schedule=EvictionConfig(delta=16, block_size=4, window=4, tau=0.5)), progress=False)
     with pytest.raises(EvalError, match="unknown method 'bogus'"):
         run_eval(_settings(tiny_model_dir, tmp_path, methods=["bogus"]), progress=False)
     with pytest.raises(EvalError, match="--eps"):

@@ -155,7 +155,7 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     validate(s)
     task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
     store = EvalStore(s.out)
-    store.open(s.fingerprint())
+    store.open(s.fingerprint(), defaults=EvalSettings(model=s.model, task=s.task, out=s.out).fingerprint())
     tokenizer = make_tokenizer(s)
     plan, examples = s.plan(), task.examples
     done = sum(store.done(run_name(m, e), p) for m, e in plan.runs for p in range(len(examples)))

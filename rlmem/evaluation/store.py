@@ -108,10 +108,12 @@ class EvalStore(CellStore):
         self.records_dir = self.root / RECORDS_DIR
         self.index_path = self.root / INDEX_FILE
 
-    def open(self, settings: dict[str, Any]) -> int:
+    def open(self, settings: dict[str, Any], defaults: dict[str, Any] | None = None) -> int:
         """Create or resume the run directory; returns how many finished cells were found.
 
-        ``settings`` must equal those of the run being resumed (they determine the samples).
+        ``settings`` must equal those of the run being resumed (they determine the samples). A
+        setting the directory's file lacks (it predates that setting) counts as its value in
+        ``defaults``: an older directory resumes when the new setting is left at its default.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.records_dir.mkdir(exist_ok=True)
@@ -121,6 +123,7 @@ class EvalStore(CellStore):
                 old = json.loads(cfg_path.read_text())
             except json.JSONDecodeError:
                 raise StoreError(f"{cfg_path}: not valid JSON; use a new --out") from None
+            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
                 k = diff[0]
