@@ -1,5 +1,9 @@
-"""Heuristic eviction baselines: each scorer's rule on hand-made caches (computed here element by
-element), NGC's schedule and keep counts at the same ε, exact token replay of their records."""
+"""Eviction scorers. Every scorer rlmem registers (a new one inherits these): scores of the right
+shape and values, blind to what lies outside the validity mask, rows scored independently, the same
+under a reordering of KV heads or a rotation of the head space, usable on the vLLM engine's inputs
+or refused there by name, and on the torch engine NGC's schedule and keep counts with records
+that replay exactly. Then each heuristic's own rule on hand-made caches (computed here element by
+element) and on the engine."""
 
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ from rlmem.engine.reference import ReferenceEngine
 from rlmem.engine.sampling import SamplingParams
 from rlmem.eviction.policy import EvictionConfig, decide, keep_count
 from rlmem.eviction.record import NEVER, evicted_at
-from rlmem.eviction.scorers import ScoringInputs, get_scorer
+from rlmem.eviction.scorers import ScoringInputs, get_scorer, scorer_names
 from rlmem.models.loading import load_model, load_tokenizer
 from rlmem.learner.replay import replay_forward, rollout_logprobs
 
-BASELINES = ["knorm", "keydiff", "snapkv", "tova", "h2o", "streamingllm", "streamingllm_prompt", "rkv"]
+# The registry, not a list: other test modules register test scorers, which are not rlmem's.
+SCORERS = [n for n in scorer_names() if type(get_scorer(n)).__module__.startswith("rlmem.")]
+BASELINES = [n for n in SCORERS if not get_scorer(n).learned]
 HQ, HKV, W, D, C = 4, 2, 3, 8, 7
 SCALE = 1 / math.sqrt(D)
 
@@ -40,6 +46,123 @@ PROMPT_LENS = torch.tensor([3, 4])   # row 0: positions 0-2 are the prompt; row 
 def _inputs(cache, state=None):
     q, k, valid, pos = cache
     return ScoringInputs(q, k, valid, pos, SCALE, 0, state, PROMPT_LENS)
+
+
+# --- every registered scorer -------------------------------------------------------------------
+
+
+def _any_inputs(cache, name: str) -> ScoringInputs:
+    """The hand-made cache, with a positive per-key state (0 outside the mask) for scorers that observe steps."""
+    state = None
+    if get_scorer(name).observes:
+        state = torch.rand(2, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+        state = state.masked_fill(~cache[2], 0.0)
+    return _inputs(cache, state)
+
+
+def _valid_scores_equal(got, want, valid, rel=1e-12):
+    assert got.shape == want.shape
+    assert torch.allclose(got[valid], want[valid], rtol=rel, atol=1e-15), (got[valid] - want[valid]).abs().max()
+
+
+def test_every_scorer_file_registers_a_scorer_these_tests_cover():
+    from pathlib import Path
+
+    import rlmem.eviction.scorers as pkg
+
+    files = {p.stem for p in Path(pkg.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert {type(get_scorer(n)).__module__.rsplit(".", 1)[1] for n in SCORERS} == files
+    assert "ngc" in SCORERS and len(BASELINES) == len(SCORERS) - 1 >= 8
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_scores_have_one_value_per_slot_and_zero_outside_the_mask(cache, name):
+    """``[B, C]`` floats; alive keys get a number or +inf (always keep), never NaN or -inf; empty slots 0."""
+    valid = cache[2]
+    s = get_scorer(name).scores(_any_inputs(cache, name))
+    assert s.shape == (2, C) and s.dtype.is_floating_point
+    assert not torch.isnan(s[valid]).any() and (s[valid] > -math.inf).all()
+    assert (s[~valid] == 0).all()
+    # the rule tells keys apart (a constant would make every decision a tie)
+    assert all(len(set(s[b, valid[b]].tolist())) > 1 for b in range(2))
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_scores_ignore_padding_and_whatever_the_empty_slots_hold(cache, name):
+    """Engines pad rows to the longest (vLLM: to the longest request of a round group) and leave stale
+    keys in empty slots: neither may change an alive key's score."""
+    q, k, valid, pos = cache
+    inp = _any_inputs(cache, name)
+    want = get_scorer(name).scores(inp)
+    g = torch.Generator().manual_seed(7)
+    extra = 3
+    k2 = torch.cat([k, torch.zeros(2, HKV, extra, D, dtype=k.dtype)], dim=2)
+    valid2 = torch.cat([valid, torch.zeros(2, extra, dtype=torch.bool)], dim=1)
+    pos2 = torch.cat([pos, torch.full((2, extra), -1)], dim=1)
+    junk = ~valid2[:, None, :, None].expand_as(k2)
+    k2 = torch.where(junk, 100 * torch.randn(k2.shape, generator=g, dtype=k2.dtype), k2)
+    state2 = None
+    if inp.state is not None:
+        state2 = torch.cat([inp.state, torch.zeros(2, extra, dtype=inp.state.dtype)], dim=1)
+        state2 = torch.where(valid2, state2, torch.full_like(state2, 50.0))
+    got = get_scorer(name).scores(ScoringInputs(q, k2, valid2, pos2, SCALE, 0, state2, PROMPT_LENS))
+    _valid_scores_equal(got[:, :C], want, valid)
+    assert (got[~valid2] == 0).all()
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_rows_are_scored_independently(cache, name):
+    """A row's scores do not depend on which other requests share its batch, or on their order."""
+    q, k, valid, pos = cache
+    inp = _any_inputs(cache, name)
+    want = get_scorer(name).scores(inp)
+    for rows in ([0], [1], [1, 0]):
+        r = torch.tensor(rows)
+        sub = ScoringInputs(q[r], k[r], valid[r], pos[r], SCALE, 0,
+                            None if inp.state is None else inp.state[r], PROMPT_LENS[r])
+        _valid_scores_equal(get_scorer(name).scores(sub), want[r], valid[r])
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_kv_head_order_and_a_rotation_of_the_head_space_do_not_matter(cache, name):
+    """Scores average over heads (GQA: query head h belongs to KV head h // G), so swapping KV heads
+    together with their query groups changes nothing; they depend on dot products, norms and
+    positions, so rotating every query and key by one orthogonal matrix changes nothing either."""
+    q, k, valid, pos = cache
+    inp = _any_inputs(cache, name)
+    want = get_scorer(name).scores(inp)
+    group = HQ // HKV
+    perm = torch.tensor([1, 0])
+    qperm = torch.cat([torch.arange(h * group, (h + 1) * group) for h in perm.tolist()])
+    swapped = ScoringInputs(q[:, qperm], k[:, perm], valid, pos, SCALE, 0, inp.state, PROMPT_LENS)
+    _valid_scores_equal(get_scorer(name).scores(swapped), want, valid)
+    rot, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    rotated = ScoringInputs(q @ rot, k @ rot, valid, pos, SCALE, 0, inp.state, PROMPT_LENS)
+    _valid_scores_equal(get_scorer(name).scores(rotated), want, valid, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_vllm_path_scores_bf16_cache_keys_or_refuses_the_scorer_by_name(cache, name):
+    """The vLLM worker scores at round time only: keys read from the paged cache in its dtype (bf16 for
+    a bf16 model, zeros past each row's alive keys), no per-key state, prompt lengths on the CPU. A
+    scorer that needs every step's attention is refused before vLLM starts, naming the scorer."""
+    from rlmem.engine.vllm.engine import check_eviction
+
+    cfg = EvictionConfig(delta=32, eps=0.5, block_size=32, window=W, scorer=name)
+    if get_scorer(name).observes:
+        with pytest.raises(ValueError, match=f"eviction.scorer='{name}' observes every decoding step"):
+            check_eviction(cfg, 32)
+        return
+    check_eviction(cfg, 32)
+    q, k, valid, pos = cache
+    k16 = k.masked_fill(~valid[:, None, :, None], 0.0).to(torch.bfloat16)
+    got = get_scorer(name).scores(ScoringInputs(q.to(torch.bfloat16), k16, valid, pos, SCALE, 0, None, PROMPT_LENS))
+    want = get_scorer(name).scores(_inputs(cache))
+    assert got.shape == (2, C) and not torch.isnan(got[valid]).any() and (got[~valid] == 0).all()
+    finite = valid & torch.isfinite(want)
+    assert torch.equal(torch.isinf(got[valid]), torch.isinf(want[valid]))
+    spread = float(want[finite].max() - want[finite].min())
+    assert (got[finite].double() - want[finite]).abs().max() <= 0.05 * spread     # bf16 rounding only
 
 
 def _attn(q_vec, keys_h, alive):
@@ -237,7 +360,9 @@ def test_baseline_records_share_ngc_schedule_and_replay_tokens_exactly(tiny, blo
 
 
 def test_baselines_keep_what_their_rule_says_on_the_engine(tiny):
-    """StreamingLLM keeps the sink block and the newest blocks; KNorm's kept blocks have the smallest key norms."""
+    """StreamingLLM keeps the sink block and the newest blocks; KNorm keeps, in each layer, the
+    eligible blocks whose post-RoPE keys have the smallest mean norm (keys taken here from a plain
+    HF forward of the prompt: the first round comes right after prefill, before any eviction)."""
     model, tok = tiny
     engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])
     prompt = [tok("abcdefghijklmnopqrstuvwxyz").input_ids]
@@ -248,6 +373,24 @@ def test_baselines_keep_what_their_rule_says_on_the_engine(tiny):
         n = layer.num_blocks
         m = len(layer.kept)
         assert sorted(layer.kept) == [0] + list(range(n - 1 - (m - 1), n - 1))   # sinks + most recent eligible
+
+    rec = engine.generate(prompt, SamplingParams(max_new_tokens=40, seed=0),
+                          EvictionConfig(delta=16, eps=0.5, block_size=4, window=4, scorer="knorm"))[0]
+    first = rec.eviction.rounds[0]
+    p = len(prompt[0])
+    assert first.t == p == 26                                   # round 1 right after the 26-token prefill
+    with torch.no_grad():
+        cache = model(torch.tensor(prompt), use_cache=True).past_key_values
+    kept_sets = []
+    for l, layer in enumerate(first.layers):
+        norms = cache.layers[l].keys[0].norm(dim=-1).mean(dim=0)            # [p]: mean over KV heads
+        blocks = [-norms[j * 4: (j + 1) * 4].mean().item() for j in range(-(-p // 4))]
+        eligible = blocks[:-1]                                   # the newest block is protected
+        assert layer.num_blocks == len(blocks) == 7 and len(layer.kept) == keep_count(7, 0.5, 1) - 1 == 3
+        top = sorted(range(len(eligible)), key=lambda j: -eligible[j])[:3]
+        assert sorted(layer.kept) == sorted(top), (l, eligible)
+        kept_sets.append(sorted(layer.kept))
+    assert kept_sets[0] != kept_sets[1]                         # each layer ranks its own keys
 
 
 def test_streamingllm_prompt_keeps_the_whole_prompt_in_every_layer_on_the_engine(tiny):
