@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlmem.eviction.record import NEVER, RolloutRecord, peak_kv
-from rlmem.plots import plot_accuracy_vs_compression, replay_mask_codes
+from rlmem.figures import replay_mask_codes
 from rlmem.run.logger import RunLogger, read_metrics, resolve_wandb_mode, summary_line, wandb_env_problem
 
 STEP = {"reward/mean": 0.25, "eviction/peak_kv_mean": 12.5, "replay/max_abs_logprob_diff": 3e-6}
@@ -184,29 +184,70 @@ def test_replay_mask_codes_semantics():
     assert big.shape == (2, 100, 100) and idx[0] == 0 and idx[-1] == 1999
 
 
-def test_mask_image_written_and_non_empty(tmp_path):
-    lg = _logger(tmp_path, mask_image_every=5)
+def test_mask_image_shows_each_layers_replay_mask(tmp_path, saved_figures):
+    """One panel per layer drawing that layer's replay mask; the PNG shows visible (blue) and
+    evicted (orange) cells in about the proportions of the mask."""
+    import numpy as np
+    from matplotlib.image import imread
+
     from rlmem.eviction.record import evicted_at
 
-    path = lg.log_mask_image(evicted_at(_record()), prompt_len=4, step=5)
+    lg = _logger(tmp_path, mask_image_every=5)
+    ea = evicted_at(_record())           # keys 0, 1 evicted at t=4, keys 2, 3 at t=8, in both layers
+    assert ea[:, :4].tolist() == [[4, 4, 8, 8]] * 2 and (ea[:, 4:] == NEVER).all()
+    path = lg.log_mask_image(ea, prompt_len=4, step=5)
     lg.close()
     assert path == tmp_path / "run" / "figures" / "mask_step_000005.png"
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    [(fig, saved)] = saved_figures
+    assert saved == path
+    codes, _ = replay_mask_codes(ea)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2 and fig.texts[0].get_text().startswith("replay mask, step 5")
+    for layer, ax in enumerate(panels):
+        assert np.array_equal(ax.images[0].get_array(), codes[layer])
+        assert ax.get_title() == f"layer {layer} (last query sees 6/10)"      # keys 4..9
+    # pixels: the colours of visible and evicted cells, in the ratio of their counts (39 : 16 per layer:
+    # keys 0, 1 are hidden from queries 4-9, keys 2, 3 from queries 8, 9)
+    rgb = imread(path)[..., :3]
+
+    def share(hex_colour):
+        c = np.array([int(hex_colour[i: i + 2], 16) / 255 for i in (1, 3, 5)])
+        return float((np.abs(rgb - c).max(axis=-1) < 0.02).mean())
+
+    visible, evicted = int((codes == 2).sum()), int((codes == 1).sum())
+    assert (visible, evicted) == (2 * 39, 2 * 16)
+    assert share("#f4a582") > 0.01 and share("#2166ac") / share("#f4a582") == pytest.approx(39 / 16, rel=0.15)
     assert lg.should_log_mask(10) and not lg.should_log_mask(7)
 
 
-def test_accuracy_vs_compression_plot(tmp_path):
-    results = [{"eps": 0.0, "pass@1": 0.5, "pass@1_stderr": 0.05, "peak_kv_reduction": 1.0},
-               {"eps": 0.5, "pass@1": 0.45, "pass@1_stderr": 0.05, "peak_kv_reduction": 1.9}]
+def test_accuracy_vs_compression_plot(tmp_path, saved_figures):
+    """eval.jsonl gets the result rows as given; the figure draws pass@1 (± its standard error)
+    against peak-KV reduction, one series per method with its points in ε order, each policy
+    point labelled with its ε, the full cache as one black star at 1x."""
+    results = [{"method": "full", "eps": 0.0, "pass@1": 0.5, "pass@1_stderr": 0.05, "peak_kv_reduction": 1.0},
+               {"method": "ngc", "eps": 0.5, "pass@1": 0.45, "pass@1_stderr": 0.04, "peak_kv_reduction": 1.9},
+               {"method": "ngc", "eps": 0.25, "pass@1": 0.48, "pass@1_stderr": 0.03, "peak_kv_reduction": 1.3}]
     lg = _logger(tmp_path)
     p = lg.log_eval(50, results)
     lg.close()
-    assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 5000
     rows = [json.loads(l) for l in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [r["eps"] for r in rows] == [0.0, 0.5] and rows[1]["step"] == 50
+    assert [(r["step"], r["method"], r["eps"]) for r in rows] == [(50, "full", 0.0), (50, "ngc", 0.5), (50, "ngc", 0.25)]
     assert math.isclose(rows[1]["peak_kv_reduction"], 1.9)
-    assert plot_accuracy_vs_compression([{"eps": 0.0, "accuracy": 0.3}], tmp_path / "a.png").stat().st_size > 0
+    [(fig, saved)] = saved_figures
+    assert saved == p and p.read_bytes()[:4] == b"\x89PNG"
+    [ax] = fig.axes
+    assert (ax.get_title(), ax.get_ylabel()) == ("accuracy vs compression, step 50", "pass@1")
+    drawn = {c.get_label(): c.lines for c in ax.containers}
+    assert sorted(drawn) == ["full", "ngc"]
+    full, _, (full_bars,) = drawn["full"]
+    assert (full.get_xdata().tolist(), full.get_ydata().tolist()) == ([1.0], [0.5])
+    assert full.get_marker() == "*" and full.get_color() == "black"
+    ngc, _, (bars,) = drawn["ngc"]
+    assert (ngc.get_xdata().tolist(), ngc.get_ydata().tolist()) == ([1.3, 1.9], [0.48, 0.45])   # ε order
+    assert [[round(v, 9) for v in seg[:, 1]] for seg in bars.get_segments()] == [[0.45, 0.51], [0.41, 0.49]]
+    assert [[round(v, 9) for v in seg[:, 1]] for seg in full_bars.get_segments()] == [[0.45, 0.55]]
+    assert sorted((t.get_text(), t.xy) for t in ax.texts) == [("ε=0.25", (1.3, 0.48)), ("ε=0.5", (1.9, 0.45))]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full", "ngc"]
 
 
 def test_from_config_with_progress_bar(tmp_path, capsys):

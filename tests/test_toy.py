@@ -63,7 +63,7 @@ def test_training_curves_figure(tmp_path, saved_figures):
     colour; a run appears only in the panels it has values for; the PNG is the figure's size."""
     from matplotlib.image import imread
 
-    from rlmem.plots import plot_training_curves
+    from rlmem.figures import plot_training_curves
 
     rows = [{"step": s, "reward/mean": 0.1 * s, "accuracy/mean": 0.3 * s, "eviction/eps": 0.25 * s,
              "eviction/peak_kv_mean": 100 - s} for s in range(1, 5)]
