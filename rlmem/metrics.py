@@ -19,9 +19,10 @@ counts, :func:`rlmem.eviction.record.peak_kv` with the counts a record's rounds 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from rlmem.eviction.policy import EvictionConfig, keep_count, kept_key_slots, num_blocks, round_times
+if TYPE_CHECKING:   # imported where used: rlmem.eviction's record module imports this one
+    from rlmem.eviction.policy import EvictionConfig
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -93,6 +94,8 @@ def schedule_peak(prompt_len: int, completion_len: int, cfg: EvictionConfig, *,
     engine measures; with ``protect_recent = 0`` it is exact when the short block is evicted (an
     upper bound otherwise).
     """
+    from rlmem.eviction.policy import keep_count, kept_key_slots, num_blocks, round_times
+
     p, c = int(prompt_len), int(completion_len)
     fed = p + c if count_last_token else max(p + c - 1, 0)  # positions 0..fed-1 are written
     rounds, size, last = [], 0, 0
