@@ -153,3 +153,27 @@ def test_one_jsonl_reader():
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != ROOT / "rlmem" / "jsonl.py"]
     bad = [b for f in files for b in _jsonl_loops(f)]
     assert not bad, "JSON lines parsed outside rlmem/jsonl.py:\n" + "\n".join(bad)
+
+
+def test_every_module_imports_first():
+    """Each module imports as the first rlmem module of a process: a cycle through a package's
+    ``__init__`` (``rlmem.metrics`` -> ``rlmem.eviction`` -> ``record`` -> ``rlmem.metrics``) shows
+    only then, as a partially initialized module."""
+    import subprocess
+    import sys
+
+    names = sorted(n for n in _modules() if not n.endswith("__main__"))
+    code = (
+        "import importlib, sys\n"
+        f"names = {names!r}\n"
+        "for name in names:\n"
+        "    for m in [m for m in sys.modules if m.split('.')[0] in ('rlmem', 'rewards')]:\n"
+        "        del sys.modules[m]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as e:\n"
+        "        if 'partially initialized' in str(e) or 'circular' in str(e):\n"
+        "            print(f'{name}: {e}')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not out.stdout.strip(), "import cycles through a package __init__:\n" + out.stdout
