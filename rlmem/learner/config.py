@@ -13,46 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlmem.dtypes import LEARNER_DTYPES, canonical
+from rlmem.learner.clip_rule import raise_clip_problems
 
 # Which run-config section each field lives in (the rest are derived by the driver).
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
 LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "dtype", "offload_optimizer",
                   "replay_kernel", "replay_mask")
 ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
-
-
-def clip_problems(clip_eps: float | None, clip_eps_high: float | None, *, mini_batches: int = 1,
-                  ppo_epochs: int = 1) -> list[tuple[str, str]]:
-    """The clipping rule, checked here only: ``(run-config key, message)`` for each broken part.
-
-    Reusing a batch (``mini_batches > 1`` or ``ppo_epochs > 1``) makes every update after the first
-    off-policy, so it needs the PPO clip (``clip_eps``); the unclipped loss is only valid on-policy.
-    ``clip_eps_high`` (DAPO's clip-higher) widens the upper side of that clip, so it needs
-    ``clip_eps`` and is at least as large. :class:`LearnerConfig`, :class:`rlmem.learner.loss.LossConfig`
-    and the run-config checks all call this.
-    """
-    out = []
-    for name, v in (("clip_eps", clip_eps), ("clip_eps_high", clip_eps_high)):
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            out.append((f"algorithm.{name}", f"must be > 0 or null (got {v!r})"))
-    if (mini_batches > 1 or ppo_epochs > 1) and clip_eps is None:
-        out.append(("algorithm.clip_eps", f"must be set (e.g. 0.2) when a batch is reused (algorithm.mini_batches "
-                                          f"{mini_batches}, algorithm.ppo_epochs {ppo_epochs}); the unclipped loss "
-                                          "is only valid on-policy"))
-    if clip_eps_high is not None and not out:
-        if clip_eps is None:
-            out.append(("algorithm.clip_eps_high", "needs algorithm.clip_eps (it widens the upper side of that clip)"))
-        elif clip_eps_high < clip_eps:
-            out.append(("algorithm.clip_eps_high", f"({clip_eps_high}) must be >= algorithm.clip_eps ({clip_eps})"))
-    return out
-
-
-def raise_clip_problems(*args, **kwargs) -> None:
-    """:func:`clip_problems` as a ValueError ``"<key>: <message>"`` (the first problem)."""
-    problems = clip_problems(*args, **kwargs)
-    if problems:
-        key, msg = problems[0]
-        raise ValueError(f"{key}: {msg}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlmem.learner.config import raise_clip_problems
+from rlmem.learner.clip_rule import raise_clip_problems
 
 Aggregation = Literal["constant", "token_mean", "seq_mean"]
 AGGREGATIONS = ("constant", "token_mean", "seq_mean")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rlmem.learner.config import clip_problems
+from rlmem.learner.clip_rule import clip_problems
 from rlmem.run.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
 
 def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str, str]]:
