@@ -149,9 +149,9 @@ def test_rollout_help_shows_the_eviction_config_defaults():
 
     help_text = " ".join(rlmem("rollout", "--help", check=False).stdout.split())
     for field in dataclasses.fields(EvictionConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flag = "--scorer-arg" if field.name == "scorer_args" else "--" + field.name.replace("_", "-")   # repeatable
         assert flag in help_text
-        assert f"(default {getattr(EvictionConfig(), field.name)})" in help_text.split(flag, 2)[-1].split(" --")[0]
+        assert f"(default {getattr(EvictionConfig(), field.name)})" in help_text.split(flag + " ", 2)[-1].split(" --")[0]
 
 
 def test_replay_check_generates_with_a_backend_then_checks(rollout_files, tmp_path):
@@ -179,3 +179,23 @@ def test_a_setting_the_engine_refuses_is_one_error_line(rollout_files, tmp_path)
                  "--max-new-tokens", 10**6, check=False)
     assert proc.returncode == 2 and "--backend torch:" in proc.stderr and "max_position_embeddings" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_scorer_args_flag_sets_a_scorer_setting_and_names_a_bad_key(rollout_files, tmp_path):
+    """--scorer-arg KEY=VALUE reaches the scorer (the record states it); an unknown key, a bad value
+    or a malformed item is one error line naming the flag, the scorer and the key."""
+    d, _ = rollout_files
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Using 3 5 7, make 22."}) + "\n")
+    common = ["rollout", "--model", d / "model", "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+              "--delta", 16, "--block-size", 4, "--window", 4, "--max-new-tokens", 24, "--scorer", "streamingllm"]
+    proc = rlmem(*common, "--scorer-arg", "bogus=1", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "--scorer-arg: scorer 'streamingllm' has no setting 'bogus' (its settings: sinks)" in proc.stderr
+    proc = rlmem(*common, "--scorer-arg", "sinks=many", check=False)
+    assert proc.returncode == 2 and "setting 'sinks': expected an integer (got 'many')" in proc.stderr
+    proc = rlmem(*common, "--scorer-arg", "sinks", check=False)
+    assert proc.returncode == 2 and "--scorer-arg 'sinks': expected KEY=VALUE" in proc.stderr
+    rlmem(*common, "--scorer-arg", "sinks=8")
+    rec = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
+    assert rec["eviction"]["scorer"] == "streamingllm" and rec["eviction"]["scorer_args"] == {"sinks": 8}

@@ -466,9 +466,10 @@ def test_one_dtype_table_aliases_and_tolerances():
 
 
 def test_clip_rule_is_one_rule_with_one_message():
-    """learner.config.clip_problems is the only clip check: the run config, LearnerConfig and LossConfig
-    all give its message, naming the fields."""
-    from rlmem.learner.config import LearnerConfig, clip_problems
+    """learner.clip_rule is the only clip check: the run config, LearnerConfig and LossConfig all give
+    its message, naming the fields."""
+    from rlmem.learner.clip_rule import clip_problems
+    from rlmem.learner.config import LearnerConfig
     from rlmem.learner.loss import LossConfig
 
     (key, msg), = clip_problems(None, None, ppo_epochs=2)
@@ -487,3 +488,13 @@ def test_clip_rule_is_one_rule_with_one_message():
     with pytest.raises(ValueError, match=r"^algorithm\.clip_eps: must be > 0 or null \(got -0\.1\)"):
         LossConfig(max_len=4, clip_eps=-0.1)
     assert clip_problems(0.2, 0.28, mini_batches=4, ppo_epochs=2) == []
+
+
+def test_scorer_args_in_the_run_config():
+    """eviction.scorer_args is EvictionConfig's field: checked against the scorer's declared settings."""
+    cfg = _load_tiny("eviction.scorer=streamingllm", "eviction.scorer_args={sinks: 8}")
+    assert cfg.eviction_config().scorer_args == {"sinks": 8} and cfg.eviction_config().make_scorer().sinks == 8
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("eviction.scorer=snapkv", "eviction.scorer_args={sinks: 8}")
+    assert ei.value.problems == [("eviction.scorer_args", "scorer 'snapkv' has no setting 'sinks' (its settings: kernel_size)")]
+    assert _load_tiny().eviction_config().scorer_args == {}

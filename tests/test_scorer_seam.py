@@ -127,3 +127,85 @@ def test_schedule_peak_equals_the_engines_measured_peak_over_a_grid(tiny_model_d
             assert schedule_peak(p, c, cfg) == rec.extra["peak_kv"], (p, c, cfg)
             checked += bool(round_times(p, p + c, cfg))
     assert checked >= 40
+
+
+def _inputs(n: int, *, seed: int = 0) -> ScoringInputs:
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    return ScoringInputs(torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64),
+                         torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64), valid,
+                         torch.arange(n)[None], 8 ** -0.5, prompt_lens=torch.tensor([3]))
+
+
+def test_scorer_settings_are_declared_checked_and_named():
+    """A scorer's settings are its __init__ keywords; an unknown key or a bad value is refused naming
+    the scorer and the key, wherever the settings come from (get_scorer, EvictionConfig, a record)."""
+    from rlmem.eviction.scorers.base import check_scorer_args
+
+    assert get_scorer("streamingllm").settings() == {"sinks": 4}
+    assert get_scorer("snapkv").settings() == {"kernel_size": 5}
+    assert get_scorer("rkv").settings() == {"mix_lambda": 0.1, "threshold": 0.5, "kernel_size": 5}
+    assert get_scorer("ngc").settings() == {} and get_scorer("knorm").settings() == {}
+    with pytest.raises(ValueError, match=r"^eviction\.scorer_args: scorer 'snapkv' has no setting 'sinks' "
+                                         r"\(its settings: kernel_size\)$"):
+        get_scorer("snapkv", sinks=2)
+    with pytest.raises(ValueError, match=r"scorer 'ngc' has no setting 'tau' \(it has no settings\)"):
+        EvictionConfig(scorer="ngc", scorer_args={"tau": 2})
+    with pytest.raises(ValueError, match=r"scorer 'rkv', setting 'mix_lambda': expected a number \(got 'high'\)"):
+        check_scorer_args("rkv", {"mix_lambda": "high"})
+    with pytest.raises(ValueError, match=r"^eviction\.scorer_args: snapkv: kernel_size must be an odd integer"):
+        EvictionConfig(scorer="snapkv", scorer_args={"kernel_size": 4})
+    cfg = EvictionConfig(scorer="rkv", scorer_args={"mix_lambda": "0.5", "kernel_size": "3"})   # CLI strings
+    assert cfg.scorer_args == {"kernel_size": 3, "mix_lambda": 0.5} and hash(cfg) == hash(
+        EvictionConfig(scorer="rkv", scorer_args={"kernel_size": 3, "mix_lambda": 0.5}))
+    scorer = cfg.make_scorer()
+    assert (scorer.mix_lambda, scorer.kernel_size, scorer.threshold) == (0.5, 3, 0.5)
+    with pytest.raises(TypeError, match="immutable"):
+        cfg.scorer_args["kernel_size"] = 7
+
+
+@pytest.mark.parametrize("sinks", [0, 2, 6])
+def test_streamingllm_sinks_setting_keeps_the_first_positions(sinks):
+    s = get_scorer("streamingllm", sinks=sinks).scores(_inputs(12))[0]
+    assert torch.isinf(s[:sinks]).all() and torch.isfinite(s[sinks:]).all()
+    assert s[sinks:].tolist() == [float(p) for p in range(sinks, 12)]   # then the most recent
+
+
+def test_snapkv_kernel_and_rkv_lambda_settings_change_the_scores():
+    from rlmem.eviction.scorers import window_attention
+
+    inp = _inputs(16, seed=1)
+    mean_att = window_attention(inp.queries, inp.keys, inp.valid, inp.scaling).mean(dim=(1, 2, 3))[0]
+    assert torch.allclose(get_scorer("snapkv", kernel_size=1).scores(inp)[0], mean_att)   # no pooling
+    wide = get_scorer("snapkv", kernel_size=7).scores(inp)[0]
+    assert not torch.allclose(wide, mean_att) and (wide >= get_scorer("snapkv", kernel_size=3).scores(inp)[0] - 1e-12).all()
+    # R-KV with λ = 1 is its pooled importance alone (no redundancy term)
+    assert torch.allclose(get_scorer("rkv", mix_lambda=1.0, kernel_size=1).scores(inp)[0], mean_att)
+    assert not torch.allclose(get_scorer("rkv", mix_lambda=0.0).scores(inp)[0], get_scorer("rkv").scores(inp)[0])
+
+
+def test_engine_uses_the_scorer_settings_and_the_record_states_them(tiny):
+    """StreamingLLM with sinks=8 never evicts positions 0..7 (two blocks of 4) in any layer; with its
+    default (4) positions 4..7 go. The record states every setting, defaults included, and replays."""
+    from rlmem.eviction.record import evicted_at
+
+    model, tok = tiny
+    prompt = [list(range(5, 11))]
+    engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])
+    out = {}
+    for sinks in (None, 8):
+        cfg = EvictionConfig(delta=16, eps=0.25, block_size=4, window=4, scorer="streamingllm",
+                             scorer_args={} if sinks is None else {"sinks": sinks})
+        rec = engine.generate(prompt, SamplingParams(max_new_tokens=70, seed=1), cfg)[0]
+        assert rec.num_rounds >= 3
+        assert rec.to_dict()["eviction"]["scorer_args"] == {"sinks": sinks or 4}
+        back = RolloutRecord.from_dict(rec.to_dict())
+        assert back.eviction.config.scorer_args == {"sinks": sinks or 4}
+        out[sinks] = evicted_at(back, 2)
+    never = 2 ** 62
+    assert (out[8][:, :8] == never).all()
+    assert (out[None][:, :4] == never).all() and (out[None][:, 4:8] < never).all()
+    with torch.no_grad():
+        rep = replay_forward(model, [back])
+    assert (rep.token_logprobs - rollout_logprobs([back], 2, dtype=torch.float64).token_logprobs)[
+        rep.token_mask].abs().max() < 1e-9

@@ -32,7 +32,7 @@ def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = Non
     (``rlmem eval``: ``eps`` and ``scorer`` come from ``--eps`` and ``--methods``).
     """
     from rlmem.eviction.policy import EvictionConfig, eviction_field_help
-    from rlmem.eviction.scorers import scorer_names
+    from rlmem.eviction.scorers import get_scorer, scorer_names
 
     g = p.add_argument_group("eviction (docs/design.md section 1)")
     for f in dataclasses.fields(EvictionConfig):
@@ -45,6 +45,13 @@ def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = Non
             kwargs.update(choices=["log", "linear"], metavar=None)
         elif f.name == "scorer":
             kwargs.update(choices=scorer_names(), metavar=None)
+        elif f.name == "scorer_args":   # a mapping: one repeatable --scorer-arg KEY=VALUE
+            settings = "; ".join(f"{n}: {', '.join(f'{k}={v}' for k, v in get_scorer(n).settings().items())}"
+                                 for n in scorer_names() if get_scorer(n).settings())
+            g.add_argument("--scorer-arg", dest="eviction_scorer_args", action="append", default=[],
+                           metavar="KEY=VALUE", help=f"{eviction_field_help(f.name)}; repeatable (default "
+                           f"{default}). Each scorer's settings and their defaults: {settings}")
+            continue
         else:
             kwargs["type"] = type(f.default)
         g.add_argument("--" + f.name.replace("_", "-"), dest=f"eviction_{f.name}", **kwargs)
@@ -54,10 +61,26 @@ def eviction_from_args(args: argparse.Namespace, **fixed):
     """The :class:`EvictionConfig` of the flags; ``fixed`` gives the fields left out of them."""
     from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 
+    values = {k: fixed[k] if k in fixed else getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS}
+    if "scorer_args" not in fixed:
+        values["scorer_args"] = parse_key_values(values["scorer_args"], "--scorer-arg")
     try:
-        return EvictionConfig(**{k: fixed[k] if k in fixed else getattr(args, f"eviction_{k}") for k in EVICTION_FIELDS})
+        return EvictionConfig(**values)
     except ValueError as e:
-        raise CommandError(as_flags(str(e), "eviction")) from None
+        raise CommandError(as_flags(str(e), "eviction").replace("--scorer-args", "--scorer-arg")) from None
+
+
+def parse_key_values(items: list[str], flag: str) -> dict[str, str]:
+    """``["sinks=8"]`` -> ``{"sinks": "8"}`` (the values are typed by whoever declares the keys)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key.strip() in out:
+            raise CommandError(f"{flag} {key.strip()}: given twice")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, defaults: dict | None = None, greedy: bool = False) -> None:

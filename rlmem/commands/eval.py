@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, nargs="+", default=d.eps, help="eviction rates to evaluate")
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     # the schedule: EvictionConfig's flags (ε and the scorer are --eps and --methods)
-    add_eviction_args(p, exclude=("eps", "scorer"))
+    add_eviction_args(p, exclude=("eps", "scorer", "scorer_args"))   # scorer settings: one scorer's, not per method
     # SamplingParams' flags, with evaluation's defaults (rlmem.evaluation.pipeline.EVAL_SAMPLING_DEFAULTS)
     add_sampling_args(p, defaults={k: getattr(d, k) for k in SAMPLING_FIELDS}, greedy=True)
     g = p.add_argument_group("samples")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from rlmem.eviction.policy import EvictionConfig
 
     # the schedule's ε and scorer are placeholders: each run sets its own (--eps, --methods)
-    schedule = eviction_from_args(args, eps=EvictionConfig.eps, scorer="ngc")
+    schedule = eviction_from_args(args, eps=EvictionConfig.eps, scorer="ngc", scorer_args={})
     s = EvalSettings(model=args.model, task=args.task, out=args.out, methods=args.methods, eps=args.eps, n=args.n,
                      seed=args.seed, schedule=schedule, **sampling_from_args(args), split=args.split,
                      limit=args.limit, task_options=options, template=args.template,

@@ -137,7 +137,7 @@ class ReferenceEngine:
         active_cfgs = [c for c in cfgs if c is not None and c.enabled]
         check_batch_configs(active_cfgs)
         window = max((c.window for c in active_cfgs), default=1)
-        scorer = get_scorer(active_cfgs[0].scorer) if active_cfgs else None
+        scorer = get_scorer(active_cfgs[0].scorer, **active_cfgs[0].scorer_args) if active_cfgs else None
         observer = scorer if scorer is not None and scorer.observes else None
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else self.generator
         max_positions = getattr(self.model.config, "max_position_embeddings", None)

@@ -71,7 +71,8 @@ class EvalPlan:
         """The eviction config of a run (None for ``full``); ValueError names the field."""
         if method == "full":
             return None
-        return EvictionConfig(**{**self.schedule.to_dict(), "eps": float(eps), "scorer": method})
+        return EvictionConfig(**{**self.schedule.to_dict(), "eps": float(eps), "scorer": method,   # settings: its own scorer's only
+                                 "scorer_args": self.schedule.scorer_args if method == self.schedule.scorer else {}})
 
     def sampling_params(self, chunk: int) -> SamplingParams:
         """The sampling of chunk ``chunk`` of every run (common random numbers across runs)."""

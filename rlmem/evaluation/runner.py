@@ -26,7 +26,7 @@ from rlmem.figures import plot_accuracy_vs_reduction, plot_pass_at_k
 __all__ = ["EvalError", "EvalSettings", "run_eval"]
 
 # The schedule fields of a run directory's settings (ε and the scorer are set per run).
-SCHEDULE_FIELDS = tuple(f for f in EVICTION_FIELDS if f not in ("eps", "scorer"))
+SCHEDULE_FIELDS = tuple(f for f in EVICTION_FIELDS if f not in ("eps", "scorer", "scorer_args"))
 
 
 @dataclass

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from rlmem.eviction.scorers import Scorer, ScoringInputs, scorer_names
+from rlmem.eviction.scorers import Scorer, ScoringInputs, get_scorer, scorer_names
+from rlmem.eviction.scorers.base import ScorerArgs, check_scorer_args
 
 ScoreTransform = Literal["log", "linear"]
 
@@ -44,6 +45,8 @@ class EvictionConfig:
     score_transform: ScoreTransform = _field("log", "block logits: log(s)/τ or s/τ (learned scorer only)")
     tau: float = _field(1.0, "block-logit temperature τ (learned scorer only)")
     scorer: str = _field("ngc", "who scores keys: 'ngc' (learned) or a heuristic baseline")
+    scorer_args: dict[str, Any] = _field(ScorerArgs(), "the scorer's own settings, KEY=VALUE (e.g. sinks=8 for "
+                                         "streamingllm, kernel_size=7 for snapkv, mix_lambda=0.2 for rkv)")
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -63,6 +66,7 @@ class EvictionConfig:
             raise bad("tau", "must be a finite number > 0")
         if self.scorer not in scorer_names():
             raise bad("scorer", f"must be one of {scorer_names()}")
+        object.__setattr__(self, "scorer_args", check_scorer_args(self.scorer, self.scorer_args))
         if self.delta < self.window:
             raise ValueError(f"eviction.delta ({self.delta}) must be >= eviction.window ({self.window})")
         if self.delta < self.block_size:
@@ -73,7 +77,17 @@ class EvictionConfig:
         return self.eps > 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["scorer_args"] = dict(self.scorer_args)
+        return d
+
+    def scorer_settings(self) -> dict[str, Any]:
+        """Every setting of the scorer, defaults included (what a record states made it)."""
+        return {**get_scorer(self.scorer).settings(), **self.scorer_args}
+
+    def make_scorer(self) -> Scorer:
+        """The scorer of these settings (what every engine and the replay score with)."""
+        return get_scorer(self.scorer, **self.scorer_args)
 
 
 # The eviction fields, in order; the record, the CLI and the config schema derive from this.
@@ -238,10 +252,12 @@ class RoundDecision:
 def check_batch_configs(cfgs: list[EvictionConfig | None]) -> None:
     """Rows of one batch may differ in ε, δ and protect_recent (curriculum, interoception, full-cache
     rows); block size, window, transform, τ and scorer are per batch."""
-    shared = {(c.block_size, c.window, c.score_transform, c.tau, c.scorer) for c in cfgs if c is not None and c.enabled}
+    shared = {(c.block_size, c.window, c.score_transform, c.tau, c.scorer, c.scorer_args)
+              for c in cfgs if c is not None and c.enabled}
     if len(shared) > 1:
         raise ValueError("prompts in one batch may differ in eps/delta/protect_recent only; got "
-                         f"block_size/window/score_transform/tau/scorer combinations {sorted(shared)}")
+                         f"block_size/window/score_transform/tau/scorer/scorer_args combinations "
+                         f"{sorted(shared, key=repr)}")
 
 
 def decide(scorer: Scorer, inputs: ScoringInputs, cfgs: list[EvictionConfig],

@@ -22,7 +22,7 @@ from rlmem.metrics import peak_kv_entries
 
 NEVER = 2**62  # evicted_at value of a key that is never evicted
 # Eviction fields a record may omit (older records): their EvictionConfig default applies.
-OPTIONAL_EVICTION_FIELDS = frozenset({"scorer"})
+OPTIONAL_EVICTION_FIELDS = frozenset({"scorer", "scorer_args"})
 
 
 class RecordError(ValueError):
@@ -49,6 +49,7 @@ class EvictionTrace:
 
     def to_dict(self) -> dict:
         d = self.config.to_dict()
+        d["scorer_args"] = self.config.scorer_settings()   # every setting, defaults included: what made it
         d["rounds"] = [{"t": r.t, "layers": [{"num_blocks": l.num_blocks, "kept": list(l.kept), "logprob": l.logprob}
                                              for l in r.layers]} for r in self.rounds]
         return d

@@ -141,7 +141,7 @@ def eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, record
     for i, rec in enumerate(records):
         if rec.num_rounds and get_scorer(rec.eviction.config.scorer).learned:
             c = rec.eviction.config
-            groups.setdefault((c.scorer, c.block_size, c.window, c.score_transform, c.tau), []).append(i)
+            groups.setdefault((c.scorer, c.scorer_args, c.block_size, c.window, c.score_transform, c.tau), []).append(i)
     n = k.shape[2]
     pos = torch.arange(n, device=q.device)
     for rows in groups.values():
@@ -154,7 +154,7 @@ def eviction_logprobs(q: torch.Tensor, k: torch.Tensor, ea: torch.Tensor, record
         keys = k.index_select(0, rec_idx)                                                                # [S, Hkv, n, d]
         valid = (pos[None, :] < times[:, None]) & (ea.index_select(0, rec_idx) >= times[:, None])       # [S, n]
         positions = torch.where(valid, pos[None, :], torch.full_like(pos, -1)[None, :])
-        scorer = get_scorer(cfgs[0].scorer)
+        scorer = get_scorer(cfgs[0].scorer, **cfgs[0].scorer_args)
         prompt_lens = torch.tensor([len(r.prompt_ids) for r in records], device=q.device)[rec_idx]   # [S]
         inputs = ScoringInputs(queries, keys, valid, positions, scaling, layer, prompt_lens=prompt_lens)
         z, _ = selection_logits(scorer.scores(inputs), valid, cfgs, learned=True)

@@ -395,5 +395,7 @@ def record_stats(rec: Any, num_layers: int | None = None) -> dict[str, Any]:
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of ``<output_dir>/metrics.jsonl``."""
     p = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+    from rlmem.jsonl import iter_json_lines
+
+    return [row for _, row in iter_json_lines(p)] if p.exists() else []
 

@@ -203,10 +203,10 @@ class NGCWorkerState:
         groups: dict[tuple, list] = {}
         for item in due:
             c = item[1].settings.config
-            groups.setdefault((c.block_size, c.window, c.score_transform, c.tau, c.scorer, item[1].settings.greedy),
-                              []).append(item)
-        for (_, window, _, _, scorer_name, greedy), items in groups.items():
-            self._round_group(items, window, get_scorer(scorer_name), greedy)
+            groups.setdefault((c.block_size, c.window, c.score_transform, c.tau, c.scorer, c.scorer_args,
+                               item[1].settings.greedy), []).append(item)
+        for (_, window, _, _, scorer_name, scorer_args, greedy), items in groups.items():
+            self._round_group(items, window, get_scorer(scorer_name, **scorer_args), greedy)
         for rid, st, plan, ids in due:
             del ids[plan.keep:]
             row = self.runner.input_batch.req_id_to_index.get(rid)

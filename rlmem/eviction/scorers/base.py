@@ -7,13 +7,19 @@ the learner recomputes). Every other scorer is a fixed heuristic: deterministic 
 scores, log-prob 0.0 in the record (docs/design.md section 2).
 
 Add a scorer: one file in this package with a ``Scorer`` subclass decorated with
-``@register_scorer``, imported in ``scorers/__init__.py``.
+``@register_scorer``, imported in ``scorers/__init__.py``. A scorer's own settings (SnapKV's
+pooling kernel, R-KV's λ, StreamingLLM's sinks) are its ``__init__``'s keyword parameters with
+defaults: :meth:`Scorer.settings` lists them, the run config's ``eviction.scorer_args`` and the CLI's
+``--scorer-arg KEY=VALUE`` set them (checked by :func:`check_scorer_args`), and every engine builds
+its scorer with them (``get_scorer(cfg.scorer, **cfg.scorer_args)``).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -47,6 +53,14 @@ class Scorer:
     name: ClassVar[str] = ""
     learned: ClassVar[bool] = False    # the policy's own action (Gumbel-top-k + Plackett-Luce)
     observes: ClassVar[bool] = False   # needs :meth:`observe` on every forward step
+
+    @classmethod
+    def settings(cls) -> dict[str, Any]:
+        """This scorer's own settings and their defaults: its ``__init__``'s keyword parameters."""
+        if cls.__init__ is object.__init__:
+            return {}
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     def scores(self, inp: ScoringInputs) -> torch.Tensor:   # [B, C]
         raise NotImplementedError
@@ -95,12 +109,87 @@ def scorer_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_scorer(name: str, **kwargs) -> Scorer:
+class ScorerArgs(dict):
+    """A scorer's settings, ``{name: value}``: an immutable dict that hashes, so an
+    :class:`~rlmem.eviction.policy.EvictionConfig` holding it stays frozen and comparable."""
+
+    def __hash__(self) -> int:   # type: ignore[override]
+        return hash(tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in self.items())))
+
+    def __reduce__(self):
+        return ScorerArgs, (dict(self),)
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError("ScorerArgs is immutable: build a new EvictionConfig (dataclasses.replace)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _immutable
+
+
+def _scorer_class(name: str) -> type[Scorer]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown eviction scorer {name!r}; registered: {', '.join(scorer_names())}") from None
-    return cls(**kwargs)
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """``value`` as the type of the setting's default; strings (CLI ``KEY=VALUE``) are parsed."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{where}: expected true or false (got {value!r})")
+            return text.lower() in ("true", "1")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: expected {_KINDS.get(kind, kind.__name__)} (got {value!r})") from None
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false (got {value!r})")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{where}: expected an integer (got {value!r})")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number (got {value!r})")
+        return float(value)
+    return value
+
+
+def check_scorer_args(name: str, args: Mapping[str, Any] | None) -> ScorerArgs:
+    """``args`` checked against scorer ``name``'s declared settings and converted to their types.
+
+    A ValueError names ``eviction.scorer_args``, the scorer and the key: an unknown key (listing the
+    scorer's settings), a value of the wrong type, or one the scorer itself refuses.
+    """
+    cls = _scorer_class(name)
+    if args is None:
+        return ScorerArgs()
+    if not isinstance(args, Mapping):
+        raise ValueError(f"eviction.scorer_args: expected a mapping of {name}'s settings (got {args!r})")
+    declared = cls.settings()
+    out = {}
+    for key, value in args.items():
+        if key not in declared:
+            has = f"its settings: {', '.join(declared)}" if declared else "it has no settings"
+            raise ValueError(f"eviction.scorer_args: scorer {name!r} has no setting {key!r} ({has})")
+        out[key] = _coerce(value, declared[key], f"eviction.scorer_args: scorer {name!r}, setting {key!r}")
+    try:
+        cls(**out)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"eviction.scorer_args: {e}") from None
+    return ScorerArgs(sorted(out.items()))
+
+
+def get_scorer(name: str, **kwargs) -> Scorer:
+    """Scorer ``name`` with its settings ``kwargs`` (the rest at their defaults), checked as
+    :func:`check_scorer_args` does."""
+    return _scorer_class(name)(**check_scorer_args(name, kwargs))
 
 
 def is_learned(name: str) -> bool:
