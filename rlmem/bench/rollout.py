@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=32, help="prompts generated together")
     p.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024], help="completion lengths to measure")
     # NGC settings sized for the default tiny model; flags and help come from EvictionConfig
-    add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8})
+    add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8}, exclude=("scorer_args",))   # several scorers
     p.add_argument("--scorers", default="", help="comma-separated baseline scorers to time against NGC at the "
                    "same schedule ('all': every registered heuristic)")
     p.add_argument("--repeats", type=int, default=1, help="best of N timings per configuration")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="rlmem-bench-"), layers=2, hidden=256)
     model, tok = load_model(model_dir)
-    cfg = dataclasses.replace(eviction_from_args(args), scorer="ngc")
+    cfg = dataclasses.replace(eviction_from_args(args, scorer_args={}), scorer="ngc")
     scorers = baseline_scorers(args.scorers)
     prompts = [tok(f"Using the numbers {i} {i + 7} {2 * i + 3}, create an equation that equals {i + 40}.").input_ids
                for i in range(args.batch)]
