@@ -61,11 +61,13 @@ def _is_number(tp: Any) -> bool:
 def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, *,
                     constraints: dict[str, dict[str, Any]] | None = None,
                     defaults: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
-                    base: type[Section] | None = None) -> type[Section]:
+                    base: type[Section] | None = None, extra_first: bool = False) -> type[Section]:
     """A section whose ``fields`` are those of the dataclass ``source``: same names, types and defaults.
 
     ``constraints`` adds pydantic bounds (``{"lr": {"gt": 0}}``); ``defaults`` overrides a default on
-    purpose (document why at the call); ``extra`` adds section-only fields as ``(type, FieldInfo)``.
+    purpose (document why at the call); ``extra`` adds section-only fields as ``(type, FieldInfo)``
+    (after the derived ones, or before them with ``extra_first``); ``base``: a Section subclass
+    carrying the source's validators.
     """
     hints = typing.get_type_hints(source)
     by_name = {f.name: f for f in dataclasses.fields(source)}
@@ -75,7 +77,7 @@ def derived_section(name: str, source: type, fields: tuple[str, ...], doc: str, 
         d = (defaults or {}).get(f, own)
         help_ = by_name[f].metadata.get("help") if by_name[f].metadata else None
         spec[f] = (hints[f], Field(d, description=help_, **(constraints or {}).get(f, {})))
-    spec.update(extra or {})
+    spec = {**(extra or {}), **spec} if extra_first else {**spec, **(extra or {})}
     model = create_model(name, __base__=base or Section, __doc__=doc, **spec)
     model.__module__ = __name__
     return model
@@ -347,7 +349,7 @@ EvalConfig = derived_section(
     "`rlmem eval`). Sampling: SamplingParams' fields with evaluation's defaults "
     "(rlmem.evaluation.pipeline.EVAL_SAMPLING_DEFAULTS: T 0.6, top-p 0.95; temperature 0 = greedy); "
     "max_new_tokens and stop, when null, are the rollout section's (evaluate at the trained length).",
-    defaults={k: eval_sampling_default(k) for k in EVAL_OWN_SAMPLING}, base=EvalSamplingSection,
+    defaults={k: eval_sampling_default(k) for k in EVAL_OWN_SAMPLING}, base=EvalSamplingSection, extra_first=True,
     extra={"source": (str | None, Field(None)),                 # null: no evaluation
            "split": (str, Field("test")),
            "limit": (int | None, Field(None, ge=1)),
