@@ -177,3 +177,45 @@ def test_every_module_imports_first():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert not out.stdout.strip(), "import cycles through a package __init__:\n" + out.stdout
+
+
+# The layers of docs/design.md section 3, lowest first: a module may import its own layer and the
+# ones below, never one above. The core (policy, engines, data, rewards, evaluation) knows nothing of
+# training; the learner knows nothing of runs; the run directory knows nothing of the driver.
+LAYERS = [
+    ("core", ("rewards", "rlmem.dtypes", "rlmem.jsonl", "rlmem.metrics", "rlmem.figures", "rlmem.eviction",
+              "rlmem.models", "rlmem.data", "rlmem.engine", "rlmem.evaluation", "rlmem.toy")),
+    ("learner", ("rlmem.learner",)),
+    ("run", ("rlmem.run",)),
+    ("train", ("rlmem.train",)),
+    ("entry points", ("rlmem.commands", "rlmem.bench", "rlmem.cli")),
+]
+
+
+def _layer(module: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} belongs to no layer of LAYERS: place it there (docs/design.md section 3)")
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    modules = _modules()
+    bad = []
+    for m, path in modules.items():
+        if m == "rlmem":
+            continue
+        for d in _imports(path, m, modules):
+            if d != "rlmem" and _layer(d) > _layer(m):
+                bad.append(f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})")
+    assert not bad, "imports running up the layers:\n" + "\n".join(sorted(bad))
+
+
+def test_the_driver_package_stays_small():
+    """rlmem/train holds the orchestration only; it once held a third of the package (issue: layout re-cut)."""
+    def lines(paths) -> int:
+        return sum(len(p.read_text().splitlines()) for p in paths)
+
+    total = lines((ROOT / "rlmem").rglob("*.py"))
+    train = lines((ROOT / "rlmem" / "train").rglob("*.py"))
+    assert train <= 0.25 * total, f"rlmem/train is {train}/{total} lines ({train / total:.0%}), above 25%"
