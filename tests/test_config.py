@@ -156,6 +156,37 @@ def test_eviction_stages_are_checked_field_by_field():
     assert _load_tiny("eviction.curriculum.enabled=true", "eviction.stages=[{from_step: 3, tau: 0.5}]")  # τ alone is fine
 
 
+def test_a_full_cache_run_refuses_a_stage_that_evicts():
+    """eviction.eps=0 is a full-cache control; a stage ε would turn it into an eviction run from its
+    step on, silently (issue 22, item 3). The toy config's own stages, with eps=0, are refused."""
+    with pytest.raises(ConfigError) as ei:
+        load_config(CONFIGS / "countdown-toy.yaml", ["eviction.eps=0"])
+    assert _keys(ei.value) == ["eviction.stages.0.eps"]
+    msg = ei.value.problems[0][1]
+    assert "evicts at ε = 0.5 from step 61" in msg and "eviction.eps=0 'eviction.stages=[]'" in msg
+    # the control as the config's header writes it, and the two ways that stay allowed
+    assert not load_config(CONFIGS / "countdown-toy.yaml", ["eviction.eps=0", "eviction.stages=[]"]).eviction.stages
+    assert _load_tiny("eviction.eps=0", "eviction.stages=[{from_step: 3, tau: 0.5}]")   # τ only: still full cache
+    warm = _load_tiny("eviction.eps=0.5", "eviction.stages=[{from_step: 1, eps: 0}, {from_step: 3, eps: 0.5}]")
+    assert [s.eps for s in warm.eviction.stages] == [0, 0.5]   # the full-cache start the message suggests
+
+
+def test_a_stage_beyond_total_steps_is_a_note(capsys):
+    """A stage past trainer.total_steps never runs in this run: ``rlmem config show`` (and ``rlmem
+    train``) say so; it is not refused (the toy config keeps stages 2 and 3 past its 60 steps so
+    that the run can be continued to 220)."""
+    from rlmem.run.config.checks import config_notes
+
+    cfg = _load_tiny("trainer.total_steps=4", "eviction.stages=[{from_step: 3, tau: 0.5}, {from_step: 5, tau: 0.25}]")
+    assert config_notes(cfg) == [("eviction.stages.1.from_step", "5 lies beyond trainer.total_steps (4): this run "
+                                  "ends before the stage starts (continue the run with a larger trainer.total_steps "
+                                  "to reach it)")]
+    assert config_notes(load_config(CONFIGS / "countdown-toy.yaml", ["trainer.total_steps=220"])) == []
+    assert cli_main(["config", "show", "--no-check-files", str(TINY), "trainer.total_steps=4",
+                     "eviction.stages=[{from_step: 5, tau: 0.25}]"]) == 0
+    assert "# note: eviction.stages.0.from_step: 5 lies beyond trainer.total_steps (4)" in capsys.readouterr().out
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(ConfigError) as ei:
         _load_tiny(f"model.path={tmp_path}/no-model", f"data.source={tmp_path}/train.jsonl",

@@ -18,16 +18,16 @@ import argparse
 import tempfile
 
 from rlmem.bench.timing import best_of
-from rlmem.commands.common import add_eviction_args, eviction_from_args, load_model
+from rlmem.commands.common import add_eviction_args, at_least, eviction_from_args, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model dir (default: a fresh tiny 2-layer Qwen2)")
-    p.add_argument("--batch", type=int, default=8, help="records per learner step")
-    p.add_argument("--new-tokens", type=int, default=512, help="completion length of each record")
+    p.add_argument("--batch", type=at_least(1), default=8, help="records per learner step")
+    p.add_argument("--new-tokens", type=at_least(1), default=512, help="completion length of each record")
     add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8})
-    p.add_argument("--repeats", type=int, default=3, help="best of N timings per configuration")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="best of N timings per configuration")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,10 +56,12 @@ def _math_batch(n: int, seed: int):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=1000, help="completions per verifier (default 1000)")
-    parser.add_argument("--workers", type=int, default=None, help="math grader processes (default min(4, cpus))")
-    parser.add_argument("--timeout", type=float, default=2.0, help="hard per-item timeout for the hang test (s)")
-    parser.add_argument("--hangs", type=int, default=4, help="hanging items in the hang batch")
+    from rlmem.commands.common import above_zero, at_least
+
+    parser.add_argument("--n", type=at_least(1), default=1000, help="completions per verifier (default 1000)")
+    parser.add_argument("--workers", type=at_least(1), default=None, help="math grader processes (default min(4, cpus))")
+    parser.add_argument("--timeout", type=above_zero, default=2.0, help="hard per-item timeout for the hang test (s)")
+    parser.add_argument("--hangs", type=at_least(0), default=4, help="hanging items in the hang batch (0: none)")
     parser.add_argument("--seed", type=int, default=0)
 
 

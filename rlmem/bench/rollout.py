@@ -14,23 +14,23 @@ import argparse
 import tempfile
 
 from rlmem.bench.timing import best_of
-from rlmem.commands.common import add_eviction_args, eviction_from_args, load_model
+from rlmem.commands.common import add_eviction_args, at_least, eviction_from_args, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local HF model dir (default: a fresh tiny 2-layer Qwen2)")
-    p.add_argument("--batch", type=int, default=32, help="prompts generated together")
-    p.add_argument("--new-tokens", type=int, nargs="+", default=[256, 1024], help="completion lengths to measure")
+    p.add_argument("--batch", type=at_least(1), default=32, help="prompts generated together")
+    p.add_argument("--new-tokens", type=at_least(1), nargs="+", default=[256, 1024], help="completion lengths to measure")
     # NGC settings sized for the default tiny model; flags and help come from EvictionConfig
     add_eviction_args(p, defaults={"delta": 64, "block_size": 16, "window": 8}, exclude=("scorer_args",))   # several scorers
     p.add_argument("--scorers", default="", help="comma-separated baseline scorers to time against NGC at the "
                    "same schedule ('all': every registered heuristic)")
-    p.add_argument("--repeats", type=int, default=1, help="best of N timings per configuration")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--repeats", type=at_least(1), default=1, help="best of N timings per configuration")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--backend", choices=["torch", "vllm"], default="torch",
                    help="torch: reference engine vs HF generate; vllm: vLLM full cache vs vLLM NGC at a fixed "
                         "number of KV blocks (--kv-blocks), plus the torch engine on the same work")
-    p.add_argument("--kv-blocks", type=int, default=40, help="--backend vllm: KV blocks of the engine (fixed memory)")
+    p.add_argument("--kv-blocks", type=at_least(1), default=40, help="--backend vllm: KV blocks of the engine (fixed memory)")
     p.add_argument("--skip-torch", action="store_true", help="--backend vllm: do not run the torch engine")
 
 

@@ -23,6 +23,34 @@ def as_flags(message: str, section: str) -> str:
     return re.sub(rf"\b{section}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+def at_least(low: int | float, kind: type = int):
+    """An argparse ``type`` that refuses values below ``low``: ``--batch 0`` is then argparse's
+    one ``error: argument --batch: ...`` line (exit 2) before anything starts, never a silent
+    default, a ZeroDivisionError or an empty benchmark."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None
+        if not value >= low:   # also refuses a float NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {text})")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its own messages
+    return parse
+
+
+def above_zero(text: str) -> float:
+    """An argparse ``type`` for a number that must be > 0 (a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text})")
+    return value
+
+
 def add_eviction_args(p: argparse.ArgumentParser, *, defaults: dict | None = None,
                       exclude: tuple[str, ...] = ()) -> None:
     """One flag per :class:`EvictionConfig` field, with its default and help (the one definition).
@@ -144,6 +172,61 @@ def create_engine(backend: str, model_path: str, dtype: str = "float32", seed: i
         raise CommandError(f"--model {e}") from None
     except ValueError as e:
         raise CommandError(f"--backend {backend}: {e}") from None
+
+
+def check_backend(backend: str, cfg) -> None:
+    """The engine's own refusals of the eviction settings, before anything loads or starts: the
+    vLLM engine's block size, ``protect_recent`` and step-observing scorers (it would otherwise
+    refuse them only in its first ``generate``, after start-up and with a progress bar open)."""
+    if backend != "vllm" or cfg is None or not cfg.enabled:
+        return
+    from rlmem.engine.registry import engine_unavailable_reason
+
+    why = engine_unavailable_reason("vllm")
+    if why is not None:
+        raise CommandError(f"--backend vllm: {why}")
+    from rlmem.engine.vllm.engine import check_block_size, check_eviction, cuda_present
+
+    try:
+        check_block_size(cfg.block_size, cuda=cuda_present())
+        check_eviction(cfg, None)
+    except ValueError as e:
+        raise CommandError(f"--backend vllm: {as_flags(str(e), 'eviction')}") from None
+
+
+def output_file(path: str, flag: str = "--out"):
+    """Check an output file's path before any work: not a directory, and its folder exists or can
+    be created (the first existing ancestor is a writable directory). Returns it as a Path."""
+    import os
+
+    out = Path(path)
+    if out.is_dir():
+        raise CommandError(f"{flag} {path}: is a directory; give a file name (e.g. {out / 'records.jsonl'})")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{flag} {path}: cannot create its directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{flag} {path}: cannot write into {parent}: permission denied")
+    return out
+
+
+def lock_output_file(out: Path, flag: str = "--out"):
+    """Create ``out``'s folder and hold a lock on ``out`` (``.<name>.lock`` beside it, the run
+    directory's :class:`~rlmem.dirlock.DirLock`: a second process writing the same file is refused,
+    naming the holder). Release it when the file is written."""
+    from rlmem.dirlock import DirLock
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(f"{flag} {out}: cannot create its directory: {e.strerror or e}") from None
+    lock = DirLock(out.parent, error=lambda msg: CommandError(f"{flag} {out}: {msg}"),
+                   what=f"process writing {out.name}", other=f"choose another {flag}")
+    lock.path = out.parent / f".{out.name}.lock"   # one lock per output file, not per folder
+    lock.acquire()
+    return lock
 
 
 def generate(engine, prompts: list[list[int]], sampling, cfg, *, greedy_evictions: bool = False) -> list:

@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(batch_table(cfg))
     print(f"# run directory: {start}")
+    from rlmem.run.config.checks import config_notes
+
+    for key, note in config_notes(cfg):
+        print(f"# note: {key}: {note}")
     return 0
 
 

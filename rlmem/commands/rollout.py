@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, add_sampling_args,
-                                   as_flags, create_engine, eviction_from_args, generate, read_prompts,
-                                   sampling_from_args)
+                                   as_flags, check_backend, create_engine, eviction_from_args, generate,
+                                   lock_output_file, output_file, read_prompts, sampling_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from tqdm import tqdm
+    """Every flag and file is checked before the model loads; ``--out`` is locked while this
+    process writes it and is written whole at the end (Ctrl-C leaves it untouched)."""
+    import sys
 
     from rlmem.engine.sampling import SamplingParams
-    from rlmem.eviction.record import write_jsonl
     from rlmem.models.loading import ModelLoadError, load_tokenizer
 
     cfg = eviction_from_args(args)
@@ -42,29 +41,58 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(as_flags(str(e), "sampling")) from None
     if args.num_samples < 1 or args.batch_size < 1:
         raise CommandError("--num-samples and --batch-size must be >= 1")
+    check_backend(args.backend, cfg)
+    out = output_file(args.out)
     try:
         tokenizer = load_tokenizer(args.model)
     except ModelLoadError as e:
         raise CommandError(f"--model {e}") from None
     prompts = read_prompts(args.prompts, tokenizer)
+    lock = lock_output_file(out)
+    try:
+        return _generate_and_write(args, cfg, sampling, tokenizer, prompts, out)
+    except KeyboardInterrupt:
+        print(f"\nrlmem rollout: interrupted; {args.out} not written", file=sys.stderr)
+        return 130
+    finally:
+        lock.release()
+
+
+def _generate_and_write(args, cfg, sampling, tokenizer, prompts, out) -> int:
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from rlmem.eviction.record import write_jsonl
+
     engine = create_engine(args.backend, args.model, args.dtype, args.seed)
     jobs = [(i, s) for i in range(len(prompts)) for s in range(args.num_samples)]
     records, tokens, seconds = [], 0, 0.0
     bar = tqdm(total=len(jobs), desc="rollout", unit="seq")
-    for start in range(0, len(jobs), args.batch_size):
-        chunk = jobs[start: start + args.batch_size]
-        t0 = time.perf_counter()
-        out = generate(engine, [prompts[i][1] for i, _ in chunk], sampling, cfg, greedy_evictions=args.eval)
-        seconds += time.perf_counter() - t0
-        for (i, s), rec in zip(chunk, out):
-            rec.extra.update(prompt_index=i, sample_index=s,
-                             completion_text=tokenizer.decode(rec.completion_ids, skip_special_tokens=False))
-            tokens += len(rec.completion_ids)
-        records.extend(out)
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
-    bar.close()
-    write_jsonl(args.out, records)
+    try:
+        for start in range(0, len(jobs), args.batch_size):
+            chunk = jobs[start: start + args.batch_size]
+            t0 = time.perf_counter()
+            out_ = generate(engine, [prompts[i][1] for i, _ in chunk], sampling, cfg, greedy_evictions=args.eval)
+            seconds += time.perf_counter() - t0
+            for (i, s), rec in zip(chunk, out_):
+                rec.extra.update(prompt_index=i, sample_index=s,
+                                 completion_text=tokenizer.decode(rec.completion_ids, skip_special_tokens=False))
+                tokens += len(rec.completion_ids)
+            records.extend(out_)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+    finally:
+        bar.close()
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        write_jsonl(out, records)
+    except OSError as e:
+        raise CommandError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():   # an interrupted or failed write leaves no partial file behind
+            os.unlink(tmp)
     peaks = [r.extra["peak_kv"] for r in records]
     print(f"wrote {len(records)} records to {args.out}: {tokens} tokens in {seconds:.1f}s "
           f"({tokens / max(seconds, 1e-9):.0f} tokens/s); peak KV entries mean {sum(peaks) / len(peaks):.1f}, "

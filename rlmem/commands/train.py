@@ -40,6 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    from rlmem.run.config.checks import config_notes
+
+    for key, note in config_notes(cfg):
+        print(f"[rlmem] note: {key}: {note}", flush=True)
     from rlmem.train.driver import TrainingError, run_training
 
     try:

@@ -81,6 +81,13 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
         if stage.eps is not None and (cur.enabled or intro.enabled):
             which = "eviction.curriculum" if cur.enabled else "eviction.interoception"
             out.append((f"{key}.eps", f"{which} sets ε itself; disable it or drop eps from the stage"))
+        elif stage.eps and not ev.eps:
+            # eviction.eps=0 reads as "a full-cache run"; a stage that evicts later would silently
+            # turn that control into an eviction run from its step on (issue 22, item 3).
+            out.append((f"{key}.eps", f"eviction.eps is 0 (a full-cache run) but this stage evicts at ε = {stage.eps:g} "
+                                      f"from step {stage.from_step}: for a full-cache control drop the stages "
+                                      f"(eviction.eps=0 'eviction.stages=[]'); for a full-cache start, set "
+                                      f"eviction.eps to the rate and begin with a stage {{from_step: 1, eps: 0}}"))
         if base_ok:
             try:
                 cfg.eviction_config(stage.eps, stage.tau)
@@ -100,6 +107,7 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
                                                  f"ray.num_gpus_per_actor"))
             elif amount <= 0:
                 out.append((f"ray.{key}.{name}", f"must be > 0 (got {amount})"))
+    out += placement_problems(cfg)
     for i, k in enumerate(cfg.eval.k):
         if k < 1 or k > cfg.eval.num_samples:
             out.append((f"eval.k.{i}", f"pass@{k} needs 1 <= k <= eval.num_samples ({cfg.eval.num_samples})"))
@@ -119,6 +127,41 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
 
     if check_files:
         out += check_files_exist(cfg)
+    return out
+
+
+def config_notes(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Settings that are valid but do nothing in this run, as ``(dotted key, message)``; printed by
+    ``rlmem train`` and ``rlmem config show``, not refused.
+
+    A stage beyond ``trainer.total_steps`` is one: the shipped toy config keeps stages 2 and 3 past
+    its 60 steps on purpose (continue the run to 220 steps to reach them), and a short smoke run
+    (``trainer.total_steps=2``) of any staged config would be refused if this were an error."""
+    out = []
+    total = cfg.trainer.total_steps
+    for i, stage in enumerate(cfg.eviction.stages):
+        if stage.from_step > total:
+            out.append((f"eviction.stages.{i}.from_step",
+                        f"{stage.from_step} lies beyond trainer.total_steps ({total}): this run ends before the "
+                        f"stage starts (continue the run with a larger trainer.total_steps to reach it)"))
+    return out
+
+
+def placement_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Colocated on GPUs means rollout worker i and learner rank i share GPU i (docs/gpu.md)."""
+    r, out = cfg.ray, []
+    if r.placement == "colocated" and r.num_gpus_per_actor:
+        if r.num_gpus_per_actor > 1:
+            out.append(("ray.num_gpus_per_actor", f"placement colocated shares one GPU between rollout worker i and "
+                                                  f"learner rank i: use 1 (got {r.num_gpus_per_actor:g}), or "
+                                                  f"placement split"))
+        if cfg.rollout.num_workers != cfg.learner.num_workers:
+            out.append(("rollout.num_workers", f"placement colocated on GPUs pairs rollout worker i with learner rank "
+                                               f"i: rollout.num_workers ({cfg.rollout.num_workers}) must equal "
+                                               f"learner.num_workers ({cfg.learner.num_workers})"))
+    if r.weight_sync == "cuda_ipc" and (r.placement != "colocated" or not r.num_gpus_per_actor):
+        out.append(("ray.weight_sync", "cuda_ipc hands GPU memory to an engine on the same GPU: it needs "
+                                       "ray.placement: colocated and ray.num_gpus_per_actor: 1"))
     return out
 
 
