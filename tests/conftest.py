@@ -63,3 +63,56 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", savefig)
     return saved
+
+
+# --- one local Ray session for the tests that only need *a* session ------------------------------
+#
+# run_training reuses a running Ray session and leaves it running (rlmem.train.workers.init_ray:
+# the path of a cluster that outlives a run), and stops its own actors and placement groups when it
+# ends. So tests that train through the driver share one session instead of paying for a Ray start
+# and stop per run (about 10 s each on 2 cores). A test opts in by requesting the ``shared_ray``
+# fixture, directly or through a fixture it uses; before any other test the shared session is shut
+# down, so tests that start their own Ray (ray.init with their own settings, a cluster, a
+# subprocess) find none running, exactly as before.
+
+_shared_ray = {"started": False}
+
+
+def _start_shared_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # what init_ray starts for a local run, with room for any test's actors (logical CPUs)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, log_to_driver=True,
+             logging_level="warning")
+    _shared_ray["started"] = True
+
+
+def _stop_shared_ray() -> None:
+    if _shared_ray["started"]:
+        import ray
+
+        ray.shutdown()
+        _shared_ray["started"] = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if "shared_ray" in item.fixturenames:
+        _start_shared_ray()
+    else:
+        _stop_shared_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_shared_ray()
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """Request this to run inside the shared Ray session (started and stopped by the hook above)."""
+    import ray
+
+    assert ray.is_initialized()
+    return ray

@@ -26,7 +26,7 @@ SHORT_RUN = ["trainer.total_steps=20", "trainer.eval_every=20", "trainer.save_ev
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
+def short_run(tmp_path_factory, shared_ray):
     from rlmem.run.config import load_config
     from rlmem.train.driver import run_training
 
@@ -63,6 +63,7 @@ def test_short_toy_run_beats_the_warm_start_at_the_same_eps(short_run, tmp_path)
     import torch
 
     from rlmem.evaluation.runner import EvalSettings, run_eval
+    from rlmem.eviction.policy import EvictionConfig
 
     _, summary, cfg = short_run
     torch.set_num_threads(1)
@@ -72,8 +73,9 @@ def test_short_toy_run_beats_the_warm_start_at_the_same_eps(short_run, tmp_path)
         """Held-out pass@1 ± SE with the model's own evictions at ε = 0.25, on the schedule and sampling
         it trained with (as the report measures it)."""
         s = EvalSettings(model=str(path), task="countdown-toy", out=str(tmp_path / name), methods=["ngc"], eps=[EPS],
-                         n=1, max_new_tokens=ro.max_new_tokens, seed=1, delta=ev.delta, block_size=ev.block_size,
-                         window=ev.window, temperature=ro.temperature, top_p=ro.top_p, batch_size=94)
+                         n=1, max_new_tokens=ro.max_new_tokens, seed=1,
+                         schedule=EvictionConfig(delta=ev.delta, block_size=ev.block_size, window=ev.window),
+                         temperature=ro.temperature, top_p=ro.top_p, batch_size=94)
         row = next(r for r in run_eval(s, progress=False) if r["method"] == "ngc")
         return row["pass@1"], row["pass@1_stderr"]
 

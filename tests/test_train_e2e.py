@@ -16,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_model_dir, tmp_path_factory):
-    """Two uninterrupted steps, a checkpoint after each."""
+def straight_run(tiny_model_dir, tmp_path_factory, shared_ray):
+    """Two uninterrupted steps, a checkpoint after each. The runs of this module share one Ray
+    session (conftest ``shared_ray``), as runs on a cluster do; each starts and stops its own actors."""
     from rlmem.train.driver import run_training
 
     out = tmp_path_factory.mktemp("straight")
@@ -85,7 +86,7 @@ def test_training_changes_weights_with_exact_replay(straight_run, tiny_model_dir
     assert worst["token"] < 1e-4 and worst["eviction"] < 1e-4
 
 
-def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path):
+def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path, shared_ray):
     from rlmem.train.driver import run_training
 
     out, _ = straight_run
@@ -120,7 +121,7 @@ def test_resume_continues_the_same_curve(straight_run, tiny_model_dir, tmp_path)
     assert sorted(p.name for p in records_path(tmp_path, 2).parent.iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
 
 
-def test_a_staged_run_equals_a_resume_with_the_new_settings(straight_run, tiny_model_dir, tmp_path):
+def test_a_staged_run_equals_a_resume_with_the_new_settings(straight_run, tiny_model_dir, tmp_path, shared_ray):
     """``eviction.stages`` (one config, one run) does what a resume with overrides did (the toy recipe
     used to be a chain of those): step 2 samples and replays at the stage's τ, exactly."""
     from rlmem.train.driver import run_training
@@ -148,9 +149,8 @@ def test_a_staged_run_equals_a_resume_with_the_new_settings(straight_run, tiny_m
     assert [x.to_dict() for x in recs] == [x.to_dict() for x in read_jsonl(records_path(tmp_path / "resumed", 2))]
 
 
-def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir):
+def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir, shared_ray):
     """Data parallelism through the Ray actors: same global batch, same update."""
-    import ray
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlmem.engine.reference import ReferenceEngine
@@ -170,27 +170,30 @@ def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir):
     adv = [1.0, -1.0, 0.5, -0.5]
     lcfg = cfg.learner_config(str(tiny_model_dir))
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error", runtime_env={"env_vars": actor_env()})
+    ray = shared_ray
+    Learner = remote_class(LearnerWorker)
+    ws: list = []
+
+    def run(world: int):
+        ws[:] = [Learner.options(num_cpus=0.5, runtime_env={"env_vars": actor_env()}).remote(
+            lcfg, rank=r, world_size=world, num_threads=1) for r in range(world)]
+        addr, port = ray.get(ws[0].rendezvous_address.remote())
+        ray.get([w.setup.remote(addr, port) for w in ws])
+        n = len(records) // world
+        ms = ray.get([w.train_step.remote(records[r * n:(r + 1) * n], adv[r * n:(r + 1) * n], len(records))
+                      for r, w in enumerate(ws)])
+        states = ray.get([w.state_dict.remote() for w in ws])
+        for w in ws:
+            ray.kill(w)
+        ws.clear()
+        return ms, states
+
     try:
-        Learner = remote_class(LearnerWorker)
-
-        def run(world: int):
-            ws = [Learner.options(num_cpus=0.5).remote(lcfg, rank=r, world_size=world, num_threads=1)
-                  for r in range(world)]
-            addr, port = ray.get(ws[0].rendezvous_address.remote())
-            ray.get([w.setup.remote(addr, port) for w in ws])
-            n = len(records) // world
-            ms = ray.get([w.train_step.remote(records[r * n:(r + 1) * n], adv[r * n:(r + 1) * n], len(records))
-                          for r, w in enumerate(ws)])
-            states = ray.get([w.state_dict.remote() for w in ws])
-            for w in ws:
-                ray.kill(w)
-            return ms, states
-
         (m1,), (s1,) = run(1)
         m2, (s2a, s2b) = run(2)
     finally:
-        ray.shutdown()
+        for w in ws:                     # a failed step must not leave learners in the shared session
+            ray.kill(w)
     assert m1["loss"] == pytest.approx(m2[0]["loss"], rel=1e-5) and m2[0]["loss"] == m2[1]["loss"]
     assert m1["grad_norm"] > 0 and m1["grad_norm"] == pytest.approx(m2[0]["grad_norm"], rel=1e-4)
     init = {k: v.detach() for k, v in model.named_parameters()}
