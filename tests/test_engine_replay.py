@@ -88,6 +88,41 @@ def test_flex_attention_forward_equals_dense(tok, tiny_model_dir):
     assert torch.allclose(dense.eviction_logprobs, flex.eviction_logprobs, atol=1e-4)
 
 
+def test_flex_replay_compiles_once_per_length_bucket(tok, tiny_model_dir, monkeypatch):
+    """FlexAttention pads to a multiple of 128: varied lengths compile once per (batch, bucket) shape.
+
+    Counted with Dynamo's compile counter as the CPU backend (the same Dynamo guards decide
+    recompiles on CUDA); each replay still equals the dense path, tokens and evictions.
+    """
+    from torch._dynamo.testing import CompileCounter
+
+    import rlmem.learner.replay as replay
+
+    counter = CompileCounter()
+    monkeypatch.setitem(replay.FLEX_COMPILE_BACKEND, "cpu", counter)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
+    engine = ReferenceEngine(model, tok, seed=3, eos_token_ids=[])
+    records = [engine.generate([tok(p).input_ids], SamplingParams(max_new_tokens=m), cfg)[0]
+               for p, m in ((PROMPTS[2], 12), (PROMPTS[0], 50), (PROMPTS[1], 90), (PROMPTS[1], 120))]
+    lengths = [r.seq_len for r in records]
+    assert lengths == [13, 61, 136, 166]                     # buckets 128, 128, 256, 256
+    assert [replay.flex_padded_len(n) for n in lengths] == [128, 128, 256, 256]
+    assert [r.num_rounds > 0 for r in records] == [False, True, True, True]
+    for r in records:
+        with torch.no_grad():
+            dense = replay_forward(model, [r], kernel="sdpa")
+            flex = replay_forward(model, [r], kernel="flex")
+        assert torch.allclose(dense.token_logprobs, flex.token_logprobs, atol=1e-4)
+        assert torch.allclose(dense.eviction_logprobs, flex.eviction_logprobs, atol=1e-4)
+    # two compiled functions (block-mask builder, attention) x two buckets, for 4 lengths x 2 layers
+    assert counter.frame_count == 4
+    with torch.no_grad():                                     # a batch of 2 is a new shape: one more each
+        replay_forward(model, records[:2], kernel="flex")
+        replay_forward(model, records[2:], kernel="flex")
+    assert counter.frame_count == 8
+
+
 def test_gradients_reach_every_layer(tok, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)

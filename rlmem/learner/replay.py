@@ -8,6 +8,9 @@ log-probability too, on the autograd graph (so the eviction loss reaches all wei
 Two attention kernels behind one API: ``"sdpa"`` (a dense boolean mask; CPU, fallback, and the
 only one with a CPU backward) and ``"flex"`` (FlexAttention with a BlockMask built from
 ``evicted_at``; the CUDA path). They implement the same ``mask_mod`` and are tested against each other.
+The flex path pads the length to a multiple of :data:`FLEX_PAD_MULTIPLE` and compiles its
+block-mask builder and its attention once per (batch, padded length) shape: a batch of varied
+rollout lengths compiles a few buckets, not one kernel per length.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class _ReplayState:
     compute_eviction: bool
     mask: ReplayMask = "evicted"
     eviction_logprobs: dict[int, list[torch.Tensor]] = field(default_factory=dict)   # layer -> per-row [R_i]
+    block_masks: dict[int, object] = field(default_factory=dict)   # flex: layer (-1: causal) -> BlockMask
 
 
 def visibility_mask(ea_layer: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -80,30 +84,79 @@ def visibility_mask(ea_layer: torch.Tensor, seq_lens: torch.Tensor) -> torch.Ten
     return mask | pad_row
 
 
-_COMPILED_FLEX = None
+# FlexAttention pads its sequence length up to a multiple of this, so that the compiled kernels and
+# block-mask builders are made once per length bucket, not once per distinct rollout length.
+FLEX_PAD_MULTIPLE = 128
+# Which torch.compile backend the flex path uses per device type. CUDA: inductor (fused Triton
+# kernels). CPU: "eager", which still goes through Dynamo (same guards, same recompiles per shape) and
+# runs FlexAttention's reference math, so the once-per-bucket rule is measurable on a CPU.
+FLEX_COMPILE_BACKEND: dict[str, object] = {"cuda": "inductor", "cpu": "eager"}
+# Dynamo's per-function recompile limit (default 8) would send bucket 9 to slow eager attention; the
+# flex functions get room for one compile per bucket up to this many (scoped, not a global change).
+FLEX_RECOMPILE_LIMIT = 512
+_FLEX_COMPILED: dict[tuple[str, object], tuple] = {}
 
 
-def _flex_attention(query, key, value, ea_layer, seq_lens, scaling):
-    """FlexAttention with the replay ``mask_mod``; compiled to Triton on CUDA, eager (forward only) on CPU."""
-    global _COMPILED_FLEX
-    import warnings
+def flex_padded_len(n: int, multiple: int = FLEX_PAD_MULTIPLE) -> int:
+    """The length FlexAttention runs at: ``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+def _replay_block_mask(ea_layer: torch.Tensor, seq_lens: torch.Tensor):
+    """The BlockMask of the replay ``mask_mod`` for one layer (``ea_layer`` ``[B, n]``, already padded).
+
+    Defined here, not per call, so that under ``torch.compile`` its guards are only the input shapes:
+    a new batch of the same bucket reuses the compiled builder (its masks differ, its code does not).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         visible = (kv_idx <= q_idx) & (q_idx < ea_layer[b, kv_idx])
         return visible | ((q_idx >= seq_lens[b]) & (kv_idx == q_idx))
 
-    bsz, _, n, _ = query.shape
-    if query.is_cuda:
-        if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-        block_mask = create_block_mask(mask_mod, bsz, None, n, n, device=query.device, _compile=True)
-        return _COMPILED_FLEX(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
-    block_mask = create_block_mask(mask_mod, bsz, None, n, n, device=query.device)
-    with warnings.catch_warnings():   # the unfused CPU path is only used to check the mask semantics
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    bsz, n = ea_layer.shape
+    return create_block_mask(mask_mod, bsz, None, n, n, device=ea_layer.device)
+
+
+def _flex_functions(device_type: str):
+    """(block-mask builder, attention) compiled for ``device_type``, made once per process and backend."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    backend = FLEX_COMPILE_BACKEND.get(device_type, "eager")
+    key = (device_type, id(backend) if not isinstance(backend, str) else backend)
+    if key not in _FLEX_COMPILED:
+        _FLEX_COMPILED[key] = (torch.compile(_replay_block_mask, dynamic=False, backend=backend),
+                               torch.compile(flex_attention, dynamic=False, backend=backend))
+    return _FLEX_COMPILED[key]
+
+
+def replay_block_mask(ea_layer: torch.Tensor, seq_lens: torch.Tensor, multiple: int = FLEX_PAD_MULTIPLE):
+    """The compiled BlockMask for one layer at the padded length (padded keys never visible)."""
+    n = ea_layer.shape[-1]
+    n_pad = flex_padded_len(n, multiple)
+    ea_pad = torch.nn.functional.pad(ea_layer, (0, n_pad - n), value=-1)
+    build, _ = _flex_functions(ea_layer.device.type)
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        return build(ea_pad, seq_lens)
+
+
+def _flex_attention(query, key, value, block_mask, scaling):
+    """FlexAttention over the padded length with ``block_mask``; the output is cut back to ``n``.
+
+    Padded keys are invisible and padded queries see only themselves, so the padding changes no real
+    row; the BlockMask skips the fully masked padded blocks, so padding costs almost nothing.
+    """
+    import warnings
+
+    n = query.shape[2]
+    n_pad = block_mask.seq_lengths[0]
+    pad = (0, 0, 0, n_pad - n)
+    q, k, v = (torch.nn.functional.pad(t, pad) for t in (query, key, value))
+    _, attend = _flex_functions(query.device.type)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        warnings.simplefilter("ignore", UserWarning)   # CPU: the unfused reference path, for checks only
+        out = attend(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out[:, :, :n]
 
 
 def _replay_attention(module, query, key, value, attention_mask, *, state: _ReplayState, scaling=None, **kwargs):
@@ -113,7 +166,12 @@ def _replay_attention(module, query, key, value, attention_mask, *, state: _Repl
     # the causal ablation: no key is ever evicted for the tokens (padding stays invisible)
     ea_tokens = ea if state.mask == "evicted" else torch.where(ea >= 0, torch.full_like(ea, NEVER), ea)
     if state.kernel == "flex":
-        out = _flex_attention(query, key, value, ea_tokens, batch.seq_lens, scaling)
+        # one mask per layer and batch, kept for the checkpointed backward's recompute; the causal
+        # ablation's mask is the same in every layer, so it is built once
+        mask_key = -1 if state.mask == "causal" else layer
+        if mask_key not in state.block_masks:
+            state.block_masks[mask_key] = replay_block_mask(ea_tokens, batch.seq_lens)
+        out = _flex_attention(query, key, value, state.block_masks[mask_key], scaling)
     else:
         mask = visibility_mask(ea_tokens, batch.seq_lens)
         out = torch.nn.functional.scaled_dot_product_attention(
