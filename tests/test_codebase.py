@@ -183,8 +183,9 @@ def test_every_module_imports_first():
 # ones below, never one above. The core (policy, engines, data, rewards, evaluation) knows nothing of
 # training; the learner knows nothing of runs; the run directory knows nothing of the driver.
 LAYERS = [
-    ("core", ("rewards", "rlmem.dtypes", "rlmem.jsonl", "rlmem.metrics", "rlmem.figures", "rlmem.eviction",
-              "rlmem.models", "rlmem.data", "rlmem.engine", "rlmem.evaluation", "rlmem.toy")),
+    ("core", ("rewards", "rlmem.dtypes", "rlmem.dirlock", "rlmem.jsonl", "rlmem.metrics", "rlmem.figures", "rlmem.eviction",
+              "rlmem.models", "rlmem.data", "rlmem.engine", "rlmem.evaluation", "rlmem.toy",
+              "rlmem.devices", "rlmem.collectives")),
     ("learner", ("rlmem.learner",)),
     ("run", ("rlmem.run",)),
     ("train", ("rlmem.train",)),
@@ -219,3 +220,46 @@ def test_the_driver_package_stays_small():
     total = lines((ROOT / "rlmem").rglob("*.py"))
     train = lines((ROOT / "rlmem" / "train").rglob("*.py"))
     assert train <= 0.25 * total, f"rlmem/train is {train}/{total} lines ({train / total:.0%}), above 25%"
+
+
+# Modules whose tensor collectives must go through rlmem/collectives.py (it puts the tensors on the
+# process group's device: NCCL takes CUDA tensors only, so a CPU torch.tensor([...]) fails on GPUs).
+_DIST_MODULES = ("torch.distributed", "deepspeed.comm")
+
+
+def _collective_calls(path: Path) -> list[str]:
+    """Uses of a torch.distributed / deepspeed.comm collective (rlmem.collectives.COLLECTIVES):
+    ``dist.all_reduce`` through any alias, ``torch.distributed.barrier``, or importing the function."""
+    from rlmem.collectives import COLLECTIVES
+
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = set(_DIST_MODULES)    # dotted spellings always count
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in _DIST_MODULES and a.asname:
+                    aliases.add(a.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in _DIST_MODULES:
+                    aliases.add(a.asname or a.name)
+                elif node.module in _DIST_MODULES and a.name in COLLECTIVES:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in aliases:
+            bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_collectives_go_through_one_helper():
+    """No module but rlmem/collectives.py calls a torch.distributed (or deepspeed.comm) collective."""
+    helper = ROOT / "rlmem" / "collectives.py"
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != helper]
+    bad = [b for f in files for b in _collective_calls(f)]
+    assert not bad, "collectives outside rlmem/collectives.py (use its all_reduce / broadcast / barrier):\n" \
+        + "\n".join(bad)
+    # the scan sees what it is meant to see: the helper itself calls them
+    assert {b.split(": ", 1)[1] for b in _collective_calls(helper)} >= {"dist.all_reduce", "dist.broadcast",
+                                                                        "dist.barrier"}

@@ -202,8 +202,11 @@ def test_interrupted_eval_resumes_without_redoing_cells(tiny_model_dir, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_eval(s, progress=False)
     assert calls == [4, 4, 2, 4]      # full done, first ngc chunk done, interrupted on the second
+    from rlmem.evaluation.fingerprint import model_fingerprint
+
     store = EvalStore(s.out)
-    assert store.open(s.fingerprint()) == 5 + 2
+    assert store.open({**s.fingerprint(), "model_files": model_fingerprint(s.model)}) == 5 + 2
+    store.close()   # the directory's lock: held while open, as a running eval holds it
     # a crash between the records append and the index append: orphan records and a torn line
     with open(store.records_path("ngc_eps0.5"), "a") as f:
         f.write(json.dumps({"problem_index": 2, "sample_index": 0}) + "\n" + '{"prompt_ids": [1, 2')

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from rlmem.evaluation.executor import EngineExecutor
+from rlmem.evaluation.fingerprint import max_positions, model_fingerprint, resolve_model
 from rlmem.evaluation.pipeline import EvalError, EvalPlan, eval_sampling_default, result_rows, sample
 from rlmem.evaluation.results import write_markdown, write_results
-from rlmem.evaluation.store import EvalStore, run_name
+from rlmem.evaluation.store import EvalStore, StoreError, check_out_dir, run_name
 from rlmem.evaluation.tasks import load_task
 from rlmem.eviction.policy import EVICTION_FIELDS, EvictionConfig
 from rlmem.figures import plot_accuracy_vs_reduction, plot_pass_at_k
@@ -63,6 +64,7 @@ class EvalSettings:
         for k in ("methods", "eps", "out", "schedule"):
             d.pop(k)
         d.update({k: getattr(self.schedule, k) for k in SCHEDULE_FIELDS})
+        d["model"] = resolve_model(self.model)   # `tiny` and /abs/path/tiny: one setting
         return d
 
     def runs(self) -> list[tuple[str, float]]:
@@ -92,12 +94,24 @@ def validate(s: EvalSettings) -> None:
         raise EvalError(f"--methods: unknown method {bad[0]!r}; known: {', '.join(known)}")
     if not s.methods:
         raise EvalError("--methods: at least one method is needed")
+    # duplicates are refused, not merged: `ngc,ngc` is more likely a typo for another method than
+    # a wish to run ngc twice, and merging would quietly run less than the command says
+    dup = next((m for i, m in enumerate(s.methods) if m in s.methods[:i]), None)
+    if dup is not None:
+        raise EvalError(f"--methods: {dup!r} is given twice")
     if any(m != "full" for m in s.methods):
         if not s.eps:
             raise EvalError("--eps: at least one eviction rate is needed for methods other than full")
         for e in s.eps:
             if not 0 < e <= 1:
                 raise EvalError(f"--eps: every value must be in (0, 1] (got {e})")
+        seen: dict[str, float] = {}
+        for e in s.eps:   # runs are named by ε's %g: 0.5 and 0.5000001 would share one records file
+            name = run_name("ngc", e).removeprefix("ngc_")
+            if name in seen:
+                same = "is given twice" if seen[name] == e else f"and {seen[name]} name the same run ({name})"
+                raise EvalError(f"--eps: {e} {same}")
+            seen[name] = e
     for name in ("n", "batch_size"):
         if getattr(s, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(s, name)})")
@@ -122,9 +136,49 @@ def validate(s: EvalSettings) -> None:
         raise EvalError(f"--backend {s.backend}: {why}")
     for m, e in s.runs():
         try:
-            plan.config(m, e)
+            cfg = plan.config(m, e)
+            if cfg is not None and s.backend == "vllm":
+                check_vllm(cfg)
         except ValueError as err:
             raise EvalError(f"{m} at eps={e}: {err}") from None
+    try:
+        check_out_dir(s.out)
+    except StoreError as e:
+        raise EvalError(str(e)) from None
+    model, out = Path(resolve_model(s.model)), Path(s.out).expanduser().resolve()
+    if model.is_dir() and (out == model or model in out.parents):
+        raise EvalError(f"--out {s.out}: inside the --model folder {model} (its files are the model's "
+                        f"fingerprint); choose a folder outside it")
+
+
+def check_vllm(cfg: EvictionConfig) -> None:
+    """The vLLM engine's own refusals (block size, step-observing scorers, protect_recent), the
+    checks ``rollout`` and ``replay-check`` meet before vLLM starts; here they come before the
+    model loads and before the full-cache pass, which needs no eviction config and would
+    otherwise start vLLM and run to the end first."""
+    from rlmem.engine.vllm.engine import check_block_size, check_eviction, cuda_present
+
+    check_block_size(cfg.block_size, cuda=cuda_present())
+    check_eviction(cfg, None)
+
+
+def check_prompts(s: EvalSettings, examples: list[dict], tokenizer) -> None:
+    """Every run's prompts tokenize, and prompt + ``max_new_tokens`` fits the model's positions
+    (``max_position_embeddings`` of its config.json, read without loading the weights)."""
+    from rlmem.evaluation.pipeline import Prompts
+
+    plan = s.plan()
+    prompts = Prompts(plan, examples, tokenizer)
+    limit = max_positions(s.model)
+    for _, e in plan.runs:
+        _, ids = prompts.get(e)
+        if limit is None:
+            continue
+        for i, p in enumerate(ids):
+            if len(p) + s.max_new_tokens > limit:
+                raise EvalError(f"--task {s.task}: problem {i} ({examples[i].get('id')}): prompt of {len(p)} "
+                                f"tokens + --max-new-tokens {s.max_new_tokens} exceeds the model's "
+                                f"max_position_embeddings ({limit})")
 
 
 def make_tokenizer(s: EvalSettings):
@@ -150,13 +204,29 @@ def make_engine(s: EvalSettings):
 
 def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the eval; write results.json, results.md and the plots; return the results."""
-    from tqdm import tqdm
-
+    # every check before anything is created in --out or the model loads (docs/evaluation.md): a
+    # refused command leaves no eval_config.json behind to refuse the corrected one
     validate(s)
     task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
-    store = EvalStore(s.out)
-    store.open(s.fingerprint(), defaults=EvalSettings(model=s.model, task=s.task, out=s.out).fingerprint())
     tokenizer = make_tokenizer(s)
+    check_prompts(s, task.examples, tokenizer)
+    settings = {**s.fingerprint(), "model_files": model_fingerprint(s.model)}
+    # a directory from before the fingerprint resumes unchecked (it has no fingerprint to compare)
+    defaults = {**EvalSettings(model=s.model, task=s.task, out=s.out).fingerprint(),
+                "model_files": settings["model_files"]}
+    store = EvalStore(s.out)
+    store.open(settings, defaults=defaults, normalize={"model": resolve_model})
+    try:
+        return _sample_and_finish(s, store, task, tokenizer, progress)
+    finally:
+        store.close()
+
+
+def _sample_and_finish(s: EvalSettings, store: EvalStore, task, tokenizer, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    for note in store.notes:
+        print(f"note: {note}", flush=True)
     plan, examples = s.plan(), task.examples
     done = sum(store.done(run_name(m, e), p) for m, e in plan.runs for p in range(len(examples)))
     bar = tqdm(total=len(plan.runs) * len(examples) * s.n, initial=done * s.n, desc="eval", unit="seq",

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 CONFIG_FILE = "eval_config.json"
 INDEX_FILE = "cells.jsonl"
@@ -65,16 +65,45 @@ def append_lines(path: Path, lines: Iterable[str]) -> None:
         os.close(fd)
 
 
-def _read_lines(path: Path) -> list[dict]:
-    """JSON objects of ``path``, skipping a torn (unparseable) final line (a crash mid-append)."""
+def _read_lines(path: Path, torn: str = "tail") -> list[dict]:
+    """JSON objects of ``path``, skipping a torn (unparseable) final line (a crash mid-append);
+    ``torn="skip"`` skips unparseable lines anywhere (records: a lost record redoes its run)."""
     from rlmem.jsonl import iter_json_lines
 
     if not path.is_file():
         return []
     try:
-        return [obj for _, obj in iter_json_lines(path, StoreError, torn="tail")]
+        return [obj for _, obj in iter_json_lines(path, StoreError, torn=torn)]
     except StoreError as e:
         raise StoreError(f"{e} (the file was edited?); use a new --out") from None
+
+
+def check_out_dir(out: str | os.PathLike) -> None:
+    """``--out`` must be a directory or not exist yet, with an existing parent folder chain that
+    is not a file (checked before anything is created)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"--out {out}: exists and is not a directory")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StoreError(f"--out {out}: {parent} is a file, not a directory")
+            break
+
+
+def describe_difference(key: str, old: Any, new: Any) -> str:
+    """``key: A there, B now``, descending into dicts to the first sub-key that differs
+    (``model_files.model.safetensors.sha256: ...``), so a refusal names what changed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        sub = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if sub:
+            k = sub[0]
+            if k not in old:
+                return f"{key}.{k}: absent there, present now"
+            if k not in new:
+                return f"{key}.{k}: present there, absent now"
+            return describe_difference(f"{key}.{k}", old[k], new[k])
+    return f"{key}: {old!r} there, {new!r} now"
 
 
 class CellStore:
@@ -103,45 +132,75 @@ class EvalStore(CellStore):
     """The cells of an ``rlmem eval`` directory, persisted (see the module docstring)."""
 
     def __init__(self, out_dir: str | os.PathLike):
+        from rlmem.dirlock import DirLock
+
         super().__init__()
         self.root = Path(out_dir)
+        self.lock = DirLock(self.root, error=StoreError, what="eval", other="choose another --out")
         self.records_dir = self.root / RECORDS_DIR
         self.index_path = self.root / INDEX_FILE
+        self.notes: list[str] = []   # what :meth:`open` repaired, for the command to print
 
-    def open(self, settings: dict[str, Any], defaults: dict[str, Any] | None = None) -> int:
-        """Create or resume the run directory; returns how many finished cells were found.
+    def open(self, settings: dict[str, Any], defaults: dict[str, Any] | None = None, *,
+             normalize: dict[str, Callable[[Any], Any]] | None = None) -> int:
+        """Lock, then create or resume the run directory; returns how many finished cells were found.
 
         ``settings`` must equal those of the run being resumed (they determine the samples). A
         setting the directory's file lacks (it predates that setting) counts as its value in
         ``defaults``: an older directory resumes when the new setting is left at its default.
+        ``normalize`` maps a setting to a function applied to the directory's value before the
+        comparison (``model``: an older file's relative path, resolved).
+        A finished cell whose records are missing (a records file deleted or cut) makes its whole
+        run be redone, noted in :attr:`notes`: its records are the run's output, and a whole
+        run regenerates exactly (chunk seeds), where a part of a chunk would not.
+        The directory stays locked (:class:`rlmem.dirlock.DirLock`, naming the holder) until
+        :meth:`close` or the process ends: two evals never append to the same files.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.records_dir.mkdir(exist_ok=True)
-        cfg_path = self.root / CONFIG_FILE
-        if cfg_path.is_file():
-            try:
-                old = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError:
-                raise StoreError(f"{cfg_path}: not valid JSON; use a new --out") from None
-            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                k = diff[0]
-                raise StoreError(f"{self.root} holds an eval with different settings ({k}: {old.get(k)!r} there, "
-                                 f"{settings.get(k)!r} now); use a new --out or the same settings to resume")
-        else:
-            tmp = cfg_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, cfg_path)
-        for d in _read_lines(self.index_path):
-            try:
-                cell = Cell(**d)
-            except TypeError:
-                raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
-            self.cells[(cell.run, cell.problem)] = cell
-        self._rewrite_clean_index()
-        self._drop_orphan_records()
+        check_out_dir(self.root)
+        try:
+            self.lock.acquire()
+            self.records_dir.mkdir(exist_ok=True)
+            cfg_path = self.root / CONFIG_FILE
+            if cfg_path.is_file():
+                try:
+                    old = json.loads(cfg_path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise StoreError(f"{cfg_path}: not valid JSON; use a new --out") from None
+                if not isinstance(old, dict):
+                    raise StoreError(f"{cfg_path}: not a JSON object; use a new --out")
+                old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
+                for k, f in (normalize or {}).items():
+                    if isinstance(old.get(k), str):
+                        old[k] = f(old[k])
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                if diff:
+                    what = describe_difference(diff[0], old.get(diff[0]), settings.get(diff[0]))
+                    raise StoreError(f"{self.root} holds an eval with different settings ({what}); "
+                                     f"use a new --out or the same settings to resume")
+            else:
+                tmp = cfg_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+                os.replace(tmp, cfg_path)
+            for d in _read_lines(self.index_path):
+                try:
+                    cell = Cell(**d)
+                except TypeError:
+                    raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
+                self.cells[(cell.run, cell.problem)] = cell
+            self._drop_runs_missing_records()
+            self._rewrite_clean_index()
+            self._drop_orphan_records()
+        except OSError as e:   # a read-only or foreign directory: one line, not a traceback
+            self.close()
+            raise StoreError(f"--out {self.root}: cannot write {e.filename or self.root} ({e.strerror})") from None
+        except BaseException:
+            self.close()
+            raise
         return len(self.cells)
+
+    def close(self) -> None:
+        """Release the directory's lock (the process ending releases it too)."""
+        self.lock.release()
 
     def commit(self, cells: list[Cell], records_by_run: dict[str, list[dict]]) -> None:
         """Make ``cells`` finished: their records first, then their index lines."""
@@ -162,12 +221,26 @@ class EvalStore(CellStore):
         tmp.write_text("".join(json.dumps(asdict(c)) + "\n" for c in self.cells.values()))
         os.replace(tmp, self.index_path)
 
+    def _drop_runs_missing_records(self) -> None:
+        """Forget every cell of a run whose records file lacks a sample of one of its cells."""
+        runs = sorted({r for r, _ in self.cells})
+        for run in runs:
+            path = self.records_path(run)
+            have = {(rec.get("problem_index"), rec.get("sample_index")) for rec in _read_lines(path, "skip")}
+            cells = self.run_cells(run)
+            missing = sum(1 for c in cells for j in range(len(c.scores)) if (c.problem, j) not in have)
+            if missing:
+                for c in cells:
+                    del self.cells[(run, c.problem)]
+                what = "is missing" if not path.is_file() else f"lacks {missing} records of finished cells"
+                self.notes.append(f"{path} {what}: run {run} is redone ({len(cells)} cells)")
+
     def _drop_orphan_records(self) -> None:
         """Keep only the records of finished cells (one copy each), dropping torn lines."""
         for path in sorted(self.records_dir.glob("*.jsonl")):
             run = path.stem
             kept, seen = [], set()
-            for rec in _read_lines(path):
+            for rec in _read_lines(path, "skip"):
                 key = (rec.get("problem_index"), rec.get("sample_index"))
                 if (run, rec.get("problem_index")) in self.cells and key not in seen:
                     seen.add(key)

@@ -37,6 +37,40 @@ class EvalTask:
 # task names of ``rlmem eval`` that differ from the data-registry source they read
 TASK_SOURCES = {"countdown": "countdown-generated"}
 
+# The --task-option keys each data source uses (rlmem/data/datasets.py: its generator's or split
+# logic's keyword arguments). The sources accept any keyword and drop those they do not use, so an
+# unknown or misspelt option would change nothing silently: it is refused against this table.
+_COUNTDOWN_GEN = ("num_examples", "num_numbers", "number_range", "target_range", "max_tries_per_example", "drop_leaks")
+_PASSKEY = ("num_examples", "filler_repeats", "write_items")
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "countdown-generated": _COUNTDOWN_GEN,
+    "passkey": _PASSKEY,
+    "passkey-write": _PASSKEY,
+    "Jiayi-Pan/Countdown-Tasks-3to4": ("train_size", "test_size", "drop_leaks"),
+}
+
+
+def task_options(source: str) -> tuple[str, ...]:
+    """The --task-option keys ``source`` (a data-registry name or alias) uses; () for none."""
+    from rlmem.data import DATASETS
+
+    spec = DATASETS.get(source)
+    return TASK_OPTIONS.get(spec.hub_id if spec is not None else source, ())
+
+
+def check_options(spec: str, options: dict) -> None:
+    """Refuse a --task-option the task does not use, naming it and listing the known ones."""
+    from rlmem.data import DATASETS
+
+    source = TASK_SOURCES.get(spec, spec)
+    if not options or source not in DATASETS:
+        return   # no options, or an unknown task: load_task says what is wrong with it
+    known = task_options(source)
+    bad = sorted(k for k in options if k not in known)
+    if bad:
+        raise TaskError(f"--task-option {bad[0]}: not an option of task {spec!r}; "
+                        + (f"known: {', '.join(known)}" if known else "it takes none"))
+
 
 def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed: int = 0,
               options: dict | None = None) -> EvalTask:
@@ -56,6 +90,7 @@ def load_task(spec: str, *, split: str = "test", limit: int | None = None, seed:
             examples = examples[:limit]
     else:
         source = TASK_SOURCES.get(spec, spec)
+        check_options(spec, options)
         try:
             examples = load_examples(source, split, limit=limit, seed=seed, **options)
         except TypeError as e:

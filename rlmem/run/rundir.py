@@ -20,25 +20,22 @@
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rlmem.dirlock import LOCK_FILE, DirLock, describe_holder  # noqa: F401 (re-exported)
 from rlmem.jsonl import iter_json_lines
 from rlmem.run import checkpoint as ckpt
 from rlmem.run.config import RunConfig
 from rlmem.run.errors import TrainingError
 from rlmem.run.logger import RECORDS_DIR
 
-LOCK_FILE = ".rlmem.lock"
 PREVIOUS_DIR = "previous"
 CONFIG_FILE = "config.yaml"
 LOG_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")
@@ -56,67 +53,12 @@ OPERATIONAL_KEYS = (
 )
 
 
-class RunDirLock:
-    """An exclusive, process-lifetime lock on a run directory (see the module docstring)."""
+class RunDirLock(DirLock):
+    """An exclusive, process-lifetime lock on a run directory (:class:`rlmem.dirlock.DirLock`)."""
 
     def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_FILE
-        self._fd: int | None = None
-        self.took_over: dict[str, Any] | None = None   # the stale holder we replaced, if any
-
-    def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise TrainingError(f"{self.path.parent} is in use by another run ({describe_holder(holder)}); "
-                                f"wait for it, stop it, or choose another output_dir", exit_code=2) from None
-        holder = _read_holder(fd)
-        if holder and holder.get("host") not in (None, socket.gethostname()):
-            os.close(fd)
-            raise TrainingError(f"{self.path.parent} is locked by a run on another host ({describe_holder(holder)}); "
-                                f"if that run is gone, delete {self.path}", exit_code=2)
-        self.took_over = holder or None
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self._fd)   # closing drops the flock
-            self._fd = None
-
-    def __enter__(self) -> "RunDirLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        raw = os.pread(fd, 4096, 0)
-        d = json.loads(raw.decode() or "{}")
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def describe_holder(h: dict[str, Any]) -> str:
-    if not h:
-        return "holder unknown"
-    when = _dt.datetime.fromtimestamp(h.get("started", 0), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"pid {h.get('pid')} on {h.get('host')}, started {when}"
+        super().__init__(output_dir, error=lambda msg: TrainingError(msg, exit_code=2), what="run",
+                         other="choose another output_dir")
 
 
 # ----------------------------------------------------------------------------------------------
