@@ -21,7 +21,8 @@ from rlmem.eviction.policy import EvictionConfig
 from rlmem.eviction.record import RolloutRecord
 from rlmem.learner.loss import group_advantages, ngc_loss
 from rlmem.learner.replay import replay_forward, rollout_logprobs
-from rlmem.learner.learner import Learner, LearnerConfig
+from rlmem.devices import DevicePlan
+from rlmem.learner.learner import Learner, LearnerConfig, kl_reference_device
 
 MAX_NEW = 24
 EVICTION = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
@@ -168,6 +169,41 @@ def test_kl_to_the_starting_weights(tiny_model_dir, batch):
     assert max(float((p0[n] - p1[n]).abs().max()) for n in p0) > 1e-6
 
 
+def test_kl_reference_device_rule():
+    """learner.kl_ref_device: auto follows the rank's device plan, cpu offloads on purpose."""
+    gpu = DevicePlan("cuda:0", 0, "cuda", "nccl", "bfloat16", ("3",))
+    cpu = DevicePlan("cpu", 0, "cpu", "gloo", "float32")
+    assert kl_reference_device("auto", gpu) == "cuda:0" and kl_reference_device("cpu", gpu) == "cpu"
+    assert kl_reference_device("auto", cpu) == "cpu"
+    with pytest.raises(ValueError, match="learner.kl_ref_device: must be auto or cpu"):
+        make_cfg("unused", kl_ref_device="gpu")
+    from rlmem.run.config.schema import LearnerSection
+
+    assert LearnerSection().kl_ref_device == "auto"
+    assert "offloaded to the CPU" in LearnerSection.model_fields["kl_ref_device"].description
+
+
+@pytest.mark.parametrize("setting", ["auto", "cpu"])
+def test_kl_reference_on_the_planned_device_in_the_learner_dtype(tiny_model_dir, batch, setting):
+    """The reference model's parameters sit where the rank's plan and learner.kl_ref_device say, in
+    the learner's dtype (bf16 here), frozen: a step moves the policy and leaves them at the start."""
+    records, adv = batch
+    learner = Learner(make_cfg(tiny_model_dir, dtype="bfloat16", zero_stage=2, lr=1e-2, kl_coef=0.5,
+                               kl_ref_device=setting), master_port=free_port())
+    assert (learner.plan.device, learner.plan.dtype, learner.plan.backend) == ("cpu", "bfloat16", "gloo")
+    ref = learner.kl_reference
+    assert learner.kl_ref_device == "cpu"
+    assert {(p.device, p.dtype, p.requires_grad) for p in ref.parameters()} == {(torch.device("cpu"), torch.bfloat16,
+                                                                               False)}
+    assert {(p.device, p.dtype) for p in learner.policy.parameters()} == {(torch.device("cpu"), torch.bfloat16)}
+    assert not any(p is q for p in ref.parameters() for q in learner.engine.module.parameters())
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    m = learner.train_step(records, adv, global_num_sequences=8)
+    assert m["loss/kl"] == 0.0 and m["grad_norm"] > 0
+    assert all(torch.equal(p, start[n]) for n, p in ref.named_parameters())
+    assert any(not torch.equal(t, start[n]) for n, t in learner.named_parameters_for_sync())
+
+
 def test_global_denominator_scales_the_update(tiny_model_dir, batch):
     """Claiming a global batch twice as large halves the gradient (the ranks' share argument)."""
     records, adv = batch
@@ -294,3 +330,37 @@ def test_two_process_data_parallel_equals_full_batch(tiny_model_dir, batch, tmp_
     assert r0["metrics"]["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
     assert r0["metrics"]["tokens/completion"] == sum(len(r.completion_ids) for r in records)
     assert_same_update(before, after, r0["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One GPU (skipped without CUDA)
+
+
+def _gpu_worker(rank: int, cfg: LearnerConfig, records, adv, out_dir: str) -> None:
+    learner = Learner(cfg, master_port=free_port())
+    before = params_of(learner)
+    metrics = learner.train_step(records, adv, global_num_sequences=len(records))
+    ref = learner.kl_reference
+    torch.save({"plan": (learner.plan.device, learner.plan.backend, learner.plan.accelerator),
+                "ref": {(str(p.device), p.dtype) for p in ref.parameters()},
+                "policy": {(str(p.device), p.dtype) for p in learner.policy.parameters()},
+                "moved": sum(not torch.equal(before[n], t) for n, t in learner.named_parameters_for_sync()),
+                "metrics": metrics}, f"{out_dir}/gpu.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_one_gpu_learner_step_with_the_kl_reference_on_the_device(tiny_model_dir, batch, tmp_path, monkeypatch,
+                                                                  zero_stage):
+    """A fresh process (this one runs DeepSpeed on the CPU: tests/conftest.py) plans cuda:0, puts the
+    bf16 policy and KL reference there, and takes a step whose replay matches the fp32 rollouts."""
+    records, adv = batch
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    cfg = make_cfg(tiny_model_dir, dtype="bfloat16", zero_stage=zero_stage, lr=1e-2, kl_coef=0.5)
+    torch.multiprocessing.spawn(_gpu_worker, args=(cfg, records, adv, str(tmp_path)), nprocs=1, join=True)
+    r = torch.load(tmp_path / "gpu.pt")
+    assert r["plan"] == ("cuda:0", "nccl", "cuda")
+    assert r["ref"] == {("cuda:0", torch.bfloat16)} and r["policy"] == {("cuda:0", torch.bfloat16)}
+    m = r["metrics"]
+    assert r["moved"] > 0 and m["grad_norm"] > 0 and m["loss/kl"] == 0.0
+    assert m["replay/max_abs_logprob_diff"] < 0.15    # fp32 rollouts, bf16 replay (section 4's bf16 bound)

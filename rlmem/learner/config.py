@@ -18,7 +18,7 @@ from rlmem.learner.clip_rule import raise_clip_problems
 # Which run-config section each field lives in (the rest are derived by the driver).
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
 LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "dtype", "offload_optimizer",
-                  "replay_kernel", "replay_mask")
+                  "replay_kernel", "replay_mask", "kl_ref_device")
 ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
 
 
@@ -48,6 +48,12 @@ class LearnerConfig:
     mem_coef: float = 1.0
     # KL(π_θ ‖ π_ref) on the sampled tokens, π_ref = the weights at model_path (rlmem.learner.loss.kl_penalty)
     kl_coef: float = 0.0
+    # Where π_ref lives (with kl_coef > 0): "auto", the rank's device from its device plan
+    # (rlmem.devices), in the learner's dtype; "cpu", offloaded on purpose (saves a model's worth of
+    # GPU memory, costs a CPU replay of every micro-batch).
+    kl_ref_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": (
+        "where the KL reference model lives when algorithm.kl_coef > 0: auto = this learner rank's device "
+        "(its device plan, the learner's dtype); cpu = offloaded to the CPU (frees GPU memory, replays on the CPU)")})
     clip_eps: float | None = None
     clip_eps_high: float | None = None
     mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
@@ -79,6 +85,8 @@ class LearnerConfig:
             raise ValueError("optimizer.schedule: warmup_cosine needs the total number of optimizer steps")
         if self.replay_kernel not in ("sdpa", "flex"):
             raise ValueError(f"learner.replay_kernel: must be sdpa or flex (got {self.replay_kernel!r})")
+        if self.kl_ref_device not in ("auto", "cpu"):
+            raise ValueError(f"learner.kl_ref_device: must be auto or cpu (got {self.kl_ref_device!r})")
         if self.replay_mask not in ("evicted", "causal"):
             raise ValueError(f"learner.replay_mask: must be evicted or causal (got {self.replay_mask!r})")
         self.loss_config()  # validates aggregation / max_len / clip values

@@ -18,6 +18,14 @@ and its data-parallel all-reduce *averages* gradients, so each micro-batch loss 
 ``world_size`` before ``engine.backward``. The result is the gradient of the full-batch loss,
 whatever the micro-batch size and number of ranks (tested).
 
+**Devices.** Each rank runs where its device plan says (:mod:`rlmem.devices`, worked out in the
+rank's own process: the Ray actor's GPU, or the CPU), with DeepSpeed's accelerator, the
+process-group backend and ``LOCAL_RANK`` (the index among the GPUs this process sees, not the
+global rank) taken from it. Counts and metrics are all-reduced through :mod:`rlmem.collectives`,
+which puts them on the process group's device (NCCL takes CUDA tensors only). The frozen KL
+reference sits on the rank's device in the learner's dtype (``learner.kl_ref_device: auto``), or
+on the CPU when ``learner.kl_ref_device: cpu`` offloads it.
+
 **Collectives.** ``train_step``, ``named_parameters_for_sync``, ``save_checkpoint`` /
 ``load_checkpoint`` and ``export_hf`` are collective: every rank calls them, in the same order.
 ZeRO 2/3 reduce gradients on every backward, so ranks with fewer micro-batches run zero-weight
@@ -46,34 +54,47 @@ from typing import Any, Iterator
 
 import torch
 
+from rlmem import collectives
+from rlmem.devices import DevicePlan, apply_plan, current_plan
 from rlmem.eviction.record import RolloutRecord
 from rlmem.learner.loss import ngc_loss
 from rlmem.learner.config import LearnerConfig
 
-__all__ = ["Learner", "LearnerConfig", "init_distributed"]
+__all__ = ["Learner", "LearnerConfig", "init_distributed", "kl_reference_device"]
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
-                     local_rank: int | None = None) -> None:
-    """Initialise torch.distributed (gloo) through DeepSpeed, from explicit arguments."""
-    import deepspeed
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, plan: DevicePlan) -> None:
+    """Initialise torch.distributed through DeepSpeed, from explicit arguments and this rank's plan.
+
+    ``LOCAL_RANK`` is ``plan.local_rank`` (the index among this process's visible GPUs; rank 1 of a
+    Ray run sees one GPU, ``cuda:0``), the backend ``plan.backend`` (NCCL on CUDA, gloo on the CPU).
+    """
     import torch.distributed as dist
 
+    apply_plan(plan)   # DeepSpeed's accelerator is fixed when it is first imported: set it before
     if dist.is_initialized():
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
             raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                                f"{dist.get_world_size()}, not rank {rank} of {world_size}")
         return
+    import deepspeed
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
-                      MASTER_PORT=str(master_port), LOCAL_RANK=str(rank if local_rank is None else local_rank),
+                      MASTER_PORT=str(master_port), LOCAL_RANK=str(plan.local_rank),
                       LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(world_size)))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    backend = "nccl" if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cuda" else "gloo"
-    if os.environ["DS_ACCELERATOR"] == "cpu":   # DeepSpeed's CPU collectives leak /dev/shm buffers (cpu_comm)
+    if plan.accelerator == "cpu":   # DeepSpeed's CPU collectives leak /dev/shm buffers (cpu_comm)
         from rlmem.learner.deepspeed_shm import tidy_before_init
         tidy_before_init()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank,
+    deepspeed.init_distributed(dist_backend=plan.backend, auto_mpi_discovery=False, rank=rank,
                                world_size=world_size, verbose=False)
+
+
+def kl_reference_device(setting: str, plan: DevicePlan) -> str:
+    """Where the KL reference lives: ``learner.kl_ref_device`` ``auto`` = the rank's planned device,
+    ``cpu`` = offloaded to the CPU on purpose."""
+    if setting not in ("auto", "cpu"):
+        raise ValueError(f"learner.kl_ref_device: must be auto or cpu (got {setting!r})")
+    return "cpu" if setting == "cpu" else plan.device
 
 
 class _ReplayLoss(torch.nn.Module):
@@ -89,7 +110,7 @@ class _ReplayLoss(torch.nn.Module):
         self.cfg = cfg
         self.loss_cfg = cfg.loss_config()
         # The frozen KL reference, kept in a tuple so that it is not a submodule: DeepSpeed must not
-        # see, partition or optimise its parameters.
+        # see, partition or optimise its parameters (nor move them: the Learner puts it on its device).
         self._reference = (reference,) if reference is not None else ()
 
     def forward(self, records: list[RolloutRecord], advantages: torch.Tensor, weight: float,
@@ -138,15 +159,23 @@ class Learner:
     """One data-parallel rank: an HF causal LM under DeepSpeed ZeRO 0/2/3 with AdamW (module docstring)."""
 
     def __init__(self, cfg: LearnerConfig, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500, local_rank: int | None = None):
-        import deepspeed
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, local_rank: int | None = None,
+                 plan: DevicePlan | None = None):
+        """``plan``: this rank's device plan (a Ray learner worker passes the one it made in its own
+        process); ``None`` works it out here (:func:`rlmem.devices.current_plan`, ``local_rank``
+        choosing the GPU outside Ray)."""
         from rlmem.models.loading import load_model, load_tokenizer
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         if cfg.dtype == "float64" and world_size != 1:
             # DeepSpeed's gradient all-reduce rejects fp64 (not a supported accelerator dtype).
             raise ValueError("learner.dtype: float64 is for single-process parity checks (world_size 1)")
-        init_distributed(rank, world_size, master_addr, master_port, local_rank)
+        self.plan = plan if plan is not None else current_plan(cfg.dtype, local_rank=local_rank,
+                                                               what=f"learner rank {rank}")
+        if self.plan.dtype != cfg.dtype:
+            raise ValueError(f"learner rank {rank}: device plan dtype {self.plan.dtype} != learner.dtype {cfg.dtype}")
+        init_distributed(rank, world_size, master_addr, master_port, self.plan)
+        import deepspeed
         torch.manual_seed(cfg.seed)
         policy = load_model(cfg.model_path, cfg.dtype)
         self.tokenizer = load_tokenizer(cfg.model_path)
@@ -155,8 +184,10 @@ class Learner:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None
         if cfg.kl_coef > 0:
-            # A full frozen copy of the starting weights on every rank (also under ZeRO 3).
-            reference = load_model(cfg.model_path, cfg.dtype).eval().requires_grad_(False)
+            # A full frozen copy of the starting weights on every rank (also under ZeRO 3), on the
+            # rank's device in its dtype, or on the CPU when learner.kl_ref_device offloads it.
+            reference = load_model(cfg.model_path, self.plan.dtype, device=self.kl_ref_device
+                                   ).eval().requires_grad_(False)
             reference.config.use_cache = False
         module = _ReplayLoss(policy, cfg, reference)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -196,12 +227,16 @@ class Learner:
     def global_step(self) -> int:
         return int(self.engine.global_steps)
 
-    def _allreduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        import torch.distributed as dist
+    @property
+    def kl_ref_device(self) -> str:
+        """Where the KL reference lives: the plan's device, or ``cpu`` when ``learner.kl_ref_device`` offloads it."""
+        return kl_reference_device(self.cfg.kl_ref_device, self.plan)
 
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t
+    @property
+    def kl_reference(self) -> torch.nn.Module | None:
+        """The frozen KL reference model (``None`` without ``kl_coef``)."""
+        ref = self.engine.module._reference
+        return ref[0] if ref else None
 
     def train_step(self, records: list[RolloutRecord], advantages: list[float] | torch.Tensor, *,
                    global_num_sequences: int) -> dict[str, float]:
@@ -237,8 +272,8 @@ class Learner:
                 # Same number of backward passes on every rank (ZeRO reduces on each one), and the
                 # global completion-token count for token_mean.
                 local_tok = sum(len(records[i].completion_ids) for i in idx)
-                n_micro = int(self._allreduce(torch.tensor([float(len(mb))]), "max")[0])
-                num_tokens = int(self._allreduce(torch.tensor([float(local_tok)]))[0]) \
+                n_micro = int(collectives.all_reduce([len(mb)], "max")[0])
+                num_tokens = int(collectives.all_reduce([local_tok])[0]) \
                     if cfg.aggregation == "token_mean" else None
                 num_seq = global_num_sequences // m
                 for j in range(n_micro):
@@ -290,12 +325,10 @@ class Learner:
 
     def _metrics(self, sums, maxima, timings, tokens, grad_norm, lr, steps) -> dict[str, float]:
         keys = sorted(sums) + sorted(tokens)
-        s = self._allreduce(torch.tensor([sums[k] for k in sorted(sums)] + [tokens[k] for k in sorted(tokens)],
-                                         dtype=torch.float64))
+        s = collectives.all_reduce([sums[k] for k in sorted(sums)] + [tokens[k] for k in sorted(tokens)])
         tot = dict(zip(keys, s.tolist()))
         mx_keys = list(_MAX_KEYS) + sorted(timings)
-        mx = self._allreduce(torch.tensor([maxima[k] for k in _MAX_KEYS] + [timings[k] for k in sorted(timings)],
-                                          dtype=torch.float64), "max")
+        mx = collectives.all_reduce([maxima[k] for k in _MAX_KEYS] + [timings[k] for k in sorted(timings)], "max")
         out: dict[str, float] = dict(zip(mx_keys, mx.tolist()))
         for k in ("loss", "loss/token", "loss/eviction", "loss/kl"):
             out[k] = tot[k] / steps          # each optimizer step's global mini-batch loss, averaged
@@ -356,7 +389,4 @@ class Learner:
         return dict(client_state or {})
 
     def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1:
-            dist.barrier()
+        collectives.barrier()

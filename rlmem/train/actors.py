@@ -44,6 +44,14 @@ class RolloutWorker:
 
         _set_threads(num_threads)
         self.index = index
+        # The torch engine runs where this actor's device plan says (its Ray GPU, or the CPU);
+        # vLLM places itself on the GPUs Ray gave the actor.
+        self.device_plan = None
+        if backend == "torch":
+            from rlmem.devices import current_plan
+
+            self.device_plan = current_plan(dtype, what=f"rollout worker {index}")
+            engine_options = {**engine_options, "device": self.device_plan.device}
         self.engine = create_engine(backend, model_path, dtype=dtype, seed=seed, **engine_options)
         self.num_layers = self.engine.num_layers
 
@@ -84,14 +92,20 @@ class RolloutWorker:
         return self.index
 
     def info(self) -> dict[str, Any]:
-        return {"index": self.index, "num_layers": self.num_layers, "node_id": _node_id()}
+        return {"index": self.index, "num_layers": self.num_layers, "node_id": _node_id(),
+                "device": self.device_plan.describe() if self.device_plan else None}
 
 
 class LearnerWorker:
     """One data-parallel rank of the DeepSpeed learner (:class:`rlmem.learner.learner.Learner`)."""
 
     def __init__(self, learner_config, *, rank: int, world_size: int, num_threads: int | None = None):
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        from rlmem.devices import apply_plan, current_plan
+
+        # This rank's device, from what Ray gave this actor (never the driver's view); applied
+        # before anything imports DeepSpeed, which fixes its accelerator on import.
+        self.device_plan = current_plan(learner_config.dtype, what=f"learner worker {rank} (rank {rank})")
+        apply_plan(self.device_plan)
         _set_threads(num_threads)
         self.cfg = learner_config
         self.rank, self.world_size = rank, world_size
@@ -112,7 +126,7 @@ class LearnerWorker:
 
         t0 = time.perf_counter()
         self.learner = Learner(self.cfg, rank=self.rank, world_size=self.world_size,
-                               master_addr=master_addr, master_port=master_port)
+                               master_addr=master_addr, master_port=master_port, plan=self.device_plan)
         return time.perf_counter() - t0
 
     def train_step(self, records: list[RolloutRecord], advantages: list[float], global_num_sequences: int

@@ -30,12 +30,12 @@ def engine_options(cfg) -> dict:
 
 
 def actor_env() -> dict[str, str]:
-    """Environment variables every actor gets (offline flags, DeepSpeed's CPU accelerator)."""
-    import torch
+    """Environment variables every actor gets (the driver's offline flags).
 
+    Nothing about devices: each actor works out its own from what Ray gave it (rlmem.devices), so a
+    CPU-only head node does not put GPU workers on the CPU.
+    """
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if k in os.environ:
             env[k] = os.environ[k]
