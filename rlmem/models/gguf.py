@@ -8,6 +8,7 @@ config without it. Fetching known GGUF models from PyPI wheels is rlmem/models/p
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 
@@ -29,12 +30,32 @@ def _require_gguf_package() -> None:
 
 def _check_file(path: str | Path) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise GGUFError(f"{p}: is a directory, not a .gguf file")
     if not p.is_file():
         raise GGUFError(f"{p}: GGUF file not found")
     if not is_gguf_path(p):
         raise GGUFError(f"{p}: not a .gguf file")
     _require_gguf_package()
+    _check_readable(p)
     return p
+
+
+def _check_readable(p: Path) -> None:
+    """Parse the header, metadata and tensor table with the ``gguf`` reader (memory-mapped, no
+    weights read): a truncated or damaged file is then one error naming it, not a ``struct.error``
+    or a numpy error from deep inside transformers' loader."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(p)
+    except Exception as e:  # noqa: BLE001 - struct.error, ValueError, IndexError, ... for a damaged file
+        raise GGUFError(f"{p}: truncated or damaged GGUF file ({p.stat().st_size} bytes; the reader stopped "
+                        f"with: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > p.stat().st_size:
+        raise GGUFError(f"{p}: truncated GGUF file: its tensors end at byte {end} but the file has "
+                        f"{p.stat().st_size} bytes")
 
 
 def load_gguf_tokenizer(path: str | Path, chat_template: str | None = None):
@@ -46,7 +67,7 @@ def load_gguf_tokenizer(path: str | Path, chat_template: str | None = None):
     p = _check_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:
         raise GGUFError(f"{p}: transformers cannot read this GGUF file's tokenizer: {str(e).splitlines()[0]}") from None
     if "<|im_end|>" in tokenizer.get_vocab():
         tokenizer.eos_token = "<|im_end|>"
@@ -76,12 +97,17 @@ def load_gguf_model(path: str | Path, dtype: str | object = "float32"):
     try:
         quantized = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError, struct.error) as e:
         raise GGUFError(f"{p}: transformers cannot load this GGUF file: {str(e).splitlines()[0]}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = type(quantized)(config)
-    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    except RuntimeError as e:   # shapes that contradict the file's own metadata (or metadata it lacks)
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise GGUFError(f"{p}: its tensors do not match the model its metadata describes: "
+                        f"{lines[1] if len(lines) > 1 else lines[0] if lines else 'load_state_dict failed'}") from None
     # tied embeddings: lm_head.weight may be absent from the state dict and is re-tied below
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

