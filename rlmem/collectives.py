@@ -7,6 +7,9 @@ the result back where the caller's tensor lives. ``tests/test_codebase.py`` chec
 calls a torch.distributed (or deepspeed.comm) collective except this one.
 
 Without an initialised process group, or in a group of one, each helper is the identity.
+``group`` is a group registered with torch.distributed (``None``: the default one);
+``process_group`` a standalone ``ProcessGroup`` object built on its own store (as
+:class:`rlmem.train.weight_sync.WeightGroup` does, so that it does not join the learners' group).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["backend_device", "group_device", "group_size", "all_reduce", "broadcast", "barrier", "COLLECTIVES"]
+__all__ = ["backend_device", "group_device", "group_size", "all_reduce", "broadcast", "barrier", "COLLECTIVES",
+           "OPTION_CLASSES"]
 
 # The torch.distributed functions that move tensors between ranks or wait for them (the lint's list).
 COLLECTIVES = frozenset({
@@ -23,6 +27,12 @@ COLLECTIVES = frozenset({
     "reduce", "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather",
     "gather_object", "scatter", "scatter_object_list", "barrier", "monitored_barrier", "send", "recv", "isend",
     "irecv", "batch_isend_irecv", "inference_all_reduce", "all_reduce_coalesced",
+})
+# The option classes of a ProcessGroup object's own collectives (``pg.broadcast([t], opts)``): using
+# one means calling a collective on a standalone group, which goes through here too.
+OPTION_CLASSES = frozenset({
+    "AllToAllOptions", "AllreduceCoalescedOptions", "AllreduceOptions", "BarrierOptions", "BroadcastOptions",
+    "GatherOptions", "ReduceOptions", "ReduceScatterOptions", "ScatterOptions", "AllgatherOptions",
 })
 
 
@@ -33,19 +43,24 @@ def backend_device(backend: str, cuda_index: int | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def group_size(group=None) -> int:
-    """Ranks in ``group`` (the default group when ``None``); 1 without an initialised process group."""
+def group_size(group=None, *, process_group=None) -> int:
+    """Ranks in ``group`` (the default group when ``None``) or in a standalone ``process_group``;
+    1 without an initialised process group."""
     import torch.distributed as dist
 
+    if process_group is not None:
+        return process_group.size()
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
-def group_device(group=None) -> torch.device:
-    """The device ``group``'s collectives need (:func:`backend_device` of its backend)."""
+def group_device(group=None, *, process_group=None) -> torch.device:
+    """The device ``group``'s (or a standalone ``process_group``'s) collectives need (:func:`backend_device`)."""
     import torch.distributed as dist
 
+    if process_group is not None:
+        return backend_device(process_group.name())
     return backend_device(dist.get_backend(group))
 
 
@@ -75,15 +90,21 @@ def all_reduce(values: torch.Tensor | Sequence[float], op: str = "sum", *, group
     return work.to(t.device)
 
 
-def broadcast(tensor: torch.Tensor, src: int, *, group=None) -> torch.Tensor:
-    """Broadcast ``tensor`` from global rank ``src`` over ``group``, in place; returns ``tensor``."""
-    if group_size(group) == 1:
+def broadcast(tensor: torch.Tensor, src: int, *, group=None, process_group=None) -> torch.Tensor:
+    """Broadcast ``tensor`` from rank ``src`` (global rank; a standalone ``process_group``'s own rank)
+    in place; returns ``tensor``. A standalone group's broadcast waits up to that group's timeout."""
+    if group_size(group, process_group=process_group) == 1:
         return tensor
     import torch.distributed as dist
 
-    dev = group_device(group)
+    dev = group_device(group, process_group=process_group)
     work = tensor if tensor.device == dev else tensor.to(dev)
-    dist.broadcast(work, src=src, group=group)
+    if process_group is not None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        process_group.broadcast([work], opts).wait()
+    else:
+        dist.broadcast(work, src=src, group=group)
     if work is not tensor:
         tensor.copy_(work)
     return tensor

@@ -229,8 +229,11 @@ _DIST_MODULES = ("torch.distributed", "deepspeed.comm")
 
 def _collective_calls(path: Path) -> list[str]:
     """Uses of a torch.distributed / deepspeed.comm collective (rlmem.collectives.COLLECTIVES):
-    ``dist.all_reduce`` through any alias, ``torch.distributed.barrier``, or importing the function."""
-    from rlmem.collectives import COLLECTIVES
+    ``dist.all_reduce`` through any alias, ``torch.distributed.barrier``, importing the function, or
+    a standalone process group's option class (``dist.BroadcastOptions``: ``pg.broadcast([t], opts)``)."""
+    from rlmem.collectives import COLLECTIVES, OPTION_CLASSES
+
+    COLLECTIVES = COLLECTIVES | OPTION_CLASSES
 
     tree = ast.parse(path.read_text(), str(path))
     aliases = set(_DIST_MODULES)    # dotted spellings always count
@@ -262,4 +265,4 @@ def test_collectives_go_through_one_helper():
         + "\n".join(bad)
     # the scan sees what it is meant to see: the helper itself calls them
     assert {b.split(": ", 1)[1] for b in _collective_calls(helper)} >= {"dist.all_reduce", "dist.broadcast",
-                                                                        "dist.barrier"}
+                                                                        "dist.barrier", "dist.BroadcastOptions"}

@@ -184,7 +184,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _collectives_worker(rank: int, world: int, port: int, port2: int, out_dir: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -197,13 +199,21 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         b = torch.full((4,), float(rank), dtype=torch.bfloat16)
         collectives.broadcast(b, src=1)
         collectives.barrier()
-        torch.save({"sum": s, "max": m, "int": t, "own": own, "bcast": b}, f"{out_dir}/rank{rank}.pt")
+        # a standalone group on its own store (how the weight-sync group is built), ranks reversed
+        store = dist.TCPStore("127.0.0.1", port2, world, rank == 0, timeout=datetime.timedelta(seconds=60))
+        pg = dist.ProcessGroupGloo(store, world - 1 - rank, world, datetime.timedelta(seconds=60))
+        assert collectives.group_size(process_group=pg) == world
+        assert collectives.group_device(process_group=pg) == torch.device("cpu")
+        w = torch.arange(5, dtype=torch.float32) * (rank + 1)
+        collectives.broadcast(w, src=0, process_group=pg)      # pg rank 0 is global rank 1
+        torch.save({"sum": s, "max": m, "int": t, "own": own, "bcast": b, "pg": w}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_collectives_on_a_gloo_group(tmp_path):
-    torch.multiprocessing.spawn(_collectives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_collectives_worker, args=(2, _free_port(), _free_port(), str(tmp_path)), nprocs=2,
+                                join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["sum"].dtype == torch.float64 and r["sum"].tolist() == [3.0, 10.0]
@@ -211,3 +221,4 @@ def test_collectives_on_a_gloo_group(tmp_path):
         assert r["int"].dtype == torch.int64 and r["int"].tolist() == [1]
         assert r["own"].tolist() == [rank]            # all_reduce returns a new tensor
         assert r["bcast"].dtype == torch.bfloat16 and r["bcast"].tolist() == [1.0] * 4
+        assert r["pg"].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
