@@ -187,6 +187,23 @@ def test_a_stage_beyond_total_steps_is_a_note(capsys):
     assert "# note: eviction.stages.0.from_step: 5 lies beyond trainer.total_steps (4)" in capsys.readouterr().out
 
 
+def test_config_show_from_another_directory_names_the_relative_model_path(tmp_path, monkeypatch, capsys):
+    """Relative paths are taken from the current directory. Run from elsewhere, the toy config's
+    ``models/countdown-toy`` (the shape of a hub id) used to pass the checks and go to the hub; now
+    the message says how it was taken and where it exists (issue 22, item 9)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["config", "show", str(CONFIGS / "countdown-toy.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert (f"model.path: models/countdown-toy is not a directory here (relative paths are taken from the current "
+            f"directory, {tmp_path}), so it would be fetched as a hub id; but {REPO / 'models/countdown-toy'} exists: "
+            f"run from {REPO} or give an absolute path") in err
+    assert cli_main(["config", "show", str(CONFIGS / "countdown-toy.yaml"),
+                     f"model.path={REPO / 'models/countdown-toy'}"]) == 0   # absolute: fine from anywhere
+    capsys.readouterr()
+    monkeypatch.chdir(REPO)
+    assert cli_main(["config", "show", "configs/countdown-toy.yaml"]) == 0   # the README's way still works
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(ConfigError) as ei:
         _load_tiny(f"model.path={tmp_path}/no-model", f"data.source={tmp_path}/train.jsonl",

@@ -30,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
         records = read_jsonl(args.records)
     except (RecordError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None
+    if not records:
+        raise CommandError(f"{args.records}: no records in file")
+    tok = _tokenizer(args.tokenizer) if args.tokenizer else None   # checked before anything is printed
     if args.retention:
-        return _retention(args, records)
+        return _retention(args, records, tok)
     if not 0 <= args.index < len(records):
         raise CommandError(f"--index {args.index}: {args.records} has {len(records)} records")
     rec = records[args.index]
@@ -41,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.layer < n_layers:
         raise CommandError(f"--layer {args.layer}: the record has {n_layers} layers")
     out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CommandError(f"--out {out}: cannot create the directory for the pictures: {e.strerror or e}") from None
     strip = plot_eviction_strip(rec, n_layers, out / f"record{args.index}_evictions.png")
     ea = evicted_at(rec, n_layers)
     mask = plot_replay_mask(ea, len(rec.prompt_ids), out / f"record{args.index}_replay_mask.png",
@@ -53,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for i, r in enumerate(rec.eviction.rounds):
         cells = [f"L{l}: {x.num_blocks:>2} {len(x.kept):>2} {x.logprob:7.2f}" for l, x in enumerate(r.layers[:4])]
         print(f"{i:>5} {r.t:>6}  " + "  ".join(cells))
-    if args.tokenizer:
-        tok = _tokenizer(args.tokenizer)
+    if tok is not None:
         ids = rec.prompt_ids + rec.completion_ids
         kept = (ea[args.layer] == NEVER).tolist()
         pieces = [tok.decode([t]) if k else "·" for t, k in zip(ids, kept)]
@@ -72,7 +78,7 @@ def _tokenizer(path: str):
         raise CommandError(f"--tokenizer {e}") from None
 
 
-def _retention(args: argparse.Namespace, records: list) -> int:
+def _retention(args: argparse.Namespace, records: list, tok) -> int:
     from rlmem.evaluation.retention import format_retention, prompt_retention, with_rounds
 
     try:
@@ -80,8 +86,7 @@ def _retention(args: argparse.Namespace, records: list) -> int:
     except ValueError as e:
         raise CommandError(f"{args.records}: {e}") from None
     labels = None
-    if args.tokenizer:
-        tok = _tokenizer(args.tokenizer)
+    if tok is not None:
         labels = [tok.decode([r.token_id]).strip() or repr(tok.decode([r.token_id])) for r in rows]
     print(f"{args.records}: {len(records)} rollouts, {len(with_rounds(records))} with eviction rounds (the others ended before the first "
           f"round and are left out); % of those in which each prompt position survived to the end, per layer "

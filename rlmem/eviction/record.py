@@ -128,8 +128,9 @@ class RolloutRecord:
 def _int_list(v: Any, where: str) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         raise RecordError(f"{where}: expected a list of integers")
-    if any(x < 0 for x in v):
-        raise RecordError(f"{where}: token ids must be >= 0")
+    bad = next((i for i, x in enumerate(v) if x < 0), None)
+    if bad is not None:   # where names the field: token ids (prompt_ids, completion_ids) or block indices (kept)
+        raise RecordError(f"{where}: must be >= 0 (got {v[bad]} at index {bad})")
     return list(v)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from rlmem.learner.clip_rule import clip_problems
 from rlmem.run.config.schema import COUNTDOWN_GENERATED, COUNTDOWN_TOY, RunConfig
 
-def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str, str]]:
-    """Problems that involve several fields or the file system, as ``(dotted key, message)``."""
+def check_config(cfg: RunConfig, *, check_files: bool = True, source: str | None = None) -> list[tuple[str, str]]:
+    """Problems that involve several fields or the file system, as ``(dotted key, message)``;
+    ``source`` is the config file (a relative path that only exists beside it is named)."""
     out: list[tuple[str, str]] = []
     a, r, lr, ev = cfg.algorithm, cfg.rollout, cfg.learner, cfg.eviction
     samples = a.prompts_per_step * a.rollouts_per_prompt
@@ -126,7 +127,7 @@ def check_config(cfg: RunConfig, *, check_files: bool = True) -> list[tuple[str,
         out.append(("rollout.vllm.tensor_parallel_size", "only applies to rollout.backend: vllm"))
 
     if check_files:
-        out += check_files_exist(cfg)
+        out += check_files_exist(cfg, source)
     return out
 
 
@@ -165,15 +166,24 @@ def placement_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     return out
 
 
-def check_files_exist(cfg: RunConfig) -> list[tuple[str, str]]:
+def check_files_exist(cfg: RunConfig, source: str | None = None) -> list[tuple[str, str]]:
+    """Paths of the config that must exist. Relative paths are taken from the current directory
+    (as ``output_dir`` is, and as every shipped config and README command assumes: run from the
+    repository root); docs/runs.md says so."""
     out: list[tuple[str, str]] = []
     m = cfg.model.path
     if not cfg.model.is_tiny and looks_local(m):
         mp = Path(m).expanduser()
         if not mp.exists():
-            out.append(("model.path", f"local model directory not found: {mp} (absolute: {mp.absolute()})"))
+            out.append(("model.path", f"local model directory not found: {mp} (relative paths are taken from the "
+                                      f"current directory: {mp.absolute()})"))
         elif mp.is_dir() and not (mp / "config.json").exists():
             out.append(("model.path", f"{mp} has no config.json (not a Hugging Face model directory)"))
+    elif not cfg.model.is_tiny and source is not None and (near := _beside_config(m, source)) is not None:
+        # "models/countdown-toy" has the shape of a hub id: from another directory it would go to the hub
+        out.append(("model.path", f"{m} is not a directory here (relative paths are taken from the current "
+                                  f"directory, {Path.cwd()}), so it would be fetched as a hub id; but {near} "
+                                  f"exists: run from {near.parents[len(Path(m).parts) - 1]} or give an absolute path"))
     for key, src in (("data.source", cfg.data.source), ("eval.source", cfg.eval.source)):
         if src and src not in (COUNTDOWN_GENERATED, COUNTDOWN_TOY) and looks_local(src) and not Path(src).expanduser().exists():
             out.append((key, f"file not found: {src} (absolute: {Path(src).expanduser().absolute()})"))
@@ -186,6 +196,17 @@ def check_files_exist(cfg: RunConfig) -> list[tuple[str, str]]:
     elif not od.exists() and od.parent.exists() and not od.parent.is_dir():
         out.append(("output_dir", f"{od.parent} is not a directory"))
     return out
+
+
+def _beside_config(path: str, source: str) -> Path | None:
+    """``path`` (relative, not found from here) as it exists below the config file's folder or one of
+    its parents (the repository root, for ``configs/*.yaml``), or None."""
+    if Path(path).is_absolute():
+        return None
+    for folder in Path(source).resolve().parents:
+        if (folder / path).is_dir():
+            return folder / path
+    return None
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

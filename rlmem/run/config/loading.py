@@ -93,7 +93,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     except ValidationError as e:
         problems += pydantic_problems(e)
         raise ConfigError(problems, source) from None
-    problems += check_config(cfg, check_files=check_files)
+    problems += check_config(cfg, check_files=check_files, source=source)
     if problems:
         raise ConfigError(problems, source)
     return cfg
