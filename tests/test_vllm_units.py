@@ -130,10 +130,58 @@ def test_cache_positions_subtract_each_requests_offset():
 
 def test_layout_errors():
     assert layout_for("CPU_ATTN", "vec") is CPU_VEC and layout_for("FLASH_ATTN") is FLASH_ATTN
+    assert layout_for("CPU_ATTN", "vec", "LBHNC") is CPU_VEC
+    assert layout_for("FLASH_ATTN", None, "LBNHC") is layout_for("FLASH_ATTN", None, "LBHNC") is FLASH_ATTN
     with pytest.raises(ValueError, match="prepacked"):
         layout_for("CPU_ATTN", "amx")
     with pytest.raises(ValueError, match="no rlmem KV layout adapter"):
         layout_for("TRITON_ATTN")
+    with pytest.raises(ValueError, match=r"layout 'LBNHC' with backend CPU_ATTN has no rlmem reader \(supported: LBHNC"):
+        layout_for("CPU_ATTN", "vec", "LBNHC")
+    with pytest.raises(ValueError, match="layout 'BLNHC' with backend FLASH_ATTN has no rlmem reader"):
+        layout_for("FLASH_ATTN", None, "BLNHC")
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_cache_view_check_reads_the_layout_from_the_strides():
+    """Each of vLLM's layouts: its per-layer view passes under its own name and fails under another
+    whose memory order differs; rlmem's table of orders is vLLM's ``layer_view_order``."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from rlmem.engine.vllm.layouts import LAYER_VIEW_ORDER, check_cache_view
+
+    assert LAYER_VIEW_ORDER == {m.name: m.layer_view_order for m in KVCacheLayout}
+    shape = dict(num_kv_heads=2, head_size=8, block_size=16)
+    for name in ("LBHNC", "LBNHC"):
+        check_cache_view(strided_cache((5, 2, 16, 16), name), name, **shape)
+    with pytest.raises(ValueError, match=r"are not layout LBHNC \(axes in memory \(0, 2, 1, 3\), expected \(0, 1, 2, 3\)\)"):
+        check_cache_view(strided_cache((5, 2, 16, 16), "LBNHC"), "LBHNC", **shape)
+    with pytest.raises(ValueError, match=r"shape \(5, 2, 32, 16\); rlmem reads \[num_blocks, 2, 16, 16\]"):
+        check_cache_view(torch.zeros(5, 2, 32, 16), "LBHNC", **shape)
+    with pytest.raises(ValueError, match="'XYZ' is unknown"):
+        check_cache_view(torch.zeros(5, 2, 16, 16), "XYZ", **shape)
+    # one KV head: the head axis has no order to check, both layouts are the same memory
+    check_cache_view(strided_cache((5, 1, 16, 16), "LBNHC"), "LBHNC", **{**shape, "num_kv_heads": 1})
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_flash_attention_takes_half_precision_only_so_cuda_runs_bf16():
+    """vLLM 0.32's own classes: FlashAttention refuses fp32 (flash_attn.py:287), the CUDA fallback that
+    takes fp32 is TRITON_ATTN (no rlmem reader); so the CUDA engine defaults to bf16 and refuses fp32."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from rlmem.engine.vllm.engine import engine_dtype
+
+    assert FlashAttentionBackend.supported_dtypes == [torch.float16, torch.bfloat16]
+    assert not FlashAttentionBackend.supports_dtype(torch.float32)
+    assert TritonAttentionBackend.supports_dtype(torch.float32)
+    with pytest.raises(ValueError, match="no rlmem KV layout adapter"):
+        layout_for(TritonAttentionBackend.get_name())
+    assert engine_dtype(None, cuda=True) == "bfloat16" and engine_dtype(None, cuda=False) == "float32"
+    assert engine_dtype("bf16", cuda=True) == "bfloat16" and engine_dtype("float32", cuda=False) == "float32"
+    with pytest.raises(ValueError, match="float32 on CUDA is refused.*use bfloat16"):
+        engine_dtype("float32", cuda=True)
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
@@ -194,25 +242,31 @@ def test_cuda_ipc_weight_transport_roundtrip():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed (it does not travel to a bare GPU machine: docs/gpu.md)")
 def test_cuda_engine_replays_and_takes_ipc_weights(tiny_model_dir):
-    """On a GPU with the CUDA vLLM build: FlashAttention layout, exact replay, IPC weight update."""
+    """On a GPU with the CUDA vLLM build: bf16 (FlashAttention's dtypes), its layout, replay within the
+    bf16 tolerance of rlmem/dtypes.py, IPC weight update."""
     from rlmem.commands.replay_check import check_records
     from rlmem.engine.registry import create_engine
     from rlmem.engine.sampling import SamplingParams
     from rlmem.models.loading import load_model
 
-    eng = create_engine("vllm", str(tiny_model_dir), seed=0, num_kv_blocks=256)
+    from rlmem.dtypes import replay_tolerance
+
+    eng = create_engine("vllm", str(tiny_model_dir), seed=0, num_kv_blocks=256)   # CUDA default: bf16
+    assert eng.dtype == "bfloat16"
     cfg = EvictionConfig(delta=64, eps=0.5, block_size=32, window=5)
     recs = eng.generate([[20 + i for i in range(12)]] * 3, SamplingParams(max_new_tokens=200, seed=0), cfg)
     assert eng.info["layout"] == "flash_attn" and all(r.num_rounds > 0 for r in recs)
-    model = load_model(str(tiny_model_dir), "float32")
+    model = load_model(str(tiny_model_dir), "bfloat16", device="cuda")
+    tol = replay_tolerance("bfloat16")
     w = check_records(model, recs, progress=False)
-    assert w["token"] < 1e-4 and w["eviction"] < 1e-4
+    assert w["token"] < tol and w["eviction"] < tol
     eng.sleep()
     eng.load_weights(model.named_parameters())
     eng.wake_up()
     w = check_records(model, eng.generate([[5, 6, 7]], SamplingParams(max_new_tokens=100), cfg), progress=False)
-    assert w["token"] < 1e-4
+    assert w["token"] < tol
     eng.shutdown()
 
 

@@ -65,8 +65,10 @@ def engine_unavailable_reason(name: str) -> str | None:
     return entry.available()
 
 
-def create_engine(name: str, model_path: str, *, dtype: str = "float32", seed: int = 0, **options) -> RolloutEngine:
-    """Build engine ``name`` for the model at ``model_path``; a clear ValueError if it cannot run here."""
+def create_engine(name: str, model_path: str, *, dtype: str | None = None, seed: int = 0, **options) -> RolloutEngine:
+    """Build engine ``name`` for the model at ``model_path``; a clear ValueError if it cannot run here.
+
+    ``dtype`` None: the engine's own default (torch: float32; vLLM: bfloat16 on CUDA, float32 on CPU)."""
     why = engine_unavailable_reason(name)
     if why is not None:
         raise ValueError(f"rollout engine {name!r} cannot be used: {why}")
@@ -74,7 +76,9 @@ def create_engine(name: str, model_path: str, *, dtype: str = "float32", seed: i
     if isinstance(factory, str):
         module, func = factory.split(":")
         factory = getattr(importlib.import_module(module), func)
-    return factory(model_path, dtype=dtype, seed=seed, **options)
+    if dtype is not None:
+        options["dtype"] = dtype
+    return factory(model_path, seed=seed, **options)
 
 
 register_engine("torch", "rlmem.engine.reference:from_pretrained",

@@ -39,6 +39,21 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
+def engine_dtype(dtype: str | None, *, cuda: bool) -> str:
+    """The dtype vLLM runs in: bfloat16 on CUDA, float32 on CPU unless asked; fp32 on CUDA refused.
+
+    vLLM's FlashAttention takes only fp16/bf16 (vllm/v1/attention/backends/flash_attn.py:287), so
+    fp32 on CUDA would get TRITON_ATTN, whose cache rlmem cannot read (see :mod:`.layouts`).
+    """
+    if dtype is None:
+        return "bfloat16" if cuda else "float32"
+    dtype = canonical(dtype, choices=engine_traits("vllm").dtypes, what="dtype (vLLM engine)")
+    if cuda and dtype == "float32":
+        raise ValueError("dtype (vLLM engine): float32 on CUDA is refused: vLLM's FlashAttention takes only "
+                         "bfloat16/float16 (flash_attn.py:287) and rlmem reads no other CUDA backend; use bfloat16")
+    return dtype
+
+
 def check_block_size(block_size: int, *, cuda: bool) -> None:
     """vLLM's attention kernels fix which KV block sizes exist; NGC's ``b`` must be one of them."""
     need = 16 if cuda else 32
@@ -74,7 +89,7 @@ class VllmEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, block_size: int | None = None,
+    def __init__(self, model_path: str, *, dtype: str | None = None, seed: int = 0, block_size: int | None = None,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_model_len: int | None = None,
                  kv_cache_gib: int = 1, enforce_eager: bool = True, gpu_memory_utilization: float = 0.6,
                  ignore_eos: bool = False, bucket_bytes: int = 64 << 20, trace_blocks: bool = False):
@@ -82,7 +97,7 @@ class VllmEngine:
         cfg_path = Path(model_path) / "config.json"
         if not cfg_path.is_file():
             raise ValueError(f"{model_path}: no config.json (a local HF model directory is expected)")
-        dtype = canonical(dtype, choices=engine_traits("vllm").dtypes, what="dtype (vLLM engine)")
+        dtype = engine_dtype(dtype, cuda=cuda_present())
         self.model_path, self.dtype, self.seed = str(model_path), dtype, seed
         self.num_layers = int(json.loads(cfg_path.read_text())["num_hidden_layers"])
         self.options = dict(num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -234,6 +249,6 @@ class VllmEngine:
             self.llm = None
 
 
-def from_pretrained(model_path: str, *, dtype: str = "float32", seed: int = 0, **options) -> VllmEngine:
+def from_pretrained(model_path: str, *, dtype: str | None = None, seed: int = 0, **options) -> VllmEngine:
     """The registry's factory for ``vllm`` (:mod:`rlmem.engine.registry`)."""
     return VllmEngine(model_path, dtype=dtype, seed=seed, **options)

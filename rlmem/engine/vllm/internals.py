@@ -88,7 +88,8 @@ OWNERS: dict[str, Owner] = {o.name: o for o in (
         M("_free_request", "overridden: forget a finished request", params=("request",)))),
     Owner("CacheConfig", ("vllm.config.cache:CacheConfig",), (
         M("enable_prefix_caching", "must be off for NGC requests"),
-        M("block_size", "the KV block size (NGC's b)"))),
+        M("block_size", "the KV block size (NGC's b)"),
+        M("kv_cache_layout", "the physical KV layout vLLM resolved (which reader)"))),
     Owner("KVCacheConfig", ("vllm.v1.kv_cache_interface:KVCacheConfig",), (
         M("kv_cache_groups", "one group; its spec gives the page size", items="KVCacheGroupSpec"),
         M("num_blocks", "the engine's block count (rlmem_install's info)"))),
@@ -183,6 +184,7 @@ OWNERS: dict[str, Owner] = {o.name: o for o in (
         M("forward", "wrapped: stash post-RoPE queries",
           params=("layer", "query", "key", "value", "kv_cache", "attn_metadata")),
         M("num_heads", "query heads"),
+        M("num_kv_heads", "KV heads (the cache view's shape check)"),
         M("head_size", "head size"),
         M("scale", "softmax scale for the scorers"))),
 )}

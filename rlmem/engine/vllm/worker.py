@@ -28,7 +28,7 @@ import torch
 from rlmem.engine.sampling import token_log_softmax
 from rlmem.engine.vllm.compaction import Shrink, block_moves, cache_positions
 from rlmem.engine.vllm.internals import adapt, check_live, vllm_class
-from rlmem.engine.vllm.layouts import KVLayout, copy_blocks, layout_for
+from rlmem.engine.vllm.layouts import KVLayout, check_cache_view, copy_blocks, layout_for
 from rlmem.engine.vllm.requests import RequestNGC, from_sampling_params
 from rlmem.eviction.policy import decide
 from rlmem.eviction.scorers import ScoringInputs, get_scorer
@@ -76,7 +76,12 @@ class NGCWorkerState:
         m0 = self.layers[0]
         self.num_heads, self.head_size = m0.impl.num_heads, m0.impl.head_size
         self.block_size = runner.cache_config.block_size
-        self.layout: KVLayout = layout_for(m0.attn_backend.get_name(), m0.isa)
+        # backend and physical cache layout as vLLM chose them; each layer's cache view must match
+        cache_layout = runner.cache_config.kv_cache_layout
+        self.layout: KVLayout = layout_for(m0.attn_backend.get_name(), m0.isa, cache_layout)
+        for m in self.layers:
+            check_cache_view(m.kv_cache, cache_layout, num_kv_heads=m.impl.num_kv_heads,
+                             head_size=self.head_size, block_size=self.block_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.reqs: dict[str, _Req] = {}            # vLLM request id -> state
         self.done: dict[str, _Req] = {}            # our key -> state of finished requests
