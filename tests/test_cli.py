@@ -169,16 +169,26 @@ def test_replay_check_generates_with_a_backend_then_checks(rollout_files, tmp_pa
     assert proc.returncode == 2 and "nope" in proc.stderr
 
 
-def test_a_setting_the_engine_refuses_is_one_error_line(rollout_files, tmp_path):
-    """The engine refuses at generate time (here: a prompt plus max tokens beyond the model's
-    positions); the command says so in one line and exits 2, no traceback."""
+def test_a_setting_the_engine_refuses_is_one_error_line(rollout_files, tmp_path, monkeypatch):
+    """A prompt plus max tokens beyond the model's positions: ``rollout`` refuses it from the
+    model's config.json before the model loads; the engine's own check (at generate time) says so
+    in one line too when it is reached. Exit 2, no traceback, nothing written."""
     d, _ = rollout_files
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
     proc = rlmem("rollout", "--model", d / "model", "--prompts", prompts, "--out", tmp_path / "o.jsonl",
                  "--max-new-tokens", 10**6, check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == (
+        f"error: --max-new-tokens 1000000: prompt 1 of {prompts} has 5 tokens, and 5 + 1000000 exceeds the model's "
+        f"max_position_embeddings (4096, {d / 'model' / 'config.json'})\n")
+    import rlmem.commands.rollout as rollout_cmd
+
+    monkeypatch.setattr(rollout_cmd, "check_fits", lambda *a: None)   # the engine's own check
+    proc = rlmem("rollout", "--model", d / "model", "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+                 "--max-new-tokens", 10**6, check=False)
     assert proc.returncode == 2 and "--backend torch:" in proc.stderr and "max_position_embeddings" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o.jsonl").exists()
+    assert not list(tmp_path.glob(".o.jsonl.lock")) and not list(tmp_path.glob("*.tmp"))
 
 
 def test_scorer_args_flag_sets_a_scorer_setting_and_names_a_bad_key(rollout_files, tmp_path):

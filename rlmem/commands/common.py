@@ -229,6 +229,26 @@ def lock_output_file(out: Path, flag: str = "--out"):
     return lock
 
 
+def check_fits(model_path: str, prompts: list[list[int]], max_new_tokens: int, prompts_file: str) -> None:
+    """The longest prompt plus ``--max-new-tokens`` within the model's ``max_position_embeddings``
+    (its config.json, read without loading the weights), before the model loads; a GGUF file or a
+    config without the field is left to the engine's own check."""
+    import json
+
+    cfg_file = Path(model_path) / "config.json"
+    try:
+        limit = json.loads(cfg_file.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(limit, int) or not prompts:
+        return
+    i, longest = max(enumerate(prompts), key=lambda x: len(x[1]))
+    if len(longest) + max_new_tokens > limit:
+        raise CommandError(f"--max-new-tokens {max_new_tokens}: prompt {i + 1} of {prompts_file} has {len(longest)} "
+                           f"tokens, and {len(longest)} + {max_new_tokens} exceeds the model's "
+                           f"max_position_embeddings ({limit}, {cfg_file})")
+
+
 def generate(engine, prompts: list[list[int]], sampling, cfg, *, greedy_evictions: bool = False) -> list:
     """``engine.generate`` for a command: a setting the engine refuses (a vLLM block size, a prompt
     longer than the model's positions) becomes one ``error:`` line naming the backend."""

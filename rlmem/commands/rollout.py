@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, add_sampling_args,
-                                   as_flags, check_backend, create_engine, eviction_from_args, generate,
+                                   as_flags, check_backend, check_fits, create_engine, eviction_from_args, generate,
                                    lock_output_file, output_file, read_prompts, sampling_from_args)
 
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         raise CommandError(f"--model {e}") from None
     prompts = read_prompts(args.prompts, tokenizer)
+    check_fits(args.model, [ids for _, ids in prompts], sampling.max_new_tokens, args.prompts)
     lock = lock_output_file(out)
     try:
         return _generate_and_write(args, cfg, sampling, tokenizer, prompts, out)
