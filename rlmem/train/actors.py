@@ -12,7 +12,6 @@ free port on that node (:meth:`LearnerWorker.rendezvous_address`), so the rendez
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Any
