@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides, check_files=not args.no_check_files)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     start = "not checked (--no-check-files)"
     if not args.no_check_files:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         except TrainingError as e:
             problems.append(("output_dir", str(e)))
         if problems:
-            print(ConfigError(problems, args.config), file=sys.stderr)
+            print(f"error: {ConfigError(problems, args.config)}", file=sys.stderr)
             return 2
     print(f"# resolved config: {args.config}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
     print(cfg.to_yaml(), end="")

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from rlmem.run.config.checks import config_notes
 
@@ -49,9 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run_training(cfg)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
-        print(f"rlmem train: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+        code = getattr(e, "exit_code", 1)   # 2: bad input (run directory, checkpoint), as every command's error line
+        print(f"error: {e}" if code == 2 else f"rlmem train: {e}", file=sys.stderr)
+        return code
     return 0
