@@ -155,6 +155,30 @@ def test_ray_assignments_feed_the_plan():
         assert plan(gpu_ids=ids, visible_devices=vis, device_count=1).device == "cuda:0"
 
 
+def _torch_rollout_worker(model_dir, monkeypatch):
+    from rlmem.engine.sampling import SamplingParams
+    from rlmem.train.actors import RolloutWorker
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)   # outside Ray: what this process sees decides
+    w = RolloutWorker(str(model_dir), backend="torch", dtype="float32", seed=0)
+    records, stats = w.generate([[5, 6, 7, 8, 9]] * 2, SamplingParams(temperature=1.0, max_new_tokens=6), [None, None])
+    assert [len(r.completion_ids) for r in records] == [6, 6] and stats["new_tokens"] == 12
+    return w
+
+
+def test_the_torch_engine_is_built_on_the_rollout_workers_device(tiny_model_dir, monkeypatch):
+    w = _torch_rollout_worker(tiny_model_dir, monkeypatch)
+    assert w.device_plan.device == "cpu" and w.device_plan.dtype == "float32"
+    assert {p.device for p in w.engine.model.parameters()} == {torch.device("cpu")}
+
+
+@pytest.mark.gpu
+def test_the_torch_engine_runs_on_the_gpu(tiny_model_dir, monkeypatch):
+    w = _torch_rollout_worker(tiny_model_dir, monkeypatch)
+    assert w.device_plan.device == "cuda:0"
+    assert {p.device for p in w.engine.model.parameters()} == {torch.device("cuda", 0)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Collectives
 
