@@ -96,3 +96,184 @@ def test_sync_through_ray_and_timeout_names_the_stuck_worker():
                          worker_names=["rollout worker 0", "rollout worker 1"])
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------- GPU paths, on CPU
+RECEIVERS = ["rollout worker 0", "rollout worker 1"]
+
+
+def test_held_buckets_live_until_every_receiver_acknowledged():
+    import gc
+    import weakref
+
+    from rlmem.train.weight_sync import BucketPublisher
+
+    pub = BucketPublisher()
+    shared = []
+    sid, metas, count, nbytes = pub.publish(_named(), 160, "cpu", RECEIVERS,
+                                            share=lambda t: shared.append(t) or ("handle", len(shared) - 1))
+    assert (sid, count, nbytes) == (1, 6, 4 * 129 + 2 * 15)
+    assert [m.names for m in metas] == [["a.weight", "b.bias"], ["d.big"], ["c.half"], ["e.scalar", "f.weight"]]
+    assert [m.dtype for m in metas] == ["float32", "float32", "bfloat16", "float32"]
+    assert [m.handle for m in metas] == [("handle", i) for i in range(4)] and metas[3].shapes == [(), (2, 3, 4)]
+    alive = [weakref.ref(t) for t in shared]
+    shared.clear()
+    gc.collect()
+    assert all(r() is not None for r in alive)          # the holder keeps them
+    assert pub.ack(sid, ["rollout worker 1"]) is False   # one of two: still held
+    gc.collect()
+    assert all(r() is not None for r in alive) and pub.held[sid].missing == ["rollout worker 0"]
+    with pytest.raises(WeightSyncError, match="rollout worker 7 acknowledged but is not one of its receivers"):
+        pub.ack(sid, ["rollout worker 7"])
+    assert pub.ack(sid, ["rollout worker 0"]) is True
+    gc.collect()
+    assert pub.held == {} and all(r() is None for r in alive)
+    # a second sync released early (a timeout) names who had not acknowledged
+    sid2, *_ = pub.publish(_named(), 160, "cpu", RECEIVERS)
+    pub.ack(sid2, ["rollout worker 0"])
+    assert sid2 == 2 and pub.release(sid2) == ["rollout worker 1"] and pub.held == {}
+    with pytest.raises(WeightSyncError, match="already released"):
+        pub.flats(sid2)
+
+
+def test_sync_path_choice():
+    from rlmem.train.weight_sync import choose_path
+
+    assert choose_path("auto", placement="colocated", learner_on_cuda=False) == "object_store"
+    assert choose_path("auto", placement="split", learner_on_cuda=False) == "object_store"
+    assert choose_path("auto", placement="colocated", learner_on_cuda=True) == "cuda_ipc"
+    assert choose_path("auto", placement="split", learner_on_cuda=True) == "broadcast"
+    assert choose_path("broadcast", placement="colocated", learner_on_cuda=False) == "broadcast"
+    with pytest.raises(ValueError, match="ray.weight_sync must be auto or one of"):
+        choose_path("nccl", placement="split", learner_on_cuda=True)
+
+
+class _StubLearner:
+    """The part of rlmem.learner.learner.Learner the weight sync uses, over a plain HF model."""
+
+    def __init__(self, model):
+        self.policy = model
+
+    def named_parameters_for_sync(self):
+        for name, p in self.policy.named_parameters():
+            yield name, p.detach()
+
+
+def _perturbed(model_dir: str, seed: int):
+    from rlmem.models.loading import load_model
+
+    model = load_model(model_dir, "float32")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _sync_learner_class():
+    from rlmem.train.actors import LearnerWorker
+
+    class SyncLearner(LearnerWorker):
+        """LearnerWorker's real weight-sync methods over a stub learner (no DeepSpeed)."""
+
+        def __init__(self, model_dir: str, seed: int = 0, fake_ipc: bool = False):
+            self.rank, self.world_size = 0, 1
+            self.publisher = self.weight_group = None
+            self.learner = _StubLearner(_perturbed(model_dir, seed))
+            self.fake_ipc = fake_ipc
+
+        def publish_weights_shared(self, bucket_bytes, path, receivers):
+            if not self.fake_ipc:
+                return super().publish_weights_shared(bucket_bytes, path, receivers)
+            # CPU stand-in for CUDA IPC: the handle names the bucket; the holder logic is the real one
+            from rlmem.train.weight_sync import BucketPublisher
+
+            self.publisher = self.publisher or BucketPublisher()
+            return self.publisher.publish(self.learner.named_parameters_for_sync(), bucket_bytes, "cpu", receivers,
+                                          share=lambda t: ("cpu-handle", t.numel()))
+
+        def held(self) -> list[int]:
+            return sorted(self.publisher.held) if self.publisher else []
+
+        def weights(self):
+            return {k: v.clone() for k, v in self.learner.named_parameters_for_sync()}
+
+    return SyncLearner
+
+
+class _IpcRollout:
+    """Receives handles; while loading asks the learner what it holds (the buckets must be held)."""
+
+    def __init__(self, learner, delay: float):
+        self.learner, self.delay, self.seen = learner, delay, []
+
+    def receive_weights_ipc(self, metas):
+        import ray
+
+        self.seen.append(ray.get(self.learner.held.remote()))
+        time.sleep(self.delay)
+        return sum(len(m.names) for m in metas)
+
+    def finish_weight_update(self):
+        return 0
+
+    def held_while_loading(self):
+        return self.seen
+
+
+def _ray_with_this_dir():
+    ray = pytest.importorskip("ray")
+    here = str(Path(__file__).parent)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="error",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+                                       "DS_ACCELERATOR": "cpu"}})
+    return ray
+
+
+@pytest.mark.slow
+def test_ipc_path_holds_buckets_until_acknowledged_and_a_timeout_releases_them(tiny_model_dir):
+    from rlmem.train.weight_sync import sync_weights
+
+    ray = _ray_with_this_dir()
+    try:
+        learner = ray.remote(_sync_learner_class()).remote(str(tiny_model_dir), fake_ipc=True)
+        fast = [ray.remote(_IpcRollout).remote(learner, 0.0) for _ in range(2)]
+        slow = ray.remote(_IpcRollout).remote(learner, 8.0)
+        ray.get([w.held_while_loading.remote() for w in fast + [slow]])   # started (as the driver's are)
+        m = sync_weights([learner], fast, bucket_mb=0.25, timeout_s=30, worker_names=RECEIVERS, path="cuda_ipc")
+        assert m["sync/buckets"] > 1 and m["time/sync"] > 0
+        assert ray.get([w.held_while_loading.remote() for w in fast]) == [[[1]], [[1]]]
+        assert ray.get(learner.held.remote()) == []            # released after both acknowledged
+        with pytest.raises(WeightSyncError, match=r"\(cuda_ipc\) timed out after 2s .*: rollout worker 1 did not "
+                                                  r"finish loading"):
+            sync_weights([learner], [fast[0], slow], bucket_mb=0.25, timeout_s=2, worker_names=RECEIVERS,
+                         path="cuda_ipc")
+        assert ray.get(learner.held.remote()) == []            # the timeout released sync 2
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_broadcast_path_over_gloo_gives_every_engine_the_learner_weights(tiny_model_dir):
+    from rlmem.train.actors import RolloutWorker, remote_class
+    from rlmem.train.weight_sync import setup_weight_group, sync_weights
+
+    ray = _ray_with_this_dir()
+    try:
+        learner = ray.remote(_sync_learner_class()).remote(str(tiny_model_dir), seed=3)
+        rollout = [remote_class(RolloutWorker).remote(str(tiny_model_dir), backend="torch", dtype="float32", index=i,
+                                                      num_threads=1) for i in range(2)]
+        ray.get([w.ping.remote() for w in rollout])
+        want = ray.get(learner.weights.remote())
+        before = ray.get(rollout[0].state_dict.remote())
+        assert not torch.equal(before["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+        setup_weight_group(learner, rollout, backend="gloo", timeout_s=30)
+        for _ in range(2):   # the group serves every step's sync
+            m = sync_weights([learner], rollout, bucket_mb=0.25, timeout_s=60, worker_names=RECEIVERS,
+                             path="broadcast")
+            assert m["sync/buckets"] > 1 and m["sync/bytes"] == sum(t.numel() * 4 for t in want.values())
+            for got in ray.get([w.state_dict.remote() for w in rollout]):
+                assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+            assert ray.get(learner.held.remote()) == []
+    finally:
+        ray.shutdown()

@@ -23,6 +23,10 @@ class EngineTraits:
     dtypes: tuple[str, ...] = LEARNER_DTYPES   # names from rlmem.dtypes; an exact engine runs what the replay runs
     protect_recent_zero: bool = True   # ragged per-layer caches (protect_recent=0, paper-literal)
     block_multiple: int = 1            # NGC block size must be a multiple of this (paged KV blocks)
+    # What the engine frees while a colocated learner steps on the same GPU: "none" (nothing held
+    # between generate calls but its weights: the torch engine frees its caches after each call),
+    # "cuda" (a sleep mode on CUDA only: vLLM's level-2 sleep frees weights and KV cache).
+    sleep_mode: str = "none"
 
 
 @dataclass(frozen=True)
@@ -93,5 +97,6 @@ def _vllm_unavailable() -> str | None:
 
 register_engine("vllm", "rlmem.engine.vllm.engine:from_pretrained", available=_vllm_unavailable,
                 traits=EngineTraits(dtypes=MODEL_DTYPES, protect_recent_zero=False,
-                                    block_multiple=32),   # CPU attention: multiples of 32 (CUDA: of 16)
+                                    block_multiple=32,    # CPU attention: multiples of 32 (CUDA: of 16)
+                                    sleep_mode="cuda"),
                 description="vLLM (pinned 0.32.0) with NGC eviction inside the paged KV cache; freed blocks go back to vLLM's pool")

@@ -5,9 +5,10 @@ checkpoint names): checkpoint ``step_000002`` holds the state after steps 1 and 
 from it runs step 3 next. Each step (:func:`run_step`): take the next prompts (a pure function of
 the step, so resume is exact) → ε per group (curriculum / interoception, tag in the prompt) →
 rollouts on the rollout workers (each prompt repeated ``rollouts_per_prompt`` times, groups
-contiguous) → decode → rewards → group advantages → learner ``train_step`` on data-parallel
-shards → weight sync → metrics, samples, pictures, evaluation → checkpoint. All randomness of a step
-is derived from ``(seed, step)``, so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
+contiguous) → decode → rewards → group advantages → (colocated: engines sleep) → learner
+``train_step`` on data-parallel shards → (colocated: engines wake) → weight sync → metrics,
+samples, pictures, evaluation → checkpoint. All randomness of a step is derived from
+``(seed, step)``, so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
 
 Before Ray starts: the environment checks (:mod:`rlmem.run.preflight`), the run-directory lock
 and start plan (:mod:`rlmem.run.rundir`). SIGINT and SIGTERM (``ray job stop``) take the same
@@ -89,6 +90,8 @@ class Run:
     last_ckpt: Path | None
     current_step: int | None = None          # the step in progress, None between steps
     row: dict[str, Any] = field(default_factory=dict)
+    sync_path: str = "object_store"          # rlmem.train.weight_sync.PATHS
+    sleep_note: str | None = None            # why engines did not sleep (printed once)
 
 
 @dataclass
@@ -170,17 +173,19 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
             ray.get([lw.load_checkpoint.remote(str(plan.resume_from)) for lw in workers.learners])
             if state.rng:
                 ckpt.restore_rng_state(state.rng)
+        path = prepare_weight_sync(cfg, workers)
         # Rollout workers start from the learner's weights (also after resume, and when dtypes differ).
         sync0 = sync_weights(workers.learners, workers.rollout, bucket_mb=cfg.ray.weight_sync_bucket_mb,
-                             timeout_s=cfg.ray.weight_sync_timeout_s, worker_names=workers.rollout_names)
+                             timeout_s=cfg.ray.weight_sync_timeout_s, worker_names=workers.rollout_names, path=path)
         logger = RunLogger.from_config(cfg, run_id=state.wandb_run_id, start_step=plan.step, rewind=trimmed)
         run = Run(cfg, tokenizer, prepared.train_examples, prepared.eval_examples, workers, logger, num_layers,
-                  plan.resume_from)
+                  plan.resume_from, sync_path=path)
         bs = cfg.batch_sizes()
         logger.print(f"[rlmem] {'resumed from ' + str(plan.resume_from) if plan.resume_from else 'new run'}; "
                      f"{bs.prompts_per_step} prompts x {bs.rollouts_per_prompt} rollouts = {bs.samples_per_step} "
                      f"samples/step on {bs.rollout_workers} rollout + {bs.learner_workers} learner workers; "
-                     f"start-up {time.perf_counter() - t0:.1f}s (weight sync {sync0['time/sync']:.2f}s)")
+                     f"start-up {time.perf_counter() - t0:.1f}s (weight sync {sync0['time/sync']:.2f}s, "
+                     f"{path.replace('_', ' ')}; placement {cfg.ray.placement})")
         for step in range(plan.step + 1, cfg.trainer.total_steps + 1):
             run.current_step = step
             run_step(run, step)
@@ -255,12 +260,9 @@ def run_step(run: Run, step: int) -> None:
     t = time.perf_counter()
     texts, rewards, verifier, advantages, zeroed = score(run, batch, records)
     time_reward = time.perf_counter() - t
-    t = time.perf_counter()
-    learner_metrics = learn(run, records, advantages)
-    time_learner = time.perf_counter() - t
-    sync = sync_rollout_weights(run)
+    learner_metrics, sync, times = learn_and_sync(run, records, advantages)
     metrics = step_metrics(run, batch, records, rewards, verifier, zeroed, learner_metrics, sync, gen_tokens,
-                           {"time/rollout": time_rollout, "time/reward": time_reward, "time/learner": time_learner,
+                           {"time/rollout": time_rollout, "time/reward": time_reward, **times,
                             "time/step_s": time.perf_counter() - t_step})
     eval_results = evaluate_if_due(run, step, metrics)
     log_step(run, batch, records, texts, metrics, eval_results)
@@ -338,12 +340,58 @@ def learn(run: Run, records: list, advantages) -> dict[str, float]:
                     for lw, s in zip(run.workers.learners, shards)])[0]
 
 
+def learn_and_sync(run: Run, records: list, advantages) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The learner step and the weight sync, in the order a placement needs.
+
+    Colocated (rollout worker i and learner rank i share GPU i): the engines sleep before the
+    learner step (vLLM frees its weights and KV cache), the learners hand their freed step memory
+    back, the engines wake and load the new weights before the next rollout. Split: learn, sync.
+    Returns (learner metrics, sync metrics, times)."""
+    import ray
+
+    colocated = run.cfg.ray.placement == "colocated"
+    times: dict[str, float] = {}
+    if colocated:
+        t = time.perf_counter()
+        notes = ray.get([rw.sleep.remote() for rw in run.workers.rollout])
+        times["time/engine_sleep"] = time.perf_counter() - t
+        note = next((n for n in notes if n), None)
+        if note and note != run.sleep_note:
+            run.sleep_note = note
+            run.logger.print(f"[rlmem] colocated: rollout engines do not sleep during the learner step: {note}")
+    t = time.perf_counter()
+    learner_metrics = learn(run, records, advantages)
+    times["time/learner"] = time.perf_counter() - t
+    if colocated:
+        t = time.perf_counter()
+        ray.get([lw.free_cached_memory.remote() for lw in run.workers.learners])
+        ray.get([rw.wake_up.remote() for rw in run.workers.rollout])
+        times["time/engine_wake"] = time.perf_counter() - t
+    return learner_metrics, sync_rollout_weights(run), times
+
+
+def prepare_weight_sync(cfg: RunConfig, workers) -> str:
+    """The weight-sync path (``ray.weight_sync``; ``auto`` by the learner's device and the placement);
+    ``broadcast`` forms its process group here, once (NCCL when the learner is on a GPU, else gloo)."""
+    import ray
+
+    from rlmem.train.weight_sync import choose_path, setup_weight_group
+
+    on_cuda = bool(ray.get(workers.learners[0].weights_on_cuda.remote()))
+    path = choose_path(cfg.ray.weight_sync, placement=cfg.ray.placement, learner_on_cuda=on_cuda)
+    if path == "broadcast":
+        setup_weight_group(workers.learners[0], workers.rollout, backend="nccl" if on_cuda else "gloo",
+                           timeout_s=cfg.ray.weight_sync_timeout_s)
+    return path
+
+
 def sync_rollout_weights(run: Run) -> dict[str, float]:
     from rlmem.train.weight_sync import sync_weights
 
     r = run.cfg.ray
     return sync_weights(run.workers.learners, run.workers.rollout, bucket_mb=r.weight_sync_bucket_mb,
-                        timeout_s=r.weight_sync_timeout_s, worker_names=run.workers.rollout_names)
+                        timeout_s=r.weight_sync_timeout_s, worker_names=run.workers.rollout_names,
+                        path=run.sync_path)
 
 
 LEARNER_METRIC_NAMES = {"grad_norm": "optim/grad_norm", "lr": "optim/lr", "global_step": "optim/global_step",

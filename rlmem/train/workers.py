@@ -29,6 +29,18 @@ def engine_options(cfg) -> dict:
             "enforce_eager": v.enforce_eager, "gpu_memory_utilization": v.gpu_memory_utilization}
 
 
+def gpu_share(cfg) -> dict | None:
+    """Colocated on GPUs: the :class:`rlmem.train.gpu_memory.Workload` (as a dict) from which each
+    rollout worker computes, on its own GPU, the memory fraction its vLLM engine may take."""
+    from dataclasses import asdict
+
+    from rlmem.train.gpu_memory import workload_of
+
+    if cfg.ray.placement != "colocated" or not cfg.ray.num_gpus_per_actor:
+        return None
+    return asdict(workload_of(cfg))
+
+
 def actor_env() -> dict[str, str]:
     """Environment variables every actor gets (the driver's offline flags).
 
@@ -105,12 +117,35 @@ def placement_plan(cfg: RunConfig, rollout_resources: dict | None, learner_resou
         return b
 
     if r.placement == "colocated":
+        # Bundle i holds rollout worker i and learner rank i; with GPUs, one GPU they share
+        # (each asks for a part: actor_gpus), so the GPU is not summed like the other resources.
         n = max(n_roll, n_learn)
-        return [("rlmem-colocated", [merge_resources(bundle(rollout_resources) if i < n_roll else {},
-                                                     bundle(learner_resources) if i < n_learn else {})
-                                     for i in range(n)])]
+        plan = []
+        for i in range(n):
+            b = merge_resources({k: v for k, v in bundle(rollout_resources).items() if k != "GPU"} if i < n_roll else {},
+                                {k: v for k, v in bundle(learner_resources).items() if k != "GPU"} if i < n_learn else {})
+            if r.num_gpus_per_actor:
+                b["GPU"] = r.num_gpus_per_actor
+            plan.append(b)
+        return [("rlmem-colocated", plan)]
     return [("rlmem-rollout", [bundle(rollout_resources) for _ in range(n_roll)]),
             ("rlmem-learner", [bundle(learner_resources) for _ in range(n_learn)])]
+
+
+def actor_gpus(cfg: RunConfig, role: str, index: int) -> float:
+    """Ray ``num_gpus`` of one actor (``role``: ``rollout`` or ``learner``). Colocated: the two actors
+    of a bundle ask for parts that sum to the bundle's GPU (:func:`rlmem.train.gpu_memory.colocated_gpu_shares`),
+    so Ray gives both the same GPU; an actor alone in its bundle gets all of it."""
+    from rlmem.train.gpu_memory import colocated_gpu_shares
+
+    r = cfg.ray
+    if r.placement != "colocated" or not r.num_gpus_per_actor:
+        return r.num_gpus_per_actor
+    n_roll, n_learn = cfg.rollout.num_workers, cfg.learner.num_workers
+    if index >= (n_learn if role == "rollout" else n_roll):
+        return r.num_gpus_per_actor
+    rollout_share, learner_share = colocated_gpu_shares(r.num_gpus_per_actor)
+    return rollout_share if role == "rollout" else learner_share
 
 
 def impossible_request(plan: list[tuple[str, list[dict]]], nodes: list[dict[str, float]]) -> str | None:
@@ -167,8 +202,8 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
                   learner_resources: dict[str, float] | None = None) -> Workers:
     """Placement groups, then rollout and learner actors; the learners join their process group.
 
-    ``ray.placement: colocated`` puts rollout worker i and learner rank i in bundle i of one group;
-    ``separate`` gives each role its own group. ``*_resources`` are extra per-actor custom Ray
+    ``ray.placement: colocated`` puts rollout worker i and learner rank i in bundle i of one group
+    (sharing its GPU); ``split`` gives each role its own group. ``*_resources`` are extra per-actor custom Ray
     resources (e.g. ``{"rollout_node": 0.01}``) that pin a role to nodes advertising them.
     """
     import ray
@@ -187,19 +222,21 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
     roll_pg, learn_pg = (pgs[0], pgs[0]) if len(pgs) == 1 else (pgs[0], pgs[1])
     threads = r.torch_threads or max(1, (os.cpu_count() or 1) // max(n_roll, n_learn))
 
-    def opts(pg, i: int, res: dict | None) -> dict:
+    def opts(pg, i: int, res: dict | None, role: str) -> dict:
         o = dict(num_cpus=r.num_cpus_per_actor, resources=res or None, runtime_env={"env_vars": actor_env()},
                  scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-        if r.num_gpus_per_actor:
-            o["num_gpus"] = r.num_gpus_per_actor
+        gpus = actor_gpus(cfg, role, i)
+        if gpus:
+            o["num_gpus"] = gpus
         return o
 
     Rollout, Learner = remote_class(RolloutWorker), remote_class(LearnerWorker)
-    rollout = [Rollout.options(**opts(roll_pg, i, rollout_resources)).remote(
+    share = gpu_share(cfg)
+    rollout = [Rollout.options(**opts(roll_pg, i, rollout_resources, "rollout")).remote(
         model_path, backend=cfg.rollout.backend, dtype=cfg.model.dtype, seed=cfg.seed, index=i, num_threads=threads,
-        **engine_options(cfg)) for i in range(n_roll)]
+        gpu_share=share, **engine_options(cfg)) for i in range(n_roll)]
     lcfg = cfg.learner_config(model_path)
-    learners = [Learner.options(**opts(learn_pg, i, learner_resources)).remote(
+    learners = [Learner.options(**opts(learn_pg, i, learner_resources, "learner")).remote(
         lcfg, rank=i, world_size=n_learn, num_threads=threads) for i in range(n_learn)]
     w = Workers(rollout, learners, pgs, [f"rollout worker {i}" for i in range(n_roll)],
                 [f"learner worker {i} (rank {i})" for i in range(n_learn)])

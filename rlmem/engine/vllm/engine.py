@@ -26,7 +26,7 @@ from rlmem.engine.sampling import SamplingParams
 from rlmem.engine.vllm.internals import adapt, check_classes, check_live
 from rlmem.engine.vllm.records import assemble
 from rlmem.engine.vllm.version import require_pinned
-from rlmem.engine.vllm.weights import CpuRpcTransport, CudaIpcTransport, WeightTransport
+from rlmem.engine.vllm.weights import RpcTransport, WeightTransport
 from rlmem.eviction.policy import EvictionConfig
 from rlmem.eviction.record import RolloutRecord
 from rlmem.eviction.scorers import get_scorer
@@ -108,6 +108,8 @@ class VllmEngine:
         if block_size is not None:
             check_block_size(block_size, cuda=cuda_present())
         self.llm = None
+        self.asleep = False
+        self.weights_lost = False     # after a level-2 sleep, until the next commit_weights
         self.info: dict = {}
         self.transport: WeightTransport | None = None
         self.last_stats: GenerationStats = VllmGenerationStats()
@@ -148,8 +150,7 @@ class VllmEngine:
         self.info = self.llm.collective_rpc("rlmem_install", args=(self.seed,))[0]
         if self.info["num_layers"] != self.num_layers:
             raise RuntimeError(f"vLLM engine sees {self.info['num_layers']} attention layers, config.json says {self.num_layers}")
-        self.transport = CudaIpcTransport(self.llm, self.bucket_bytes) if cuda_present() else \
-            CpuRpcTransport(self.llm, self.bucket_bytes)
+        self.transport = RpcTransport(self.llm, self.bucket_bytes, device="cuda" if cuda_present() else "cpu")
         if self.trace_blocks:
             self.scheduler.rlmem_trace = []
 
@@ -173,6 +174,10 @@ class VllmEngine:
         for c in active:
             check_eviction(c, block_size)
         self.start(block_size)
+        if self.weights_lost:
+            raise RuntimeError("vLLM engine: generate after sleep() needs a weight load first (level-2 sleep "
+                               "discarded the weights)")
+        self.wake_up()
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
 
@@ -225,23 +230,41 @@ class VllmEngine:
         """One part of a weight update (e.g. one sync bucket); nothing changes until :meth:`commit_weights`,
         because vLLM's in-place reload must see every tensor of a fused layer at once."""
         self.start(self.block_size)
+        self.wake_up()
         return self.transport.stage(named_tensors)
+
+    def stage_bucket(self, bucket) -> int:
+        """Stage one ready :class:`~rlmem.models.weight_buckets.Bucket` as it is (no copy; the weight
+        sync's received buckets); loaded by :meth:`commit_weights`."""
+        self.start(self.block_size)
+        self.wake_up()
+        return self.transport.stage_bucket(bucket)
 
     def commit_weights(self) -> int:
         self.start(self.block_size)
-        return self.transport.commit()
+        n = self.transport.commit()
+        self.weights_lost = False
+        return n
 
-    def sleep(self) -> None:
-        """Colocated CUDA training: free the engine's GPU memory (weights and KV cache) until :meth:`wake_up`.
-        The next :meth:`load_weights` wakes the weights up first (:class:`.weights.CudaIpcTransport`)."""
+    def sleep(self) -> str | None:
+        """Colocated CUDA training: free the engine's GPU memory (weights and KV cache, vLLM's sleep
+        level 2: the next weight sync loads every weight anyway) until :meth:`wake_up`. Returns None,
+        or why nothing was freed."""
         if not cuda_present():
-            return   # vLLM's CPU build has no sleep mode; nothing to free
-        self.transport.sleep_between = True
-        self.transport.sleep()
+            return "vLLM's sleep mode is CUDA-only: the CPU engine keeps its memory"
+        if self.llm is None:
+            return "vLLM has not started yet: nothing to free"
+        if not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = self.weights_lost = True
+        return None
 
     def wake_up(self) -> None:
-        if cuda_present() and self.llm is not None:
+        """Reallocate what :meth:`sleep` freed (weights hold garbage until the next weight load;
+        the weight sync loads every parameter right after). Generation and weight loads wake first."""
+        if self.asleep and self.llm is not None:
             self.llm.wake_up()
+            self.asleep = False
 
     def shutdown(self) -> None:
         if self.llm is not None:

@@ -338,12 +338,3 @@ class NGCWorkerExtension:
         staged, self.rlmem_staged = getattr(self, "rlmem_staged", None) or [], None
         adapt("Worker", self).reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
         return len(staged)
-
-    def rlmem_load_weights_ipc(self, handle, meta: dict) -> int:
-        """CUDA: rebuild one flat bucket from its IPC handle (:mod:`.weights`) and load its named views."""
-        from rlmem.models.weight_buckets import Bucket
-
-        func, args = handle
-        args = list(args)
-        args[6] = torch.cuda.current_device()     # the receiving process's device index
-        return self.rlmem_stage_weights(Bucket(list(meta["names"]), list(meta["shapes"]), func(*args)))

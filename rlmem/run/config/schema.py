@@ -293,9 +293,20 @@ LearnerSection = derived_section(
     extra={"num_workers": (int, Field(1, ge=1))})
 
 
+PLACEMENT_ALIASES = {"separate": "split"}   # older configs' name of the split placement
+
+
 class RayConfig(Section):
+    """Where the actors run and how weights reach the engines (docs/gpu.md).
+
+    ``placement``: ``colocated`` puts rollout worker i and learner rank i in one bundle (with GPUs:
+    one GPU, shared; vLLM sleeps during the learner step); ``split`` gives each role its own bundles
+    (its own GPUs). ``weight_sync``: ``auto`` picks the Ray object store without CUDA, CUDA IPC when
+    colocated on GPUs, a broadcast over a dedicated process group when split on GPUs."""
+
     address: str | None = None                     # null: start a local Ray; "auto": join the cluster
-    placement: Literal["colocated", "separate"] = "separate"
+    placement: Literal["colocated", "split"] = "split"
+    weight_sync: Literal["auto", "object_store", "cuda_ipc", "broadcast"] = "auto"
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     # torch intra-op threads per actor; null: the node's cores over the larger worker count. Set it
@@ -307,6 +318,11 @@ class RayConfig(Section):
     # advertise them (`ray start --resources`). Defaults of run_training's *_resources arguments.
     rollout_resources: dict[str, float] | None = None
     learner_resources: dict[str, float] | None = None
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _placement_alias(cls, v: Any) -> Any:
+        return PLACEMENT_ALIASES.get(v, v) if isinstance(v, str) else v
 
 
 class TrainerConfig(Section):
