@@ -145,6 +145,10 @@ def validate(s: EvalSettings) -> None:
         check_out_dir(s.out)
     except StoreError as e:
         raise EvalError(str(e)) from None
+
+
+def check_out_outside_model(s: EvalSettings) -> None:
+    """``--out`` must not lie in the model folder: its files are the model's fingerprint."""
     model, out = Path(resolve_model(s.model)), Path(s.out).expanduser().resolve()
     if model.is_dir() and (out == model or model in out.parents):
         raise EvalError(f"--out {s.out}: inside the --model folder {model} (its files are the model's "
@@ -210,6 +214,7 @@ def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:
     task = load_task(s.task, split=s.split, limit=s.limit, seed=s.seed, options=s.task_options)
     tokenizer = make_tokenizer(s)
     check_prompts(s, task.examples, tokenizer)
+    check_out_outside_model(s)
     settings = {**s.fingerprint(), "model_files": model_fingerprint(s.model)}
     # a directory from before the fingerprint resumes unchecked (it has no fingerprint to compare)
     defaults = {**EvalSettings(model=s.model, task=s.task, out=s.out).fingerprint(),
