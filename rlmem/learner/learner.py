@@ -175,7 +175,8 @@ class Learner:
         if self.plan.dtype != cfg.dtype:
             raise ValueError(f"learner rank {rank}: device plan dtype {self.plan.dtype} != learner.dtype {cfg.dtype}")
         init_distributed(rank, world_size, master_addr, master_port, self.plan)
-        import deepspeed
+        import deepspeed   # after the plan fixed its accelerator
+
         torch.manual_seed(cfg.seed)
         policy = load_model(cfg.model_path, cfg.dtype)
         self.tokenizer = load_tokenizer(cfg.model_path)
