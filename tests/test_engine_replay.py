@@ -123,6 +123,32 @@ def test_flex_replay_compiles_once_per_length_bucket(tok, tiny_model_dir, monkey
     assert counter.frame_count == 8
 
 
+def test_flex_block_masks_compile_once_per_bucket_past_dynamos_recompile_limit(monkeypatch):
+    """Ten length buckets (Dynamo's default limit is 8 per function): each compiles once, none falls
+    back to eager, and every compiled BlockMask marks exactly the blocks the dense replay mask uses."""
+    from torch._dynamo.testing import CompileCounter
+
+    import rlmem.learner.replay as replay
+
+    counter = CompileCounter()
+    monkeypatch.setitem(replay.FLEX_COMPILE_BACKEND, "cpu", counter)
+    assert torch._dynamo.config.recompile_limit < 10
+    lengths = [100, 250, 300, 500, 512, 600, 700, 800, 900, 1100, 1200]   # 512: same bucket as 500
+    for i, n in enumerate(lengths):
+        g = torch.Generator().manual_seed(i)
+        ea = torch.randint(0, n + 5, (2, n), generator=g)
+        ea[1, n // 2:] = -1                                       # row 1 is half padding
+        seq_lens = torch.tensor([n, n // 2])
+        bm = replay.replay_block_mask(ea, seq_lens)
+        n_pad = replay.flex_padded_len(n)
+        assert bm.seq_lengths == (n_pad, n_pad)
+        dense = replay.visibility_mask(torch.nn.functional.pad(ea, (0, n_pad - n), value=-1), seq_lens)
+        nb = n_pad // 128
+        want = dense.view(2, nb, 128, nb, 128).any(dim=4).any(dim=2)
+        assert torch.equal(bm.to_dense()[:, 0].bool(), want), n
+    assert counter.frame_count == len({replay.flex_padded_len(n) for n in lengths}) == 10
+
+
 def test_gradients_reach_every_layer(tok, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cfg = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)

@@ -123,7 +123,7 @@ def _flex_functions(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
     backend = FLEX_COMPILE_BACKEND.get(device_type, "eager")
-    key = (device_type, id(backend) if not isinstance(backend, str) else backend)
+    key = (device_type, backend)   # a backend object is a key by identity (and kept alive with its functions)
     if key not in _FLEX_COMPILED:
         _FLEX_COMPILED[key] = (torch.compile(_replay_block_mask, dynamic=False, backend=backend),
                                torch.compile(flex_attention, dynamic=False, backend=backend))
