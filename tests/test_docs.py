@@ -6,9 +6,9 @@
    markdown link. A source file named from somewhere else (``engine/base.py``) cannot be checked, or
    found by a reader, so it fails too. Run outputs (``outputs/...``, ``runs/...``) start with no such folder and are skipped.
 2. Every citation of docs/design.md in the code, configs, scripts and docs resolves: "section N"
-   is one of its numbered sections, and a named part (``section 1, "Replay mask"``,
-   ``docs/design.md, Losses``) is a heading or a bold paragraph title there (of section N, when N is
-   given). Design notes outside the repository are not cited: a bare upper-case ``NAME.md`` must be
+   is one of its numbered sections, and a named part, quoted (``section 1, "Replay mask"``) or
+   closing a parenthesis (``(docs/design.md, Losses)``), is a heading or a bold paragraph title there
+   (of section N, when N is given). Design notes outside the repository are not cited: a bare upper-case ``NAME.md`` must be
    a file at the repository root.
 """
 
@@ -32,7 +32,7 @@ _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 _SPAN = re.compile(r"`([^`\n]+)`")
 _LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 _CITE = re.compile(r"docs/design\.md(?:\s+section\s+(?P<sec>\d+))?"
-                   r"(?:(?:,\s*|\s+)\"(?P<quoted>[^\"\n]+)\"|,\s*(?P<bare>[A-Za-z][^,.;:)\"`\n]*))?")
+                   r"(?:(?:,\s*|\s+)\"(?P<quoted>[^\"\n]+)\"|,\s*(?P<bare>[A-Za-z][^,.;:)\"`\n]*)(?=\)))?")
 _RELATIVE_SOURCE = re.compile(r"(?<![\w/.~$<>-])[A-Za-z_][\w-]*/[\w/.-]*\.(?:py|yaml|sh)\b")
 _UPPER_MD = re.compile(r"(?<![\w/.-])([A-Z][A-Z0-9_-]+\.md)\b")
 
@@ -189,6 +189,7 @@ DESIGN_SAMPLE = """## 1. Semantics
     ("(docs/design.md section 3,\n   Replay mask)", "no heading or paragraph titled 'Replay mask'"),
     ("(docs/design.md \"Extras\")", "no heading or paragraph titled 'Extras'"),
     ("(docs/design.md section 1; the rest)", None),
+    ("The layers of docs/design.md section 3, lowest first: a module", None),
     ("the paper's settings (NOTES.md)", "NOTES.md: not in the repository"),
 ])
 def test_citation_checker_catches_what_it_should(text, problem):
