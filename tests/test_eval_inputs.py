@@ -106,7 +106,7 @@ def test_large_files_are_fingerprinted_by_size_and_sampled_chunks(tmp_path, monk
 
 
 # ------------------------------------------------------------------ 2. the lock
-def test_a_second_eval_into_the_same_out_is_refused_naming_the_holder(tiny_model_dir, tmp_path):
+def test_a_second_eval_into_the_same_out_is_refused_naming_the_holder(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     code = ("import sys, time; from rlmem.dirlock import DirLock; "
             "DirLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
@@ -125,6 +125,7 @@ def test_a_second_eval_into_the_same_out_is_refused_naming_the_holder(tiny_model
     assert json.loads((out / ".rlmem.lock").read_text())["pid"] == holder.pid
     rows = run_eval(_settings(tiny_model_dir, tmp_path), progress=False)
     assert [r["method"] for r in rows] == ["full", "ngc"]
+    assert f"note: took over a stale lock (pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().out
     assert not (out / ".rlmem.lock").exists()   # released at the end
 
 
@@ -256,3 +257,23 @@ def test_a_corrupted_index_line_is_refused_naming_file_and_line(tiny_model_dir, 
     with pytest.raises(StoreError, match=f"{index}:2: not valid JSON"):
         run_eval(s, progress=False)
     assert not (tmp_path / "ev" / ".rlmem.lock").exists()   # a refusal releases the lock
+
+
+def test_a_run_that_failed_before_its_first_cell_does_not_block_the_corrected_command(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """A failure after eval_config.json is written (weights that do not load) leaves no cell:
+    the corrected command, with other settings, takes the directory instead of being refused."""
+    def broken(s):
+        raise EvalError(f"--model {s.model}: weights do not load")
+
+    monkeypatch.setattr(runner, "make_engine", broken)
+    with pytest.raises(EvalError, match="weights do not load"):
+        run_eval(_settings(tiny_model_dir, tmp_path, max_new_tokens=5), progress=False)
+    assert (tmp_path / "ev" / "eval_config.json").is_file()
+    monkeypatch.undo()
+    assert [r["method"] for r in run_eval(_settings(tiny_model_dir, tmp_path), progress=False)] == ["full", "ngc"]
+    assert "no finished cells; its settings are replaced (max_new_tokens: 5 there, 6 now)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "eval_config.json").read_text())["max_new_tokens"] == 6
+    # with finished cells, other settings are refused as before
+    with pytest.raises(StoreError, match="max_new_tokens: 6 there, 5 now"):
+        run_eval(_settings(tiny_model_dir, tmp_path, max_new_tokens=5), progress=False)

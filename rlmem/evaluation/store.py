@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from rlmem.dirlock import DirLock, describe_holder
+
 CONFIG_FILE = "eval_config.json"
 INDEX_FILE = "cells.jsonl"
 RECORDS_DIR = "records"
@@ -132,8 +134,6 @@ class EvalStore(CellStore):
     """The cells of an ``rlmem eval`` directory, persisted (see the module docstring)."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        from rlmem.dirlock import DirLock
-
         super().__init__()
         self.root = Path(out_dir)
         self.lock = DirLock(self.root, error=StoreError, what="eval", other="choose another --out")
@@ -149,7 +149,8 @@ class EvalStore(CellStore):
         setting the directory's file lacks (it predates that setting) counts as its value in
         ``defaults``: an older directory resumes when the new setting is left at its default.
         ``normalize`` maps a setting to a function applied to the directory's value before the
-        comparison (``model``: an older file's relative path, resolved).
+        comparison (``model``: an older file's relative path, resolved). A directory without a
+        finished cell (its run failed before the first one) takes the new settings, noted.
         A finished cell whose records are missing (a records file deleted or cut) makes its whole
         run be redone, noted in :attr:`notes`: its records are the run's output, and a whole
         run regenerates exactly (chunk seeds), where a part of a chunk would not.
@@ -159,9 +160,18 @@ class EvalStore(CellStore):
         check_out_dir(self.root)
         try:
             self.lock.acquire()
+            if self.lock.took_over:
+                self.notes.append(f"took over a stale lock ({describe_holder(self.lock.took_over)}: not running)")
             self.records_dir.mkdir(exist_ok=True)
+            for d in _read_lines(self.index_path):
+                try:
+                    cell = Cell(**d)
+                except TypeError:
+                    raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
+                self.cells[(cell.run, cell.problem)] = cell
             cfg_path = self.root / CONFIG_FILE
-            if cfg_path.is_file():
+            write = not cfg_path.is_file()
+            if not write:
                 try:
                     old = json.loads(cfg_path.read_text())
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -175,18 +185,17 @@ class EvalStore(CellStore):
                 diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 if diff:
                     what = describe_difference(diff[0], old.get(diff[0]), settings.get(diff[0]))
-                    raise StoreError(f"{self.root} holds an eval with different settings ({what}); "
-                                     f"use a new --out or the same settings to resume")
-            else:
+                    if self.cells:
+                        raise StoreError(f"{self.root} holds an eval with different settings ({what}); "
+                                         f"use a new --out or the same settings to resume")
+                    # nothing finished under the old settings (a run that failed before its first
+                    # cell): nothing can be mixed, so the corrected command takes the directory
+                    self.notes.append(f"{cfg_path}: no finished cells; its settings are replaced ({what})")
+                    write = True
+            if write:
                 tmp = cfg_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
                 os.replace(tmp, cfg_path)
-            for d in _read_lines(self.index_path):
-                try:
-                    cell = Cell(**d)
-                except TypeError:
-                    raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
-                self.cells[(cell.run, cell.problem)] = cell
             self._drop_runs_missing_records()
             self._rewrite_clean_index()
             self._drop_orphan_records()
