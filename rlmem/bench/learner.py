@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cfg = eviction_from_args(args)   # flags before any model
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="rlmem-bench-"), layers=2, hidden=256)
     model, tok = load_model(model_dir)
-    cfg = eviction_from_args(args)
     prompts = [tok(f"Using the numbers {i} {i + 7} {2 * i + 3}, create an equation that equals {i + 40}.").input_ids
                for i in range(args.batch)]
     records = ReferenceEngine(model, tok, seed=0, eos_token_ids=[]).generate(

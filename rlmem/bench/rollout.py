@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    cfg = dataclasses.replace(eviction_from_args(args, scorer_args={}), scorer="ngc")   # flags before any model
+    scorers = baseline_scorers(args.scorers)
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="rlmem-bench-"), layers=2, hidden=256)
     model, tok = load_model(model_dir)
-    cfg = dataclasses.replace(eviction_from_args(args, scorer_args={}), scorer="ngc")
-    scorers = baseline_scorers(args.scorers)
     prompts = [tok(f"Using the numbers {i} {i + 7} {2 * i + 3}, create an equation that equals {i + 40}.").input_ids
                for i in range(args.batch)]
     engine = ReferenceEngine(model, tok, seed=0, eos_token_ids=[])

@@ -151,6 +151,12 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
                    help="rollout engine (default torch, the reference engine)")
 
 
+def model_error(flag: str, e: Exception) -> CommandError:
+    """A loader's ``model DIR: why`` as ``--model DIR: why`` (the flag, not the word twice)."""
+    text = str(e)
+    return CommandError(f"{flag} {text[len('model '):] if text.startswith('model ') else text}")
+
+
 def load_model(path: str, dtype: str = "float32"):
     """Model and tokenizer from a local directory; a clear :class:`CommandError` otherwise."""
     from rlmem.models.loading import ModelLoadError, load_model_and_tokenizer
@@ -158,7 +164,7 @@ def load_model(path: str, dtype: str = "float32"):
     try:
         return load_model_and_tokenizer(path, dtype)
     except ModelLoadError as e:
-        raise CommandError(f"--model {e}") from None
+        raise model_error("--model", e) from None
 
 
 def create_engine(backend: str, model_path: str, dtype: str = "float32", seed: int = 0):
@@ -169,7 +175,7 @@ def create_engine(backend: str, model_path: str, dtype: str = "float32", seed: i
     try:
         return make(backend, model_path, dtype=dtype, seed=seed)
     except ModelLoadError as e:
-        raise CommandError(f"--model {e}") from None
+        raise model_error("--model", e) from None
     except ValueError as e:
         raise CommandError(f"--backend {backend}: {e}") from None
 
@@ -261,6 +267,8 @@ def generate(engine, prompts: list[list[int]], sampling, cfg, *, greedy_eviction
 
 def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:
     """Prompts file: one JSON object per line with ``prompt`` (raw text) or ``messages`` (chat template)."""
+    if Path(path).is_dir():
+        raise CommandError(f"--prompts {path}: is a directory, not a JSONL file")
     if not Path(path).is_file():
         raise CommandError(f"--prompts {path}: file not found")
     from rlmem.jsonl import read_json_lines

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.layer < n_layers:
         raise CommandError(f"--layer {args.layer}: the record has {n_layers} layers")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a directory (the pictures go into a directory)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -75,7 +77,9 @@ def _tokenizer(path: str):
     try:
         return load_tokenizer(path)
     except ModelLoadError as e:
-        raise CommandError(f"--tokenizer {e}") from None
+        from rlmem.commands.common import model_error
+
+        raise model_error("--tokenizer", e) from None
 
 
 def _retention(args: argparse.Namespace, records: list, tok) -> int:

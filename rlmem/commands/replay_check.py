@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, create_engine,
-                                   eviction_from_args, generate, load_model, read_prompts)
+from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, as_flags, at_least,
+                                   check_backend, check_fits, create_engine, eviction_from_args, generate, load_model, model_error,
+                                   output_file, read_prompts)
 from rlmem.dtypes import replay_tolerance
 
 
@@ -25,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="with --prompts: sampling seed")
     p.add_argument("--kernel", choices=["sdpa", "flex"], default="sdpa")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tol", type=float, default=None,
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--tol", type=at_least(0.0, float), default=None,
                    help="max allowed |rollout - replay| log-prob difference (default: the dtype's, "
                         + ", ".join(f"{d} {replay_tolerance(d):g}" for d in DTYPE_CHOICES) + ")")
     p.set_defaults(func=run)
@@ -61,35 +62,71 @@ def check_records(model, records, *, kernel: str = "sdpa", batch_size: int = 8, 
     return worst
 
 
-def _generate(args: argparse.Namespace, tokenizer) -> list:
+def _generate(args: argparse.Namespace, cfg, sampling, prompts: list[list[int]]) -> list:
     """Records from ``--prompts`` made by engine ``--backend`` (the check then tests that engine)."""
-    from rlmem.engine.sampling import SamplingParams
     from rlmem.eviction.record import write_jsonl
 
-    cfg = eviction_from_args(args)
-    prompts = [ids for _, ids in read_prompts(args.prompts, tokenizer)]
     engine = create_engine(args.backend, args.model, args.dtype, args.seed)
-    try:
-        sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
     records = []
     for start in range(0, len(prompts), args.batch_size):
         records += generate(engine, prompts[start: start + args.batch_size], sampling, cfg)
     if args.records:
-        write_jsonl(args.records, records)
+        try:
+            write_jsonl(args.records, records)
+        except OSError as e:
+            raise CommandError(f"{args.records}: cannot write: {e.strerror or e}") from None
     print(f"generated {len(records)} records with backend {args.backend}"
           + (f" (written to {args.records})" if args.records else ""))
     return records
 
 
+def check_against_model(model_path: str, records: list, records_file: str | None) -> None:
+    """Records made by another model, refused from the model's config.json before its weights
+    load: a token id beyond its vocabulary, or rounds with another number of layers."""
+    import json
+    from pathlib import Path
+
+    try:
+        conf = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return   # a GGUF file, or no model there: the loader's own error comes next
+    vocab, layers = conf.get("vocab_size"), conf.get("num_hidden_layers")
+    for i, r in enumerate(records):
+        ids = r.prompt_ids + r.completion_ids
+        if isinstance(vocab, int) and ids and max(ids) >= vocab:
+            raise CommandError(f"{records_file}: record {i} has token id {max(ids)} >= the vocab size {vocab} of "
+                               f"--model {model_path}: records from another model?")
+        n = len(r.eviction.rounds[0].layers) if r.eviction is not None and r.eviction.rounds else None
+        if isinstance(layers, int) and n is not None and n != layers:
+            raise CommandError(f"{records_file}: record {i} has eviction rounds over {n} layers but --model "
+                               f"{model_path} has {layers} layers: records from another model?")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Flags, prompts and records are checked (records against the model's config.json) before
+    the model's weights load."""
+    from rlmem.engine.sampling import SamplingParams
     from rlmem.eviction.record import RecordError, read_jsonl
     from rlmem.eviction.scorers import is_learned
+    from rlmem.models.loading import ModelLoadError, load_tokenizer
 
-    model, tokenizer = load_model(args.model, args.dtype)
     if args.prompts:
-        records = _generate(args, tokenizer)
+        cfg = eviction_from_args(args)
+        try:
+            sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        except ValueError as e:
+            raise CommandError(as_flags(str(e), "sampling")) from None
+        check_backend(args.backend, cfg)
+        if args.records:
+            output_file(args.records, "records file")
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ModelLoadError as e:
+            raise model_error("--model", e) from None
+        prompts = [ids for _, ids in read_prompts(args.prompts, tokenizer)]
+        check_fits(args.model, prompts, args.max_new_tokens, args.prompts)
+        model, _ = load_model(args.model, args.dtype)
+        records = _generate(args, cfg, sampling, prompts)
     elif not args.records:
         raise CommandError("give a records file, or --prompts (with --backend) to generate records first")
     else:
@@ -97,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
             records = read_jsonl(args.records)
         except (RecordError, FileNotFoundError) as e:
             raise CommandError(str(e)) from None
+        if not records:
+            raise CommandError(f"{args.records}: no records")
+        check_against_model(args.model, records, args.records)
+        model, _ = load_model(args.model, args.dtype)
     if not records:
         raise CommandError(f"{args.records}: no records")
     vocab = model.config.vocab_size

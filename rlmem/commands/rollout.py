@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, add_sampling_args,
-                                   as_flags, check_backend, check_fits, create_engine, eviction_from_args, generate,
-                                   lock_output_file, output_file, read_prompts, sampling_from_args)
+                                   as_flags, at_least, check_backend, check_fits, create_engine, eviction_from_args, generate,
+                                   lock_output_file, model_error, output_file, read_prompts,
+                                   sampling_from_args)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_eviction_args(p)
     add_sampling_args(p)   # SamplingParams' fields and defaults
     g = p.add_argument_group("samples")
-    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    g.add_argument("--num-samples", type=at_least(1), default=1, help="completions per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval", action="store_true", help="evaluation mode: deterministic top-k evictions")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="sequences generated together")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     add_backend_arg(p)
     p.set_defaults(func=run)
@@ -39,14 +40,12 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingParams.from_fields(sampling_from_args(args))
     except ValueError as e:
         raise CommandError(as_flags(str(e), "sampling")) from None
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise CommandError("--num-samples and --batch-size must be >= 1")
     check_backend(args.backend, cfg)
     out = output_file(args.out)
     try:
         tokenizer = load_tokenizer(args.model)
     except ModelLoadError as e:
-        raise CommandError(f"--model {e}") from None
+        raise model_error("--model", e) from None
     prompts = read_prompts(args.prompts, tokenizer)
     check_fits(args.model, [ids for _, ids in prompts], sampling.max_new_tokens, args.prompts)
     lock = lock_output_file(out)
