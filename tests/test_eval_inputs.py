@@ -248,13 +248,20 @@ def test_a_deleted_or_cut_records_file_redoes_its_run_exactly(tiny_model_dir, tm
     assert (rec / "ngc_eps0.5.jsonl").read_text() == ref_lines
 
 
-def test_a_corrupted_index_line_is_refused_naming_file_and_line(tiny_model_dir, tmp_path):
+def test_a_corrupted_index_line_redoes_its_run_exactly(tiny_model_dir, tmp_path, capsys):
     s = _settings(tiny_model_dir, tmp_path)
-    run_eval(s, progress=False)
+    ref = run_eval(s, progress=False)
     index = tmp_path / "ev" / "cells.jsonl"
     lines = index.read_text().splitlines(keepends=True)
-    index.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
-    with pytest.raises(StoreError, match=f"{index}:2: not valid JSON"):
+    assert [json.loads(l)["method"] for l in lines] == ["full", "full", "ngc", "ngc"]
+    index.write_text(lines[0] + "{not json\n" + "".join(lines[2:]))
+    capsys.readouterr()
+    assert run_eval(s, progress=False) == ref
+    assert f"note: {index}: line 2 is not a cell: run full is redone (1 cell)" in capsys.readouterr().out
+    assert sorted(index.read_text().splitlines()) == sorted(l.rstrip("\n") for l in lines)
+    # a line that is JSON but not a cell is refused, naming the file and line
+    index.write_text(lines[0] + '{"x": 1}\n' + "".join(lines[1:]))
+    with pytest.raises(StoreError, match=f"{index}:2: a line is not a cell"):
         run_eval(s, progress=False)
     assert not (tmp_path / "ev" / ".rlmem.lock").exists()   # a refusal releases the lock
 

@@ -163,12 +163,7 @@ class EvalStore(CellStore):
             if self.lock.took_over:
                 self.notes.append(f"took over a stale lock ({describe_holder(self.lock.took_over)}: not running)")
             self.records_dir.mkdir(exist_ok=True)
-            for d in _read_lines(self.index_path):
-                try:
-                    cell = Cell(**d)
-                except TypeError:
-                    raise StoreError(f"{self.index_path}: a line is not a cell ({sorted(d)}); use a new --out") from None
-                self.cells[(cell.run, cell.problem)] = cell
+            lost = self._read_index()
             cfg_path = self.root / CONFIG_FILE
             write = not cfg_path.is_file()
             if not write:
@@ -197,6 +192,8 @@ class EvalStore(CellStore):
                 tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
                 os.replace(tmp, cfg_path)
             self._drop_runs_missing_records()
+            if lost:
+                self._drop_runs_with_unindexed_records(lost)
             self._rewrite_clean_index()
             self._drop_orphan_records()
         except OSError as e:   # a read-only or foreign directory: one line, not a traceback
@@ -230,6 +227,38 @@ class EvalStore(CellStore):
         tmp.write_text("".join(json.dumps(asdict(c)) + "\n" for c in self.cells.values()))
         os.replace(tmp, self.index_path)
 
+    def _read_index(self) -> list[int]:
+        """Load the finished cells; return the numbers of lines that are not JSON (a hand edit, a
+        disk fault: their cells are unknown), a torn last line (a crash mid-append) excepted."""
+        from rlmem.jsonl import iter_json_lines
+
+        if not self.index_path.is_file():
+            return []
+        parsed = set()
+        for where, d in iter_json_lines(self.index_path, StoreError, torn="skip"):
+            parsed.add(int(where.rsplit(":", 1)[1]))
+            try:
+                cell = Cell(**d)
+            except TypeError:
+                raise StoreError(f"{where}: a line is not a cell ({sorted(d)}); use a new --out") from None
+            self.cells[(cell.run, cell.problem)] = cell
+        lines = self.index_path.read_bytes().split(b"\n")
+        numbered = [i for i, raw in enumerate(lines, 1) if raw.strip()]
+        return [i for i in numbered if i not in parsed and i != numbered[-1]]
+
+    def _drop_runs_with_unindexed_records(self, lost: list[int]) -> None:
+        """Lines of the index were lost: every run with records of a cell the index lacks is redone
+        (a lost cell's run is one of them; a whole run regenerates exactly)."""
+        for path in sorted(self.records_dir.glob("*.jsonl")):
+            run = path.stem
+            problems = {rec.get("problem_index") for rec in _read_lines(path, "skip")}
+            if any((run, p) not in self.cells for p in problems):
+                cells = self.run_cells(run)
+                for c in cells:
+                    del self.cells[(run, c.problem)]
+                self.notes.append(f"{self.index_path}: line {', '.join(map(str, lost))} is not a cell: "
+                                  f"run {run} is redone ({len(cells)} cell{'s' * (len(cells) != 1)})")
+
     def _drop_runs_missing_records(self) -> None:
         """Forget every cell of a run whose records file lacks a sample of one of its cells."""
         runs = sorted({r for r, _ in self.cells})
@@ -242,7 +271,7 @@ class EvalStore(CellStore):
                 for c in cells:
                     del self.cells[(run, c.problem)]
                 what = "is missing" if not path.is_file() else f"lacks {missing} records of finished cells"
-                self.notes.append(f"{path} {what}: run {run} is redone ({len(cells)} cells)")
+                self.notes.append(f"{path} {what}: run {run} is redone ({len(cells)} cell{'s' * (len(cells) != 1)})")
 
     def _drop_orphan_records(self) -> None:
         """Keep only the records of finished cells (one copy each), dropping torn lines."""
