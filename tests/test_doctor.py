@@ -93,3 +93,35 @@ def test_gpu_check_dry_run_says_what_it_would_install_and_run(tmp_path):
     assert proc.returncode == 0 and "build them with: bash scripts/build_gpu_wheels.sh" in proc.stdout
     proc = run("--bogus")
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
+
+
+def test_learner_bench_of_the_gpu_check_runs_its_steps(tiny_model_dir):
+    """The realistic-shape benchmark's code on the CPU at a tiny shape (dense kernel: flex has no CPU backward)."""
+    import torch
+
+    from rlmem.commands.doctor import bench_learner
+    from rlmem.eviction.policy import EvictionConfig
+    from rlmem.models.loading import load_model
+
+    model = load_model(tiny_model_dir, "float32")
+    before = [p.detach().clone() for p in model.parameters()]
+    f = bench_learner(model, 96, n_records=2, n_new=32, kernels=("sdpa",),
+                      eviction=EvictionConfig(delta=16, eps=0.5, block_size=4, window=4))
+    assert f["records"] == 2 and f["tokens"] == 96 and f["rounds"] == 2 * 2       # rounds at t = 64 and 80
+    assert set(f["steps"]) == {"causal, sdpa", "replay, sdpa"}
+    assert all(r["seconds"] > 0 and r["peak_gib"] is None for r in f["steps"].values())
+    assert f["replay_vs_causal_sdpa"] > 0 and "flex_vs_dense_replay" not in f
+    # a benchmark, not training: no optimizer step, the weights stay as they were
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_gpu_tests_check_runs_the_gpu_marked_files_and_reads_their_results(tmp_path):
+    """Without CUDA every gpu-marked test skips: the check passes, listing each with its skip reason."""
+    from rlmem.commands.doctor import check_gpu_tests
+
+    f = check_gpu_tests({"workdir": tmp_path, "no_gpu_tests": False, "deadline": None})
+    assert {"tests/test_engine_replay.py", "tests/test_learner.py", "tests/test_vllm_units.py"} <= set(f["files"])
+    assert "tests/test_doctor.py" not in f["files"]        # it names the marker but has no gpu test
+    assert f["failed"] == 0 and f["passed"] == 0 and f["skipped"] == len(f["tests"]) >= 5
+    assert all(s == "skipped: needs CUDA" for s in f["tests"].values()), f["tests"]
+    assert any("test_one_gpu_learner_step_with_the_kl_reference_on_the_device" in t for t in f["tests"])
