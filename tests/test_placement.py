@@ -56,6 +56,11 @@ def test_config_rules_of_colocation_name_their_keys(tiny_model_dir, tmp_path):
     assert set(keys) == {"ray.num_gpus_per_actor", "rollout.num_workers"}
     assert "rollout.num_workers (2) must equal learner.num_workers (1)" in keys["rollout.num_workers"]
     with pytest.raises(ConfigError) as ei:
+        tiny_run_config(tiny_model_dir, tmp_path, "ray.placement=colocated", "ray.num_gpus_per_actor=1",
+                        "rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=2", "eviction.block_size=32",
+                        "eviction.delta=64", "eviction.window=5")
+    assert [k for k, _ in ei.value.problems] == ["rollout.vllm.tensor_parallel_size"]
+    with pytest.raises(ConfigError) as ei:
         tiny_run_config(tiny_model_dir, tmp_path, "ray.placement=split", "ray.weight_sync=cuda_ipc")
     assert [k for k, _ in ei.value.problems] == ["ray.weight_sync"]
     # colocated on CPU (the tests' setting): no GPU rule applies

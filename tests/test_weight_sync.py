@@ -176,10 +176,10 @@ def _sync_learner_class():
     class SyncLearner(LearnerWorker):
         """LearnerWorker's real weight-sync methods over a stub learner (no DeepSpeed)."""
 
-        def __init__(self, model_dir: str, seed: int = 0, fake_ipc: bool = False):
+        def __init__(self, model_dir: str, seed: int = 0, fake_ipc: bool = False, device: str = "cpu"):
             self.rank, self.world_size = 0, 1
             self.publisher = self.weight_group = None
-            self.learner = _StubLearner(_perturbed(model_dir, seed))
+            self.learner = _StubLearner(_perturbed(model_dir, seed).to(device))
             self.fake_ipc = fake_ipc
 
         def publish_weights_shared(self, bucket_bytes, path, receivers):
@@ -196,7 +196,7 @@ def _sync_learner_class():
             return sorted(self.publisher.held) if self.publisher else []
 
         def weights(self):
-            return {k: v.clone() for k, v in self.learner.named_parameters_for_sync()}
+            return {k: v.cpu().clone() for k, v in self.learner.named_parameters_for_sync()}
 
     return SyncLearner
 
@@ -221,12 +221,14 @@ class _IpcRollout:
         return self.seen
 
 
-def _ray_with_this_dir():
+def _ray_with_this_dir(num_gpus: int = 0):
     ray = pytest.importorskip("ray")
     here = str(Path(__file__).parent)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="error",
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
-                                       "DS_ACCELERATOR": "cpu"}})
+    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    if not num_gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+    ray.init(num_cpus=4, num_gpus=num_gpus, include_dashboard=False, logging_level="error",
+             runtime_env={"env_vars": env})
     return ray
 
 
@@ -275,5 +277,29 @@ def test_broadcast_path_over_gloo_gives_every_engine_the_learner_weights(tiny_mo
             for got in ray.get([w.state_dict.remote() for w in rollout]):
                 assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
             assert ray.get(learner.held.remote()) == []
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_sync_between_two_processes_on_one_gpu(tiny_model_dir):
+    """Colocated on one GPU (0.5 + 0.5): the learner's CUDA buckets reach a torch engine in another
+    process by IPC handle, exactly, and are freed once it acknowledged."""
+    from rlmem.train.actors import RolloutWorker, remote_class
+    from rlmem.train.weight_sync import sync_weights
+
+    ray = _ray_with_this_dir(num_gpus=1)
+    try:
+        learner = ray.remote(_sync_learner_class()).options(num_gpus=0.5).remote(str(tiny_model_dir), seed=3,
+                                                                                 device="cuda")
+        rollout = remote_class(RolloutWorker).options(num_gpus=0.5).remote(str(tiny_model_dir), backend="torch",
+                                                                           dtype="float32")
+        assert ray.get(rollout.info.remote())["device"].startswith("cuda:0")
+        want = ray.get(learner.weights.remote())
+        m = sync_weights([learner], [rollout], bucket_mb=0.25, timeout_s=60, worker_names=RECEIVERS[:1],
+                         path="cuda_ipc")
+        assert m["sync/buckets"] > 1 and ray.get(learner.held.remote()) == []
+        got = {k: v.cpu() for k, v in ray.get(rollout.state_dict.remote()).items()}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     finally:
         ray.shutdown()

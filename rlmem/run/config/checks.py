@@ -160,6 +160,9 @@ def placement_problems(cfg: RunConfig) -> list[tuple[str, str]]:
             out.append(("rollout.num_workers", f"placement colocated on GPUs pairs rollout worker i with learner rank "
                                                f"i: rollout.num_workers ({cfg.rollout.num_workers}) must equal "
                                                f"learner.num_workers ({cfg.learner.num_workers})"))
+        if cfg.rollout.backend == "vllm" and cfg.rollout.vllm.tensor_parallel_size > 1:
+            out.append(("rollout.vllm.tensor_parallel_size", "placement colocated gives each vLLM engine one GPU, "
+                                                              "shared with a learner rank: use 1, or placement split"))
     if r.weight_sync == "cuda_ipc" and (r.placement != "colocated" or not r.num_gpus_per_actor):
         out.append(("ray.weight_sync", "cuda_ipc hands GPU memory to an engine on the same GPU: it needs "
                                        "ray.placement: colocated and ray.num_gpus_per_actor: 1"))
