@@ -35,6 +35,7 @@ OPTIONAL = (("ray", "ray"), ("vllm", "vllm"), ("triton", "triton"), ("trl", "trl
             ("math_verify", "math-verify"), ("datasets", "datasets"), ("matplotlib", "matplotlib"),
             ("gguf", "gguf"), ("pytest", "pytest"))
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+BENCH_SECONDS = 100   # what the realistic learner benchmark needs of --budget (model, 8 x 4K rollouts, 4 steps x 2)
 # R1-Distill-Qwen-1.5B's architecture (its config.json), for the learner benchmark at a realistic shape
 R1_DISTILL_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
@@ -387,7 +388,10 @@ def check_bench_learner(ctx: dict) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**R1_DISTILL_1_5B)).to("cuda", torch.bfloat16)
+    if ctx.get("deadline") and ctx["deadline"] - time.monotonic() < BENCH_SECONDS:
+        raise Skip(f"--budget: less than {BENCH_SECONDS} s left for the benchmark")
+    with torch.device("cuda"):     # initialised on the GPU: 1.8B random weights on the CPU take long
+        model = Qwen2ForCausalLM(Qwen2Config(**R1_DISTILL_1_5B)).to(torch.bfloat16)
     model.gradient_checkpointing_enable()
     try:
         return bench_learner(model, ctx["bench_tokens"])
@@ -410,7 +414,8 @@ def check_gpu_tests(ctx: dict) -> dict:
     marked = re.compile(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\b.*\bgpu\b)", re.M)
     files = sorted(str(f.relative_to(root)) for f in (root / "tests").glob("test_*.py") if marked.search(f.read_text()))
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
-    left = ctx["deadline"] - time.monotonic() if ctx.get("deadline") else 1800.0
+    # the benchmark runs after the tests: they leave it its share of --budget
+    left = ctx["deadline"] - time.monotonic() - BENCH_SECONDS if ctx.get("deadline") else 1800.0
     if left < 30:
         raise Skip(f"--budget spent before the gpu-marked tests ({left:.0f} s left)")
     try:
@@ -452,14 +457,15 @@ CHECKS = (
     ("gpu: torch-engine rollouts on CUDA replayed exactly (fp32)", True, ("torch", "transformers"),
      check_rollout_replay_cuda),
     ("gpu: CUDA IPC weight bucket between two processes", True, ("torch",), check_cuda_ipc),
-    ("gpu: bench learner, R1-Distill-1.5B shape, 8 x 4K tokens (replay vs causal, dense vs flex, peak memory)", True,
-     ("torch", "transformers", "triton"), check_bench_learner),
     ("gpu: every gpu-marked test (pytest -m gpu; DeepSpeed step at ZeRO 0 and 2 with the KL reference on "
      "the device, vLLM on CUDA, IPC transport)", True, ("torch", "transformers", "deepspeed"), check_gpu_tests),
+    ("gpu: bench learner, R1-Distill-1.5B shape, 8 x 4K tokens (replay vs causal, dense vs flex, peak memory)", True,
+     ("torch", "transformers", "triton"), check_bench_learner),
 )
 
 
-def run_checks(ctx: dict) -> list[Check]:
+def run_checks(ctx: dict, progress=None) -> list[Check]:
+    """Every check in order; ``progress(results)`` after each, so a run cut short still leaves its report."""
     results = []
     problems = {m: _import_problem(m) for _, _, mods, _ in CHECKS for m in mods}
     broken = {dist: problems.get(mod) or _import_problem(mod) for mod, dist in REQUIRED}
@@ -494,12 +500,17 @@ def run_checks(ctx: dict) -> list[Check]:
         print(f"  {check.status:<8} {check.name} ({check.seconds}s){': ' + check.reason if check.status != 'passed' else ''}",
               flush=True)
         results.append(check)
+        if progress is not None:
+            progress(results)
     return results
 
 
 def render_markdown(report: dict) -> str:
     env = report["environment"]
-    lines = ["# rlmem doctor", "", f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
+    lines = ["# rlmem doctor", ""]
+    if not report.get("complete", True):
+        lines += [f"(incomplete: the run stopped after {len(report['checks'])} checks)", ""]
+    lines += [f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
              f"torch CUDA {env['torch_cuda'] or 'none'}, CUDA available: {env['cuda_available']}", ""]
     for d in env["devices"]:
         lines.append(f"- GPU {d['index']}: {d['name']} (capability {d['capability']}, {d['memory_gib']} GiB)")
@@ -543,20 +554,26 @@ def run(args: argparse.Namespace) -> int:
               f"{sum(v['compatible'] for v in ops['ops'].values())}/{len(ops['ops'])}")
     vllm = vllm_pick(torch.cuda.is_available())
     print(f"  vLLM: {vllm}")
+    def write(checks: list[Check], final: bool) -> None:
+        if out is None:
+            return
+        report = {"environment": env, "deepspeed_ops": ops, "vllm": vllm, "complete": final,
+                  "checks": [asdict(c) for c in checks]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "doctor.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "doctor.md").write_text(render_markdown(report))
+
     with tempfile.TemporaryDirectory(prefix="rlmem-doctor-") as tmp:
         ctx = {"workdir": Path(tmp), "cuda": torch.cuda.is_available(), "no_gpu_tests": args.no_gpu_tests,
                "bench_tokens": args.bench_tokens,
                "only": args.only, "deadline": time.monotonic() + args.budget if args.budget else None}
-        checks = run_checks(ctx)
-    report = {"environment": env, "deepspeed_ops": ops, "vllm": vllm, "checks": [asdict(c) for c in checks]}
+        checks = run_checks(ctx, progress=lambda done: write(done, False))   # a report even if cut short
+    write(checks, True)
     counts = {s: sum(c.status == s for c in checks) for s in ("passed", "failed", "skipped")}
     print(f"rlmem doctor: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
     for c in checks:
         if c.status == "failed":
             print(f"  FAILED {c.name}: {c.reason}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "doctor.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "doctor.md").write_text(render_markdown(report))
         print(f"wrote {out / 'doctor.md'} and {out / 'doctor.json'}")
     return 1 if counts["failed"] else 0
