@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a user error prints ``error: ...`` and returns 2 (as argparse does)."""
     from rlmem.commands.common import CommandError
 
-    parser = build_parser()
+    try:
+        parser = build_parser()   # imports every command module: seconds on a loaded machine
+    except KeyboardInterrupt:
+        print("\nrlmem: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -39,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`rlmem inspect ... | head`): stop quietly, as `cat` does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except KeyboardInterrupt:
+        # Ctrl-C anywhere (an import, a model load): one line and the shell's 128 + SIGINT, no
+        # traceback. Commands with something to say (train: the last checkpoint; rollout: --out
+        # not written) catch it themselves first.
+        print(f"\nrlmem {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

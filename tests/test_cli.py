@@ -209,3 +209,72 @@ def test_scorer_args_flag_sets_a_scorer_setting_and_names_a_bad_key(rollout_file
     rlmem(*common, "--scorer-arg", "sinks=8")
     rec = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
     assert rec["eviction"]["scorer"] == "streamingllm" and rec["eviction"]["scorer_args"] == {"sinks": 8}
+
+
+def test_two_rollouts_into_one_out_and_ctrl_c_leave_it_whole(rollout_files, tmp_path, monkeypatch):
+    """``--out`` is locked while a rollout writes it: a second one is refused naming the holder (it
+    used to run, both writing ``out.tmp``). Ctrl-C, during generation or during the write, exits
+    130 and leaves an existing ``--out`` as it was, with no lock or temporary file behind."""
+    import os
+
+    import rlmem.commands.rollout as rollout_cmd
+    import rlmem.eviction.record as record_mod
+    from rlmem.commands.common import lock_output_file
+
+    d, _ = rollout_files
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} 5 7 : 22"}) + "\n" for i in range(3)))
+    out = tmp_path / "o.jsonl"
+    args = ["rollout", "--model", d / "model", "--prompts", prompts, "--out", out, "--max-new-tokens", 4,
+            "--batch-size", 1]
+    held = lock_output_file(out)                 # another rollout writing the same file
+    try:
+        proc = rlmem(*args, check=False)
+    finally:
+        held.release()
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: --out {out}: ")
+    assert f"in use by another process writing o.jsonl (pid {os.getpid()} on " in proc.stderr
+    assert "choose another --out" in proc.stderr and not out.exists()
+
+    out.write_text("earlier records\n")
+    calls = []
+    real_generate = rollout_cmd.generate
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(rollout_cmd, "generate", interrupted)
+    proc = rlmem(*args, check=False)
+    assert proc.returncode == 130 and proc.stderr.endswith(f"rlmem rollout: interrupted; {out} not written\n")
+    assert out.read_text() == "earlier records\n" and sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]
+
+    monkeypatch.setattr(rollout_cmd, "generate", real_generate)
+
+    def torn_write(path, records, append=False):
+        (tmp_path / "o.jsonl.tmp").write_text('{"prompt_ids": [1')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(record_mod, "write_jsonl", torn_write)
+    proc = rlmem(*args, check=False)
+    assert proc.returncode == 130 and out.read_text() == "earlier records\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]
+
+
+def test_a_negative_kept_index_is_named_as_such(rollout_files, tmp_path):
+    """A negative kept block index was reported as a negative "token id" (issue 22, item 9)."""
+    _, out = rollout_files
+    rec = next(json.loads(l) for l in out.read_text().splitlines() if json.loads(l)["eviction"]["rounds"])
+    rec["eviction"]["rounds"][0]["layers"][1]["kept"][0] = -2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec) + "\n")
+    proc = rlmem("inspect", bad, check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: {bad}:1: eviction.rounds[0].layers[1].kept: must be >= 0 (got -2 at index 0)\n")
+    rec["eviction"]["rounds"][0]["layers"][1]["kept"][0] = 0
+    rec["prompt_ids"][2] = -7
+    bad.write_text(json.dumps(rec) + "\n")
+    proc = rlmem("inspect", bad, check=False)
+    assert proc.stderr == f"error: {bad}:1: prompt_ids: must be >= 0 (got -7 at index 2)\n"
