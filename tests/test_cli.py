@@ -233,7 +233,7 @@ def test_two_rollouts_into_one_out_and_ctrl_c_leave_it_whole(rollout_files, tmp_
     finally:
         held.release()
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.startswith(f"error: --out {out}: ")
-    assert f"in use by another process writing o.jsonl (pid {os.getpid()} on " in proc.stderr
+    assert proc.stderr.startswith(f"error: --out {out}: is in use by another process (pid {os.getpid()} on ")
     assert "choose another --out" in proc.stderr and not out.exists()
 
     out.write_text("earlier records\n")

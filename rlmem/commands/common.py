@@ -228,8 +228,8 @@ def lock_output_file(out: Path, flag: str = "--out"):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CommandError(f"{flag} {out}: cannot create its directory: {e.strerror or e}") from None
-    lock = DirLock(out.parent, error=lambda msg: CommandError(f"{flag} {out}: {msg}"),
-                   what=f"process writing {out.name}", other=f"choose another {flag}")
+    lock = DirLock(out.parent, error=lambda msg: CommandError(f"{flag} {out}: {msg.removeprefix(f'{out.parent} ')}"),
+                   what="process", other=f"choose another {flag}")
     lock.path = out.parent / f".{out.name}.lock"   # one lock per output file, not per folder
     lock.acquire()
     return lock
