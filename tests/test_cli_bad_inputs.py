@@ -68,8 +68,13 @@ def env(tmp_path_factory):
     assert rec["eviction"]["rounds"], "the records fixture needs an eviction round"
     rec["eviction"]["rounds"][0]["layers"][0]["kept"][0] = -1
     neg_kept.write_text(json.dumps(rec) + "\n")
+    rec = json.loads(records.read_text().splitlines()[0])
+    rec["prompt_ids"][0] = 10**5                              # beyond the tiny model's vocabulary
+    big_id = d / "big_id.jsonl"
+    big_id.write_text(json.dumps(rec) + "\n")
     return {"d": d, "model": model, "other": other, "prompts": prompts, "records": records, "blocker": blocker,
-            "empty": empty, "latin1": latin1, "cut_gguf": cut_gguf, "empty_yaml": empty_yaml, "neg_kept": neg_kept}
+            "empty": empty, "latin1": latin1, "cut_gguf": cut_gguf, "empty_yaml": empty_yaml, "neg_kept": neg_kept,
+            "big_id": big_id}
 
 
 def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
@@ -116,6 +121,7 @@ def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
             ([d, "--model", m], str(d)),
             ([e["neg_kept"], "--model", m], "kept"),
             ([r, "--model", e["other"]], "layers"),
+            ([e["big_id"], "--model", m], "records from another model"),
             (["--model", m], "records file"),
             (["--model", m, "--prompts", p, "--batch-size", 0], "--batch-size"),
             (["--model", m, "--prompts", p, "--max-new-tokens", 0], "--max-new-tokens"),
@@ -176,6 +182,8 @@ def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
             ([r, "--tokenizer", d / "nope"], "--tokenizer"),
             ([r, "--out", blk], "--out"),
             ([e["neg_kept"]], "kept"),
+            ([e["big_id"], "--tokenizer", m], "beyond the"),
+            ([e["big_id"], "--tokenizer", m, "--retention"], "records from another model"),
         ],
         ("doctor",): [
             (["--out", blk], "--out"),

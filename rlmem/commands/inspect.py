@@ -33,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
     if not records:
         raise CommandError(f"{args.records}: no records in file")
     tok = _tokenizer(args.tokenizer) if args.tokenizer else None   # checked before anything is printed
+    if tok is not None:   # records of another model would decode to other (or unknown) text, silently
+        for i, r in enumerate(records):
+            top = max(r.prompt_ids + r.completion_ids, default=0)
+            if top >= len(tok):
+                raise CommandError(f"{args.records}: record {i} has token id {top}, beyond the {len(tok)} tokens of "
+                                   f"--tokenizer {args.tokenizer}: records from another model?")
     if args.retention:
         return _retention(args, records, tok)
     if not 0 <= args.index < len(records):
