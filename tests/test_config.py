@@ -204,6 +204,21 @@ def test_config_show_from_another_directory_names_the_relative_model_path(tmp_pa
     assert cli_main(["config", "show", "configs/countdown-toy.yaml"]) == 0   # the README's way still works
 
 
+def test_max_new_tokens_beyond_the_models_positions_is_refused_before_ray():
+    """``rollout.max_new_tokens`` (or eval's) that cannot fit the local model's positions after
+    even a one-token prompt is a config problem (found trying hostile inputs for issue 22): the
+    rollout workers would refuse it only after Ray and the workers started."""
+    toy = CONFIGS / "countdown-toy.yaml"
+    with pytest.raises(ConfigError) as ei:
+        load_config(toy, ["rollout.max_new_tokens=100000", "eval.max_new_tokens=1024"])
+    assert ei.value.problems == [
+        ("rollout.max_new_tokens", "100000 new tokens after a prompt exceed the model's max_position_embeddings "
+                                   "(1024, models/countdown-toy/config.json)"),
+        ("eval.max_new_tokens", "1024 new tokens after a prompt exceed the model's max_position_embeddings "
+                                "(1024, models/countdown-toy/config.json)")]
+    assert load_config(toy, ["rollout.max_new_tokens=1023"]).rollout.max_new_tokens == 1023
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(ConfigError) as ei:
         _load_tiny(f"model.path={tmp_path}/no-model", f"data.source={tmp_path}/train.jsonl",

@@ -182,6 +182,8 @@ def check_files_exist(cfg: RunConfig, source: str | None = None) -> list[tuple[s
                                       f"current directory: {mp.absolute()})"))
         elif mp.is_dir() and not (mp / "config.json").exists():
             out.append(("model.path", f"{mp} has no config.json (not a Hugging Face model directory)"))
+        elif mp.is_dir():
+            out += _positions_problems(cfg, mp / "config.json")
     elif not cfg.model.is_tiny and source is not None and (near := _beside_config(m, source)) is not None:
         # "models/countdown-toy" has the shape of a hub id: from another directory it would go to the hub
         out.append(("model.path", f"{m} is not a directory here (relative paths are taken from the current "
@@ -199,6 +201,23 @@ def check_files_exist(cfg: RunConfig, source: str | None = None) -> list[tuple[s
     elif not od.exists() and od.parent.exists() and not od.parent.is_dir():
         out.append(("output_dir", f"{od.parent} is not a directory"))
     return out
+
+
+def _positions_problems(cfg: RunConfig, config_json: Path) -> list[tuple[str, str]]:
+    """``max_new_tokens`` (rollout, eval) that cannot fit the model's positions even after a
+    one-token prompt: refused here, not by the rollout workers after Ray started."""
+    import json
+
+    try:
+        limit = json.loads(config_json.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(limit, int):
+        return []
+    return [(f"{sec}.max_new_tokens", f"{n} new tokens after a prompt exceed the model's max_position_embeddings "
+                                      f"({limit}, {config_json})")
+            for sec, n in (("rollout", cfg.rollout.max_new_tokens), ("eval", cfg.eval.max_new_tokens))
+            if n is not None and n + 1 > limit]   # eval's None: the rollout section's, checked once
 
 
 def _beside_config(path: str, source: str) -> Path | None:
