@@ -73,7 +73,8 @@ def test_a_changed_model_at_the_same_path_is_refused_and_a_relative_path_is_the_
     assert run_eval(_settings("m", tmp_path), progress=False) == first
     # new weights in the same folder: another model; resuming into the old results is refused
     make_tiny_model(model, layers=2, hidden=256, seed=1)
-    with pytest.raises(StoreError, match=r"model_files\.model\.safetensors\.sha256: '[0-9a-f]{64}' there") as e:
+    with pytest.raises(StoreError, match=r"model_files\.model\.safetensors\.sha256: [0-9a-f]{12}… there, "
+                                         r"[0-9a-f]{12}… now") as e:
         run_eval(_settings("m", tmp_path, methods=["full", "ngc", "h2o"]), progress=False)
     assert "use a new --out" in str(e.value)
     assert not (tmp_path / "ev" / "records" / "h2o_eps0.5.jsonl").exists()
@@ -209,6 +210,9 @@ def test_cli_bad_inputs_give_one_error_line(tiny_model_dir, tmp_path, capsys, no
          "error: --task-option x: not an option of task 'amc23'; it takes none"),
         (_argv(tiny_model_dir, tmp_path, "--methods", "ngc,full,ngc"), "error: --methods: 'ngc' is given twice"),
         (_argv(tiny_model_dir, tmp_path, "--eps", "0.5", "0.5"), "error: --eps: 0.5 is given twice"),
+        (_argv(tmp_path / "nomodel", tmp_path), f"error: --model {tmp_path / 'nomodel'}: no such directory"),
+        (_argv(tiny_model_dir, tmp_path, task=f"jsonl:{tmp_path}"),
+         f"error: --task jsonl:{tmp_path}: is a directory, not a JSON-lines file"),
         (_argv(tiny_model_dir, tmp_path, out=str(tiny_model_dir / "ev")),
          f"error: --out {tiny_model_dir / 'ev'}: inside the --model folder {tiny_model_dir}"),
     ]

@@ -192,7 +192,7 @@ def make_tokenizer(s: EvalSettings):
     try:
         return load_tokenizer(s.model)
     except ModelLoadError as e:
-        raise EvalError(f"--model {e}") from None
+        raise EvalError(f"--model {str(e).removeprefix('model ')}") from None
 
 
 def make_engine(s: EvalSettings):
@@ -203,7 +203,7 @@ def make_engine(s: EvalSettings):
     try:
         return create_engine(s.backend, s.model, dtype=s.dtype, seed=s.seed)
     except ModelLoadError as e:
-        raise EvalError(f"--model {e}") from None
+        raise EvalError(f"--model {str(e).removeprefix('model ')}") from None
 
 
 def run_eval(s: EvalSettings, *, progress: bool = True) -> list[dict[str, Any]]:

@@ -105,6 +105,8 @@ def describe_difference(key: str, old: Any, new: Any) -> str:
             if k not in new:
                 return f"{key}.{k}: present there, absent now"
             return describe_difference(f"{key}.{k}", old[k], new[k])
+    if key.endswith("sha256") and isinstance(old, str) and isinstance(new, str):
+        return f"{key}: {old[:12]}… there, {new[:12]}… now"   # a digest's head tells them apart
     return f"{key}: {old!r} there, {new!r} now"
 
 

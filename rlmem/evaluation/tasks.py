@@ -126,6 +126,8 @@ def read_task_file(path: str) -> list[dict]:
     from rlmem.jsonl import iter_json_lines
 
     p = Path(path)
+    if p.is_dir():
+        raise TaskError(f"--task jsonl:{path}: is a directory, not a JSON-lines file")
     if not p.is_file():
         raise TaskError(f"--task jsonl:{path}: file not found")
     out = []
