@@ -147,7 +147,7 @@ def test_duplicate_methods_and_rates_are_refused(tiny_model_dir, tmp_path, no_en
     ({"backend": "vllm", "schedule_kw": {"block_size": 16}},
      "ngc at eps=0.5: eviction.block_size=16: the vLLM engine .* multiple of 32"),
     ({"backend": "vllm", "methods": ["full", "h2o"], "schedule_kw": {"block_size": 32}},
-     "h2o at eps=0.5: eviction.scorer='h2o' observes every decoding step"),
+     "h2o at eps=0.5: method 'h2o' observes every decoding step"),
     ({"backend": "vllm", "schedule_kw": {"block_size": 32, "protect_recent": 0}},
      "protect_recent=0 is not supported by the vLLM engine"),
 ])

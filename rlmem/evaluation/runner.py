@@ -139,8 +139,8 @@ def validate(s: EvalSettings) -> None:
             cfg = plan.config(m, e)
             if cfg is not None and s.backend == "vllm":
                 check_vllm(cfg)
-        except ValueError as err:
-            raise EvalError(f"{m} at eps={e}: {err}") from None
+        except ValueError as err:   # eval names the scorer by --methods, not eviction.scorer
+            raise EvalError(f"{m} at eps={e}: {str(err).replace('eviction.scorer=', 'method ')}") from None
     try:
         check_out_dir(s.out)
     except StoreError as e:
