@@ -78,8 +78,12 @@ class NGCWorkerState:
         self.block_size = runner.cache_config.block_size
         # backend and physical cache layout as vLLM chose them; each layer's cache view must match
         cache_layout = runner.cache_config.kv_cache_layout
-        self.layout: KVLayout = layout_for(m0.attn_backend.get_name(), m0.isa, cache_layout)
-        for m in self.layers:
+        backend = m0.attn_backend.get_name()
+        self.layout: KVLayout = layout_for(backend, m0.isa, cache_layout)
+        for name, m in zip(self.layer_names, self.layers):
+            if m.attn_backend.get_name() != backend:
+                raise ValueError(f"vLLM attention layer {name} uses backend {m.attn_backend.get_name()}, the first "
+                                 f"layer {backend}: the rlmem vLLM backend reads one backend for every layer")
             check_cache_view(m.kv_cache, cache_layout, num_kv_heads=m.impl.num_kv_heads,
                              head_size=self.head_size, block_size=self.block_size)
         self.generator = torch.Generator().manual_seed(seed)
