@@ -185,6 +185,20 @@ def test_flash_attention_takes_half_precision_only_so_cuda_runs_bf16():
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
+def test_engine_dtype_is_decided_before_vllm_starts(tiny_model_dir, monkeypatch):
+    """The engine's constructor (no vLLM start) takes bf16 on CUDA by default and refuses fp32 there."""
+    from rlmem.engine.registry import create_engine
+    from rlmem.engine.vllm import engine as vllm_engine
+
+    assert create_engine("vllm", str(tiny_model_dir)).dtype == "float32"          # CPU default
+    monkeypatch.setattr(vllm_engine, "cuda_present", lambda: True)
+    eng = create_engine("vllm", str(tiny_model_dir))
+    assert eng.dtype == "bfloat16" and eng.llm is None
+    with pytest.raises(ValueError, match="^dtype \\(vLLM engine\\): float32 on CUDA is refused"):
+        create_engine("vllm", str(tiny_model_dir), dtype="float32")
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed")
 @pytest.mark.parametrize("isa", ["vec", "vec16"])
 def test_cpu_reader_matches_vllm_cache_write_op(isa):
     """The CPU reader against vLLM's own ``cpu_attn_reshape_and_cache`` (the op attention writes with)."""
