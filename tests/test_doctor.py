@@ -71,6 +71,9 @@ def test_doctor_out_must_be_a_directory(tmp_path):
     (tmp_path / "f").write_text("")
     proc = doctor("--out", str(tmp_path / "f"))
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: --out {tmp_path / 'f'}: exists and is not a directory"
+    for flag, value, low in (("--budget", "5", "60"), ("--bench-tokens", "100", "256")):
+        proc = doctor(flag, value)
+        assert proc.returncode == 2 and proc.stderr.strip().endswith(f"argument {flag}: must be >= {low} (got {value})")
 
 
 def test_gpu_check_dry_run_says_what_it_would_install_and_run(tmp_path):

@@ -56,15 +56,17 @@ class Skip(Exception):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from rlmem.commands.common import at_least
+
     p = sub.add_parser("doctor", help="versions, devices, DeepSpeed ops, vLLM's pick; runs the checks this machine can")
     p.add_argument("--out", default=None, help="write DIR/doctor.md and DIR/doctor.json")
     p.add_argument("--no-gpu-tests", action="store_true", help="skip running the gpu-marked tests (pytest -m gpu)")
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the checks whose name contains TEXT (the rest are listed as skipped)")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="wall-clock budget: the gpu-marked tests (run last) get what is left of it")
-    p.add_argument("--bench-tokens", type=int, default=4096,
-                   help="sequence length of the realistic learner benchmark (GPU only; 8 records)")
+    p.add_argument("--budget", type=at_least(60, float), default=None, metavar="SECONDS",
+                   help="wall-clock budget: the gpu-marked tests get what is left of it less the benchmark's share")
+    p.add_argument("--bench-tokens", type=at_least(256), default=4096,
+                   help="sequence length of the realistic learner benchmark (GPU only; 8 records, 128 generated)")
     p.set_defaults(func=run)
 
 
