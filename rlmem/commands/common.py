@@ -293,3 +293,16 @@ def read_prompts(path: str, tokenizer) -> list[tuple[str, list[int]]]:
     if not out:
         raise CommandError(f"--prompts {path}: no prompts in file")
     return out
+
+
+def read_records(path: str) -> list:
+    """Rollout records from a JSONL file; a missing, damaged or empty file is one :class:`CommandError`."""
+    from rlmem.eviction.record import RecordError, read_jsonl
+
+    try:
+        records = read_jsonl(path)
+    except (RecordError, FileNotFoundError) as e:
+        raise CommandError(str(e)) from None
+    if not records:
+        raise CommandError(f"{path}: no records in file")
+    return records

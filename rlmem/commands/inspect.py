@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlmem.commands.common import CommandError
+from rlmem.commands.common import CommandError, read_records
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,15 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rlmem.eviction.record import NEVER, RecordError, evicted_at, read_jsonl
+    from rlmem.eviction.record import NEVER, evicted_at
     from rlmem.figures import plot_eviction_strip, plot_replay_mask
 
-    try:
-        records = read_jsonl(args.records)
-    except (RecordError, FileNotFoundError) as e:
-        raise CommandError(str(e)) from None
-    if not records:
-        raise CommandError(f"{args.records}: no records in file")
+    records = read_records(args.records)
     tok = _tokenizer(args.tokenizer) if args.tokenizer else None   # checked before anything is printed
     if tok is not None:   # records of another model would decode to other (or unknown) text, silently
         for i, r in enumerate(records):

@@ -7,7 +7,7 @@ import argparse
 
 from rlmem.commands.common import (DTYPE_CHOICES, CommandError, add_backend_arg, add_eviction_args, as_flags, at_least,
                                    check_backend, check_fits, create_engine, eviction_from_args, generate, load_model, model_error,
-                                   output_file, read_prompts)
+                                   output_file, read_prompts, read_records)
 from rlmem.dtypes import replay_tolerance
 
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     """Flags, prompts and records are checked (records against the model's config.json) before
     the model's weights load."""
     from rlmem.engine.sampling import SamplingParams
-    from rlmem.eviction.record import RecordError, read_jsonl
+    from rlmem.eviction.record import RecordError
     from rlmem.eviction.scorers import is_learned
     from rlmem.models.loading import ModelLoadError, load_tokenizer
 
@@ -130,12 +130,7 @@ def run(args: argparse.Namespace) -> int:
     elif not args.records:
         raise CommandError("give a records file, or --prompts (with --backend) to generate records first")
     else:
-        try:
-            records = read_jsonl(args.records)
-        except (RecordError, FileNotFoundError) as e:
-            raise CommandError(str(e)) from None
-        if not records:
-            raise CommandError(f"{args.records}: no records")
+        records = read_records(args.records)
         check_against_model(args.model, records, args.records)
         model, _ = load_model(args.model, args.dtype)
     if not records:
