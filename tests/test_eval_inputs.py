@@ -19,6 +19,7 @@ import pytest
 from rlmem.evaluation import fingerprint as fp
 from rlmem.evaluation import runner
 from rlmem.evaluation.runner import EvalError, EvalSettings, run_eval
+from rlmem.models.hf_config import max_positions
 from rlmem.evaluation.store import StoreError
 
 
@@ -172,7 +173,7 @@ def test_a_prompt_beyond_the_context_is_refused_before_the_model_loads(tiny_mode
     # the limit is prompt + new tokens: a short prompt with too many new tokens is refused too
     with pytest.raises(EvalError, match=r"problem 0 .*--max-new-tokens 4095 exceeds"):
         run_eval(_settings(tiny_model_dir, tmp_path, max_new_tokens=4095), progress=False)
-    assert fp.max_positions(str(tiny_model_dir)) == 4096
+    assert max_positions(str(tiny_model_dir)) == 4096
 
 
 def test_refused_sampling_leaves_no_eval_config_so_the_corrected_command_runs(tiny_model_dir, tmp_path, monkeypatch):

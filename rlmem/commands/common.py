@@ -239,14 +239,11 @@ def check_fits(model_path: str, prompts: list[list[int]], max_new_tokens: int, p
     """The longest prompt plus ``--max-new-tokens`` within the model's ``max_position_embeddings``
     (its config.json, read without loading the weights), before the model loads; a GGUF file or a
     config without the field is left to the engine's own check."""
-    import json
+    from rlmem.models.hf_config import max_positions
 
     cfg_file = Path(model_path) / "config.json"
-    try:
-        limit = json.loads(cfg_file.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return
-    if not isinstance(limit, int) or not prompts:
+    limit = max_positions(model_path)
+    if limit is None or not prompts:
         return
     i, longest = max(enumerate(prompts), key=lambda x: len(x[1]))
     if len(longest) + max_new_tokens > limit:

@@ -23,7 +23,6 @@ Modification times are not used: copying a model changes them and not the model.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +74,3 @@ def model_fingerprint(model: str) -> dict[str, dict[str, Any]]:
         digest, how = _file_hash(f, size)
         out[name] = {"size": size, "sha256": digest, "hash": how}
     return out
-
-
-def max_positions(model: str) -> int | None:
-    """``max_position_embeddings`` of a model folder's ``config.json`` (read without the weights;
-    ``None`` when absent or for a ``.gguf``, whose engine check still applies at generation)."""
-    cfg = Path(model).expanduser() / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
-    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
-    v = text.get("max_position_embeddings", data.get("max_position_embeddings"))
-    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlmem.evaluation.executor import EngineExecutor
-from rlmem.evaluation.fingerprint import max_positions, model_fingerprint, resolve_model
+from rlmem.evaluation.fingerprint import model_fingerprint, resolve_model
+from rlmem.models.hf_config import max_positions
 from rlmem.evaluation.pipeline import EvalError, EvalPlan, eval_sampling_default, result_rows, sample
 from rlmem.evaluation.results import write_markdown, write_results
 from rlmem.evaluation.store import EvalStore, StoreError, check_out_dir, run_name

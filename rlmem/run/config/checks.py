@@ -206,13 +206,10 @@ def check_files_exist(cfg: RunConfig, source: str | None = None) -> list[tuple[s
 def _positions_problems(cfg: RunConfig, config_json: Path) -> list[tuple[str, str]]:
     """``max_new_tokens`` (rollout, eval) that cannot fit the model's positions even after a
     one-token prompt: refused here, not by the rollout workers after Ray started."""
-    import json
+    from rlmem.models.hf_config import max_positions
 
-    try:
-        limit = json.loads(config_json.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(limit, int):
+    limit = max_positions(str(config_json.parent))
+    if limit is None:
         return []
     return [(f"{sec}.max_new_tokens", f"{n} new tokens after a prompt exceed the model's max_position_embeddings "
                                       f"({limit}, {config_json})")
