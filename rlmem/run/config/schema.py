@@ -336,6 +336,11 @@ class TrainerConfig(Section):
     resume: str = "auto"
     start_over: bool = False                       # move an earlier run's files aside (never deleted)
     allow_config_change: bool = False              # resume although the config's meaning changed
+    # Bounded staleness (docs/design.md section 5): 0 = on-policy, each step's rollouts sampled by the
+    # weights after the previous step; k >= 1 = step n's rollouts are sampled by the weights after
+    # step max(0, n-1-k), so generation of steps n+1..n+k overlaps the learner's step n. Needs the
+    # clipped surrogate (algorithm.clip_eps): the recorded log-probs are then π_old.
+    max_staleness: int = Field(0, ge=0)
 
 
 class WandbConfig(Section):
