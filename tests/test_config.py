@@ -561,3 +561,26 @@ def test_scorer_args_in_the_run_config():
         _load_tiny("eviction.scorer=snapkv", "eviction.scorer_args={sinks: 8}")
     assert ei.value.problems == [("eviction.scorer_args", "scorer 'snapkv' has no setting 'sinks' (its settings: kernel_size)")]
     assert _load_tiny().eviction_config().scorer_args == {}
+
+
+def test_stale_rollouts_need_clipping_and_tis_settings_reach_the_learner(capsys):
+    """trainer.max_staleness >= 1 without algorithm.clip_eps is refused before start, in one line
+    naming the key (docs/design.md section 5); the TIS fields are the algorithm section's."""
+    with pytest.raises(ConfigError) as ei:
+        _load_tiny("trainer.max_staleness=1")
+    assert ei.value.problems == [("algorithm.clip_eps", "must be set (e.g. 0.2) when trainer.max_staleness is 1: "
+                                  "stale rollouts are off-policy and need the clipped surrogate")]
+    assert cli_main(["config", "show", str(TINY), "trainer.max_staleness=2"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm.clip_eps: must be set (e.g. 0.2) when trainer.max_staleness is 2" in err
+    assert "Traceback" not in err
+    cfg = _load_tiny("trainer.max_staleness=2", "algorithm.clip_eps=0.2", "algorithm.tis=sequence",
+                     "algorithm.tis_cap=3")
+    lc = cfg.learner_config("m")
+    assert (lc.tis, lc.tis_cap, lc.loss_config().tis, lc.loss_config().tis_cap) == ("sequence", 3.0, "sequence", 3.0)
+    assert _load_tiny().learner_config("m").loss_config().tis is None       # off by default
+    for bad, key in (("algorithm.tis=off", "algorithm.tis"), ("algorithm.tis=tokens", "algorithm.tis"),
+                     ("algorithm.tis_cap=0", "algorithm.tis_cap")):
+        with pytest.raises(ConfigError) as ei:
+            _load_tiny(bad)
+        assert _keys(ei.value) == [key], bad

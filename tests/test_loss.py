@@ -242,7 +242,8 @@ def test_ngc_loss_total():
 
 @pytest.mark.parametrize("aggregation", ["constant", "token_mean", "seq_mean"])
 @pytest.mark.parametrize("clip", [None, 0.2])
-def test_microbatches_sum_to_full_batch(aggregation, clip):
+@pytest.mark.parametrize("tis", [None, "token", "sequence"])
+def test_microbatches_sum_to_full_batch(aggregation, clip, tis):
     g = torch.Generator().manual_seed(1)
     b, t, r, l = 5, 6, 3, 2
     w = torch.randn(b, t, generator=g, dtype=torch.float64, requires_grad=True)
@@ -253,11 +254,18 @@ def test_microbatches_sum_to_full_batch(aggregation, clip):
     adv = torch.tensor([0.5, -1.0, 0.25, 1.0, -0.75], dtype=torch.float64)
     old_t = (-torch.rand(b, t, generator=g, dtype=torch.float64)) if clip else None
     old_e = (-torch.rand(b, r, l, generator=g, dtype=torch.float64) * 3) if clip else None
-    cfg = LossConfig(aggregation=aggregation, max_len=8, mem_coef=0.7, clip_eps=clip)
+    if tis:   # engine log-probs (the records') and start-of-step ones (π_prox), both off the graph
+        old_t = -torch.rand(b, t, generator=g, dtype=torch.float64)
+        old_e = -torch.rand(b, r, l, generator=g, dtype=torch.float64) * 3
+        prox_t = old_t + 0.5 * torch.randn(b, t, generator=g, dtype=torch.float64)
+        prox_e = old_e + 0.5 * torch.randn(b, r, l, generator=g, dtype=torch.float64)
+    cfg = LossConfig(aggregation=aggregation, max_len=8, mem_coef=0.7, clip_eps=clip, tis=tis, tis_cap=1.5)
 
     def loss_of(idx, **kw):
         lp = -torch.nn.functional.softplus(w[idx])      # log-probs < 0, on the graph
         elp = -torch.nn.functional.softplus(we[idx]) * 3
+        if tis:
+            kw.update(prox_token_logprobs=prox_t[idx], prox_eviction_logprobs=prox_e[idx])
         return ngc_loss(lp, None if old_t is None else old_t[idx], mask[idx], elp,
                         None if old_e is None else old_e[idx], rmask[idx], adv[idx], cfg, **kw)[0]
 
@@ -321,3 +329,152 @@ def test_ngc_loss_adds_kl_coef_times_the_penalty_and_needs_the_reference():
         ngc_loss(lp, None, mask, ev, None, rmask, adv, LossConfig(max_len=5, kl_coef=0.3))
     with pytest.raises(ValueError, match="kl_coef"):
         LossConfig(max_len=5, kl_coef=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated importance sampling (docs/design.md section 5, "The objective for stale rollouts")
+
+# Two rollouts of 3 and 2 tokens: current log-probs, the proximal (start-of-step) ones and the
+# engine's (recorded, possibly stale); the padding slot holds values that would show if they leaked.
+_TIS_LP = [[-1.0, -2.0, -0.5], [-0.7, -1.2, PAD]]
+_TIS_PROX = [[-1.1, -1.5, -0.5], [-0.6, -1.4, PAD]]
+_TIS_ENG = [[-1.3, -1.2, -1.6], [-0.4, -1.0, -PAD]]
+_TIS_MASK = [[True, True, True], [True, True, False]]
+_TIS_ADV = [1.5, -0.5]
+
+
+def _hand_tis(mode: str, cap: float, clip_eps: float | None) -> tuple[float, list[float], int]:
+    """Token loss (constant aggregation, S = 2, max_len = 4), per-token weights and #truncated, by hand."""
+    weights, total, truncated = [], 0.0, 0
+    for i in range(2):
+        valid = [t for t in range(3) if _TIS_MASK[i][t]]
+        seq_log_w = sum(_TIS_PROX[i][t] - _TIS_ENG[i][t] for t in valid)
+        for t in valid:
+            log_w = (_TIS_PROX[i][t] - _TIS_ENG[i][t]) if mode == "token" else seq_log_w
+            w = min(math.exp(log_w), cap)
+            truncated += math.exp(log_w) > cap
+            weights.append(w)
+            a = _TIS_ADV[i]
+            rho = math.exp(_TIS_LP[i][t] - _TIS_PROX[i][t])
+            if clip_eps is None:
+                term = w * a * _TIS_LP[i][t]
+            else:
+                term = w * min(rho * a, min(max(rho, 1 - clip_eps), 1 + clip_eps) * a)
+            total += term
+    return -total / (2 * 4), weights, truncated
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+@pytest.mark.parametrize("clip_eps", [0.2, None])
+def test_tis_token_loss_and_stats_by_hand(mode, clip_eps):
+    lp = torch.tensor(_TIS_LP, dtype=torch.float64)
+    prox, eng = torch.tensor(_TIS_PROX, dtype=torch.float64), torch.tensor(_TIS_ENG, dtype=torch.float64)
+    mask, adv = torch.tensor(_TIS_MASK), torch.tensor(_TIS_ADV, dtype=torch.float64)
+    cap = 1.3
+    loss, st = token_loss(lp, eng, mask, adv, aggregation="constant", max_len=4, clip_eps=clip_eps,
+                          prox_logprobs=prox, tis=mode, tis_cap=cap)
+    want, weights, truncated = _hand_tis(mode, cap, clip_eps)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert st["tis_weight_mean"] == pytest.approx(sum(weights) / 5, rel=1e-12)
+    assert st["tis_weight_min"] == pytest.approx(min(weights)) and st["tis_weight_max"] == pytest.approx(max(weights))
+    assert st["tis_clip_frac"] == truncated / 5
+    assert 0 < truncated < 5                                   # the cap bites, but not everywhere
+    k3 = [math.exp(p - e) - 1 - (p - e) for pr, er, mr in zip(_TIS_PROX, _TIS_ENG, _TIS_MASK)
+          for p, e, m in zip(pr, er, mr) if m]
+    assert st["engine_mismatch_kl"] == pytest.approx(sum(k3) / 5, rel=1e-12)
+    # the ratio is taken against π_prox, not against the engine's log-probs
+    ratios = [math.exp(a - b) for ar, br, mr in zip(_TIS_LP, _TIS_PROX, _TIS_MASK) for a, b, m in zip(ar, br, mr) if m]
+    assert st["ratio_mean"] == pytest.approx(sum(ratios) / 5) and st["ratio_max"] == pytest.approx(max(ratios))
+
+
+def test_tis_sequence_weights_are_one_per_rollout():
+    from rlmem.learner.loss import tis_weights
+
+    prox, eng = torch.tensor(_TIS_PROX), torch.tensor(_TIS_ENG)
+    w, trunc = tis_weights(prox, eng, torch.tensor(_TIS_MASK), "sequence", 1.3)
+    # rollout 0: Σ(prox − eng) = 0.2 − 0.3 + 1.1 = 1.0 -> e^1 > 1.3, truncated; rollout 1: −0.2 − 0.4 = −0.6
+    assert torch.allclose(w, torch.tensor([[1.3, 1.3, 1.3], [math.exp(-0.6), math.exp(-0.6), 0.0]]))
+    assert trunc.tolist() == [[True, True, True], [False, False, False]]
+    # a huge log-ratio is capped without overflowing
+    w_big, _ = tis_weights(torch.tensor([[500.0]]), torch.tensor([[-500.0]]), torch.ones(1, 1, dtype=torch.bool),
+                           "token", 2.0)
+    assert w_big.item() == pytest.approx(2.0)
+
+
+def test_tis_gradient_at_the_start_of_the_step_is_the_truncated_is_policy_gradient():
+    """One update per batch: π_prox = π_θ (detached), ρ = 1 and ∇loss = −w·A·∇logπ / (S·max_len)."""
+    lp = torch.tensor(_TIS_LP, dtype=torch.float64, requires_grad=True)
+    eng, mask = torch.tensor(_TIS_ENG, dtype=torch.float64), torch.tensor(_TIS_MASK)
+    adv = torch.tensor(_TIS_ADV, dtype=torch.float64)
+    for clip_eps in (0.2, None):
+        loss, st = token_loss(lp, eng, mask, adv, aggregation="constant", max_len=4, clip_eps=clip_eps,
+                              prox_logprobs=lp.detach(), tis="token", tis_cap=2.0)
+        (g,) = torch.autograd.grad(loss, lp)
+        w = torch.clamp(torch.exp(lp.detach() - eng), max=2.0)
+        want = torch.where(mask, -w * adv[:, None] / 8, torch.zeros_like(w))
+        assert torch.allclose(g, want, atol=1e-14)
+        assert st["ratio_mean"] == 1.0 and st["ratio_min"] == 1.0 and st.get("clip_frac", 0.0) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_tis_eviction_loss_by_hand(mode):
+    """Per eviction action (round, layer), or one weight per rollout over all its eviction actions."""
+    lp, rmask, adv = _evictions()
+    g = torch.Generator().manual_seed(3)
+    eng = torch.where(rmask[:, :, None], lp + 0.6 * torch.randn(lp.shape, generator=g), torch.full_like(lp, PAD))
+    prox = torch.where(rmask[:, :, None], lp + 0.1 * torch.randn(lp.shape, generator=g), torch.full_like(lp, -PAD))
+    cap = 1.5
+    loss, st = eviction_loss(lp, eng, rmask, adv, clip_eps=0.2, prox_logprobs=prox, tis=mode, tis_cap=cap)
+    total, weights, truncated = 0.0, [], 0
+    for i in range(3):
+        rounds = [r for r in range(2) if rmask[i, r]]
+        seq = sum(float(prox[i, r, l] - eng[i, r, l]) for r in rounds for l in range(2))
+        for l in range(2):
+            acc = 0.0
+            for r in rounds:
+                log_w = float(prox[i, r, l] - eng[i, r, l]) if mode == "token" else seq
+                w = min(math.exp(log_w), cap)
+                truncated += math.exp(log_w) > cap
+                weights.append(w)
+                rho = math.exp(float(lp[i, r, l] - prox[i, r, l]))
+                a = float(adv[i])
+                acc += w * min(rho * a, min(max(rho, 0.8), 1.2) * a)
+            total += acc / max(len(rounds), 1)
+    assert loss.item() == pytest.approx(-total / 3, rel=1e-6)
+    assert st["count"] == 6 and st["tis_weight_mean"] == pytest.approx(sum(weights) / 6, rel=1e-6)
+    assert st["tis_weight_max"] == pytest.approx(max(weights), rel=1e-6)
+    assert st["tis_clip_frac"] == truncated / 6 and 0 < truncated
+
+
+def test_tis_with_a_matching_engine_is_todays_loss_exactly():
+    """π_prox = π_engine: every weight is 1 and the loss and gradients are bit-identical to tis off."""
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(3, 4, generator=g, requires_grad=True)
+    we = torch.randn(3, 2, 2, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    rmask = torch.tensor([[True, True], [True, False], [False, False]])
+    old_t, old_e = -torch.rand(3, 4, generator=g), -torch.rand(3, 2, 2, generator=g) * 2
+    adv = torch.tensor([0.5, -1.0, 0.25])
+    runs = []
+    for tis in (None, "token", "sequence"):
+        lp, elp = -torch.nn.functional.softplus(w0), -torch.nn.functional.softplus(we) * 2
+        cfg = LossConfig(max_len=4, clip_eps=0.2, tis=tis)
+        loss, st = ngc_loss(lp, old_t, mask, elp, old_e, rmask, adv, cfg,
+                            prox_token_logprobs=old_t if tis else None, prox_eviction_logprobs=old_e if tis else None)
+        runs.append((loss, torch.autograd.grad(loss, (w0, we)), st))
+    (l0, g0, s0), rest = runs[0], runs[1:]
+    assert "token/tis_weight_mean" not in s0 and "eviction/tis_clip_frac" not in s0
+    for loss, grads, st in rest:
+        assert torch.equal(loss, l0) and all(torch.equal(a, b) for a, b in zip(grads, g0))
+        assert st["token/tis_weight_mean"] == 1.0 and st["eviction/tis_clip_frac"] == 0.0
+        assert st["token/engine_mismatch_kl"] == 0.0
+
+
+def test_tis_config_and_missing_proximal_logprobs():
+    with pytest.raises(ValueError, match=r"^algorithm\.tis: must be token, sequence or null"):
+        LossConfig(max_len=4, tis="off")
+    with pytest.raises(ValueError, match=r"^algorithm\.tis_cap: must be a finite number > 0"):
+        LossConfig(max_len=4, tis="token", tis_cap=0.0)
+    lp, mask, adv = _tokens()
+    with pytest.raises(ValueError, match="algorithm.tis needs the proximal"):
+        ngc_loss(lp, lp, mask, None, None, None, adv, LossConfig(max_len=4, tis="token"))

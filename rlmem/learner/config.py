@@ -19,7 +19,8 @@ from rlmem.learner.clip_rule import raise_clip_problems
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr_ratio")
 LEARNER_FIELDS = ("zero_stage", "micro_batch_size", "gradient_checkpointing", "dtype", "offload_optimizer",
                   "replay_kernel", "replay_mask", "kl_ref_device")
-ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs")
+ALGORITHM_FIELDS = ("aggregation", "mem_coef", "kl_coef", "clip_eps", "clip_eps_high", "mini_batches", "ppo_epochs",
+                    "tis", "tis_cap")
 
 
 @dataclass
@@ -58,6 +59,12 @@ class LearnerConfig:
     clip_eps_high: float | None = None
     mini_batches: int = 1                     # optimizer steps per train_step (per epoch)
     ppo_epochs: int = 1
+    # Truncated importance sampling (docs/design.md section 5, "The objective for stale rollouts").
+    tis: Literal["token", "sequence"] | None = field(default=None, metadata={"help": (
+        "truncated importance sampling against the rollout engine's log-probs: null = off (the clipped "
+        "surrogate with the records' log-probs as pi_old); token = one weight min(pi_prox/pi_engine, tis_cap) "
+        "per token / eviction action; sequence = one weight per rollout (its tokens; its eviction actions)")})
+    tis_cap: float = field(default=2.0, metadata={"help": "C, the truncation of the importance weight (> 0)"})
     replay_kernel: Literal["sdpa", "flex"] = "sdpa"
     replay_mask: Literal["evicted", "causal"] = "evicted"   # causal: plain causal mask, the paper's ablation
     compute_eviction: bool = True             # False: token loss only (eviction actions not trained)
@@ -96,7 +103,8 @@ class LearnerConfig:
         from rlmem.learner.loss import LossConfig
 
         return LossConfig(aggregation=self.aggregation, max_len=self.max_len, mem_coef=self.mem_coef,
-                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, kl_coef=self.kl_coef)
+                          clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high, kl_coef=self.kl_coef,
+                          tis=self.tis, tis_cap=self.tis_cap)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` for optimizer step ``step`` (0-based)."""

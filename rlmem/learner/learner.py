@@ -37,9 +37,19 @@ repeated ``ppo_epochs`` times. The "old" log-probabilities of the clipped surrog
 records' rollout log-probs (the behaviour policy), for tokens and evictions alike; reusing a batch
 without ``clip_eps`` is refused.
 
+**Truncated importance sampling** (``tis``, docs/design.md section 5, "The objective for stale
+rollouts"). The surrogate's reference is then ``π_prox``, this rank's own log-probs under the
+weights at the start of ``train_step``, and the records' log-probs only enter the truncated weight.
+With one update per call (``mini_batches = ppo_epochs = 1``) ``π_prox`` is the detached output of
+the training forward itself (no extra cost); otherwise one no-grad replay pass over the rank's
+records before the first optimizer step computes it (the same number of forwards on every rank).
+
 **Metrics** (identical on all ranks, all-reduced): ``loss``, ``loss/token``, ``loss/eviction`` (mean
 over the optimizer steps of the global mini-batch loss), ``grad_norm`` (last step, before
-clipping), ``lr`` (the lr the last step used), ratio / clip statistics, ``replay/max_abs_logprob_diff``
+clipping), ``lr`` (the lr the last step used), ratio / clip statistics for ``token/`` and
+``eviction/`` actions over all passes (``ratio_mean`` / ``clip_frac…`` / ``approx_kl`` weighted by
+action counts, ``ratio_min`` / ``ratio_max`` over every action), with ``tis`` also
+``tis_weight_mean/min/max``, ``tis_clip_frac`` and ``engine_mismatch_kl``, ``replay/max_abs_logprob_diff``
 and ``replay/max_abs_eviction_logprob_diff`` (replay vs the records' rollout values, measured on the
 passes before this call's first optimizer step: the whole batch when ``mini_batches = 1``),
 token counts and per-phase seconds (slowest rank).
@@ -113,12 +123,18 @@ class _ReplayLoss(torch.nn.Module):
         # see, partition or optimise its parameters (nor move them: the Learner puts it on its device).
         self._reference = (reference,) if reference is not None else ()
 
-    def forward(self, records: list[RolloutRecord], advantages: torch.Tensor, weight: float,
-                num_sequences: int, num_tokens: int | None):
+    def forward(self, records: list[RolloutRecord], advantages: torch.Tensor | None, weight: float,
+                num_sequences: int, num_tokens: int | None, prox: tuple[torch.Tensor, torch.Tensor] | None = None,
+                prox_only: bool = False):
+        """The weighted loss and its stats; ``prox``: the start-of-step (token, eviction) log-probs
+        for ``tis`` (``None``: this forward's own, detached). ``prox_only``: just this replay's
+        detached (token, eviction) log-probs (call it under ``torch.no_grad``)."""
         from rlmem.learner.replay import replay_forward, rollout_logprobs
 
         out = replay_forward(self.policy, records, kernel=self.cfg.replay_kernel,
                              compute_eviction=self.cfg.compute_eviction, mask=self.cfg.replay_mask)
+        if prox_only:
+            return out.token_logprobs.detach(), out.eviction_logprobs.detach()
         dev = out.token_logprobs.device
         old = rollout_logprobs(records, self.policy.config.num_hidden_layers, device=dev,
                                dtype=out.token_logprobs.dtype)
@@ -130,10 +146,15 @@ class _ReplayLoss(torch.nn.Module):
             with torch.no_grad():
                 ref_tok = replay_forward(self._reference[0], records, kernel=self.cfg.replay_kernel,
                                          compute_eviction=False, mask=self.cfg.replay_mask).token_logprobs.to(dev)
+        prox_kw = {}
+        if self.loss_cfg.tis is not None:
+            p_tok, p_ev = prox if prox is not None else (out.token_logprobs.detach(), out.eviction_logprobs.detach())
+            prox_kw = dict(prox_token_logprobs=p_tok.to(dev, out.token_logprobs.dtype),
+                           prox_eviction_logprobs=p_ev.to(dev, out.token_logprobs.dtype) if ev_lp is not None else None)
         loss, stats = ngc_loss(out.token_logprobs, old_tok, out.token_mask.to(dev), ev_lp, old_ev,
                                out.round_mask.to(dev) if ev_lp is not None else None,
                                advantages.to(dev), self.loss_cfg, num_sequences=num_sequences,
-                               num_tokens=num_tokens, ref_token_logprobs=ref_tok)
+                               num_tokens=num_tokens, ref_token_logprobs=ref_tok, **prox_kw)
         with torch.no_grad():
             m = out.token_mask.to(dev)
             d = (out.token_logprobs.detach() - old_tok).abs()[m]
@@ -150,9 +171,25 @@ class _ReplayLoss(torch.nn.Module):
 
 # Stats summed over micro-batches and ranks, stats averaged weighted by their action counts, maxima.
 _SUM_KEYS = ("loss", "loss/token", "loss/eviction", "loss/kl", "replay/sum_abs_logprob_diff")
-_WEIGHTED = {"token": ("ratio_mean", "approx_kl", "kl_ref_mean", "clip_frac", "clip_frac_low", "clip_frac_high"),
-             "eviction": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high")}
+_TIS_WEIGHTED = ("tis_weight_mean", "tis_clip_frac", "engine_mismatch_kl")   # only with algorithm.tis
+_WEIGHTED = {"token": ("ratio_mean", "approx_kl", "kl_ref_mean", "clip_frac", "clip_frac_low", "clip_frac_high")
+                      + _TIS_WEIGHTED,
+             "eviction": ("ratio_mean", "approx_kl", "clip_frac", "clip_frac_low", "clip_frac_high") + _TIS_WEIGHTED}
 _MAX_KEYS = ("replay/max_abs_logprob_diff", "replay/max_abs_eviction_logprob_diff")
+# Per-action extremes over every micro-batch with actions, every pass and every rank.
+_EXTREMES = {f"{kind}/{k}": op for kind in ("token", "eviction")
+             for k, op in (("ratio_min", "min"), ("ratio_max", "max"), ("tis_weight_min", "min"),
+                           ("tis_weight_max", "max"))}
+
+
+def _pad_prox(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-record (token ``[T_i]``, eviction ``[R_i, L]``) log-probs, right-padded with 0, in
+    the layout :func:`rlmem.learner.replay.replay_forward` gives these records."""
+    tc = max(t.shape[0] for t, _ in rows)
+    r_max = max(e.shape[0] for _, e in rows)
+    tok = torch.stack([torch.nn.functional.pad(t, (0, tc - t.shape[0])) for t, _ in rows])
+    ev = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, r_max - e.shape[0])) for _, e in rows])
+    return tok, ev
 
 
 class Learner:
@@ -260,10 +297,15 @@ class Learner:
                              f"global_num_sequences={global_num_sequences}")
         per_mini = n // m
         minis = [list(range(i * per_mini, (i + 1) * per_mini)) for i in range(m)]
+        t0 = time.perf_counter()
+        prox_rows = self._proximal_logprobs(records) if cfg.tis is not None and (m > 1 or cfg.ppo_epochs > 1) \
+            else None
+        t_prox = time.perf_counter() - t0
 
         sums: dict[str, float] = {}
+        extremes = {k: float("inf") if op == "min" else float("-inf") for k, op in _EXTREMES.items()}
         maxima = {k: 0.0 for k in _MAX_KEYS}
-        timings = {"time/replay_forward": 0.0, "time/backward": 0.0, "time/optimizer": 0.0}
+        timings = {"time/replay_forward": t_prox, "time/backward": 0.0, "time/optimizer": 0.0}
         tokens = {"tokens/replayed": 0.0, "tokens/completion": 0.0}
         grad_norm, lr, steps = 0.0, 0.0, 0
         for _ in range(cfg.ppo_epochs):
@@ -285,8 +327,9 @@ class Learner:
                     t0 = time.perf_counter()
                     # Global denominators sum micro-batches to the full loss; × world_size undoes
                     # DeepSpeed's averaging over ranks; padding micro-batches carry weight 0.
+                    prox = _pad_prox([prox_rows[i] for i in sel]) if prox_rows is not None else None
                     loss, st = self.engine(recs, adv[sel], float(self.world_size) if real else 0.0,
-                                           num_seq, num_tokens)
+                                           num_seq, num_tokens, prox)
                     t1 = time.perf_counter()
                     self.engine.backward(loss)
                     timings["time/replay_forward"] += t1 - t0
@@ -294,6 +337,9 @@ class Learner:
                     if not real:
                         continue
                     self._accumulate(sums, st)
+                    for k, op in _EXTREMES.items():
+                        if k in st and st.get(f"{k.split('/')[0]}/count", 0.0) > 0:
+                            extremes[k] = (min if op == "min" else max)(extremes[k], st[k])
                     tokens["tokens/replayed"] += sum(r.seq_len for r in recs)
                     tokens["tokens/completion"] += sum(len(r.completion_ids) for r in recs)
                     if first_pass:
@@ -312,7 +358,24 @@ class Learner:
                 timings["time/optimizer"] += time.perf_counter() - t0
                 steps += 1
         timings["time/train_step"] = time.perf_counter() - t_start
-        return self._metrics(sums, maxima, timings, tokens, grad_norm, lr, steps)
+        return self._metrics(sums, maxima, timings, tokens, grad_norm, lr, steps, extremes)
+
+    @torch.no_grad()
+    def _proximal_logprobs(self, records: list[RolloutRecord]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """π_prox for ``tis``: each record's (token ``[T_i]``, eviction ``[R_i, L]``) log-probs under the
+        current weights, one no-grad replay pass in micro-batches (as many forwards on every rank:
+        ZeRO 3 gathers parameters collectively)."""
+        mbs = self.cfg.micro_batch_size
+        chunks = [list(range(i, min(i + mbs, len(records)))) for i in range(0, len(records), mbs)]
+        n_micro = int(collectives.all_reduce([len(chunks)], "max")[0])
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for j in range(n_micro):
+            sel = chunks[j] if j < len(chunks) else chunks[0]
+            tok, ev = self.engine([records[i] for i in sel], None, 0.0, 1, None, None, True)
+            if j < len(chunks):
+                for b, i in enumerate(sel):
+                    rows.append((tok[b, : len(records[i].completion_ids)], ev[b, : records[i].num_rounds]))
+        return rows
 
     @staticmethod
     def _accumulate(sums: dict[str, float], st: dict[str, float]) -> None:
@@ -324,7 +387,7 @@ class Learner:
             for k in keys:
                 sums[f"{kind}/{k}"] = sums.get(f"{kind}/{k}", 0.0) + c * st.get(f"{kind}/{k}", 0.0)
 
-    def _metrics(self, sums, maxima, timings, tokens, grad_norm, lr, steps) -> dict[str, float]:
+    def _metrics(self, sums, maxima, timings, tokens, grad_norm, lr, steps, extremes) -> dict[str, float]:
         keys = sorted(sums) + sorted(tokens)
         s = collectives.all_reduce([sums[k] for k in sorted(sums)] + [tokens[k] for k in sorted(tokens)])
         tot = dict(zip(keys, s.tolist()))
@@ -340,6 +403,17 @@ class Learner:
                 out[f"{kind}/{k}"] = tot[f"{kind}/{k}"] / c if c else 0.0
         if not self.cfg.kl_coef > 0:   # no reference model: no KL to report
             del out["loss/kl"], out["token/kl_ref_mean"]
+        ext_keys = sorted(extremes)
+        lo = collectives.all_reduce([extremes[k] for k in ext_keys if _EXTREMES[k] == "min"], "min").tolist()
+        hi = collectives.all_reduce([extremes[k] for k in ext_keys if _EXTREMES[k] == "max"], "max").tolist()
+        vals = dict(zip([k for k in ext_keys if _EXTREMES[k] == "min"], lo))
+        vals.update(zip([k for k in ext_keys if _EXTREMES[k] == "max"], hi))
+        for k in ext_keys:
+            out[k] = vals[k] if abs(vals[k]) != float("inf") else 1.0   # no actions: the neutral 1
+        if self.cfg.tis is None:   # no importance weights: nothing of them to report
+            for kind in ("token", "eviction"):
+                for k in _TIS_WEIGHTED + ("tis_weight_min", "tis_weight_max"):
+                    del out[f"{kind}/{k}"]
         out["replay/mean_abs_logprob_diff"] = tot["replay/sum_abs_logprob_diff"] / max(tot["token/count"], 1.0)
         out.update({k: tot[k] for k in tokens})
         out.update(grad_norm=grad_norm, lr=lr, optimizer_steps=float(steps), global_step=float(self.global_step))

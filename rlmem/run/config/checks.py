@@ -41,7 +41,8 @@ def check_config(cfg: RunConfig, *, check_files: bool = True, source: str | None
             out.append(("learner.micro_batch_size",
                         f"{per_opt} samples per optimizer step are not divisible by learner.num_workers x "
                         f"learner.micro_batch_size = {lr.num_workers} x {lr.micro_batch_size} = {unit}"))
-    out += clip_problems(a.clip_eps, a.clip_eps_high, mini_batches=a.mini_batches, ppo_epochs=a.ppo_epochs)
+    out += clip_problems(a.clip_eps, a.clip_eps_high, mini_batches=a.mini_batches, ppo_epochs=a.ppo_epochs,
+                         max_staleness=cfg.trainer.max_staleness)
     if a.rollouts_per_prompt < 2:
         out.append(("algorithm.rollouts_per_prompt", "must be >= 2: group advantages need at least two rollouts"))
 

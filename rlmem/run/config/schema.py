@@ -269,8 +269,10 @@ def policy_config(eviction: BaseModel, eps: float | None = None, tau: float | No
 AlgorithmConfig = derived_section(
     "AlgorithmConfig", LearnerConfig, ALGORITHM_FIELDS,
     "Dr. GRPO. One step = ``prompts_per_step`` prompts × ``rollouts_per_prompt`` rollouts. The loss "
-    "fields (aggregation, mem_coef, kl_coef, clip_eps, clip_eps_high, mini_batches, ppo_epochs) are LearnerConfig's.",
+    "fields (aggregation, mem_coef, kl_coef, clip_eps, clip_eps_high, mini_batches, ppo_epochs, tis, tis_cap) are "
+    "LearnerConfig's.",
     constraints={"mem_coef": {"ge": 0}, "kl_coef": {"ge": 0}, "clip_eps": {"gt": 0}, "clip_eps_high": {"gt": 0},
+                 "tis_cap": {"gt": 0},
                  "mini_batches": {"ge": 1}, "ppo_epochs": {"ge": 1}},
     extra={"prompts_per_step": (int, Field(32, ge=1)),
            "rollouts_per_prompt": (int, Field(16, ge=1)),
