@@ -33,7 +33,8 @@ NEW = 200
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     h = start(str(tiny_model_dir), eviction=DEFAULT, num_kv_blocks=64, max_model_len=1024, max_num_seqs=4, seed=0,
-              shutdown_timeout=30, log_path=tmp_path_factory.mktemp("serve") / "server.log")
+              shutdown_timeout=30, log_path=tmp_path_factory.mktemp("serve") / "server.log",
+              env={"VLLM_SERVER_DEV_MODE": "1"})   # vLLM's /collective_rpc: the worker's request state
     try:
         h.wait_ready(600)
         yield h
@@ -95,6 +96,22 @@ def test_peak_cache_falls_as_the_per_request_eps_rises(server, client):
     assert rounds[1] == rounds[2] == len(range(max(64, len(PROMPT_IDS)), written, 64))
     assert 0 < freed[1] < freed[2]
     assert server.metrics()["rlmem_kv_blocks_in_use"] == 0   # every block back in the pool when idle
+
+
+def test_the_worker_keeps_no_state_of_finished_served_requests(server, client):
+    """A served request's eviction decisions are read by nobody: dropped when it finishes (no growth
+    in a long-running server). Runs after the module's other requests."""
+    import json
+    import urllib.request
+
+    for _ in range(3):
+        complete(client, server, eps=0.5, max_tokens=70)
+    req = urllib.request.Request(server.url + "/collective_rpc", data=json.dumps({"method": "rlmem_tracked"}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        [tracked] = json.loads(r.read())["results"]
+    assert tracked["done"] == 0
+    assert tracked["live"] <= 1     # the last request's finish reaches the worker with the next step
 
 
 def test_bad_eviction_argument_is_400_and_the_server_keeps_serving(server, client):

@@ -329,6 +329,13 @@ class NGCWorkerExtension:
     def rlmem_take(self, keys: list[str]) -> dict[str, dict]:
         return self.rlmem_state.take(keys)
 
+    def rlmem_tracked(self) -> dict[str, int]:
+        """How many requests the worker holds state for: ``live`` (a finished request's id reaches the
+        worker with the next step) and ``done`` (finished, decisions not yet taken; a served request's
+        are never kept). A long-running server must keep both bounded."""
+        st = getattr(self, "rlmem_state", None)
+        return {"live": len(st.reqs), "done": len(st.done)} if st is not None else {"live": 0, "done": 0}
+
     def rlmem_stage_weights(self, bucket) -> int:
         """Receive one :class:`~rlmem.models.weight_buckets.Bucket` of HF-named tensors; they are loaded
         together by :meth:`rlmem_commit_weights`."""
