@@ -183,13 +183,14 @@ def test_tis_weights_on_stale_records_equal_a_hand_computation(tiny_model_dir, b
         assert m[f"loss/{kind}"] == pytest.approx(loss, rel=1e-5), kind
 
 
-def test_tis_with_mini_batches_uses_the_start_of_step_weights(tiny_model_dir, batch):
+@pytest.mark.parametrize("zero_stage", [2, 3])   # ZeRO 3 gathers the weights in the no-grad pass too
+def test_tis_with_mini_batches_uses_the_start_of_step_weights(tiny_model_dir, batch, zero_stage):
     """Two mini-batches: the second is trained after the first's optimizer step, but its TIS weights
     still come from π_prox at the start of the call (the extra no-grad pass), so all weights equal
     the hand computation from the start-of-step replay; its ratios move away from 1."""
     records, adv = batch
     learner, state, _ = moved_learner(tiny_model_dir, records, adv, steps=1, tis="token", tis_cap=1.05,
-                                      mini_batches=2)
+                                      mini_batches=2, zero_stage=zero_stage)
     rec = rollout_logprobs(records, 2)
     tok, mask, ev, rmask = replay_under(tiny_model_dir, state, records)
     m = learner.train_step(records, adv, global_num_sequences=len(records))
@@ -202,3 +203,40 @@ def test_tis_with_mini_batches_uses_the_start_of_step_weights(tiny_model_dir, ba
         assert m[f"{kind}/tis_weight_max"] == pytest.approx(float(w.max()), rel=2e-5), kind
         assert m[f"{kind}/tis_clip_frac"] == pytest.approx(float((r > 1.05).double().mean()), abs=1e-9), kind
     assert m["token/ratio_max"] > 1.0 + 1e-4 or m["token/ratio_min"] < 1.0 - 1e-4
+
+
+def _dp_worker(rank: int, world: int, port: int, cfg: LearnerConfig, shards, out_dir: str) -> None:
+    records, adv = shards[rank]
+    n = sum(len(s[0]) for s in shards)
+    learner = Learner(cfg, rank=rank, world_size=world, master_port=port)
+    learner.train_step(records, adv, global_num_sequences=n)                   # the records go stale
+    state = {k: t.clone() for k, t in learner.named_parameters_for_sync()}
+    metrics = learner.train_step(records, adv, global_num_sequences=n)
+    torch.save({"state": state, "metrics": metrics}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_tis_proximal_pass_over_two_ranks_with_uneven_micro_batches(tiny_model_dir, batch, tmp_path):
+    """Two ZeRO-3 ranks with 6 and 2 records (3 and 1 micro-batches: rank 1 pads the no-grad
+    π_prox pass with forwards, as ZeRO 3 gathers weights collectively), two mini-batches: both ranks
+    report the TIS weights and ratio extremes of the whole batch, equal to the hand computation."""
+    records, adv = batch
+    cfg = LearnerConfig(model_path=str(tiny_model_dir), dtype="float32", zero_stage=3, max_len=MAX_NEW, lr=1e-3,
+                        micro_batch_size=2, clip_eps=CLIP, grad_clip=None, mini_batches=2, tis="token",
+                        tis_cap=1.05)
+    shards = [(records[:6], adv[:6]), (records[6:], adv[6:])]
+    torch.multiprocessing.spawn(_dp_worker, args=(2, free_port(), cfg, shards, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["metrics"] == r1["metrics"]
+    m = r0["metrics"]
+    rec = rollout_logprobs(records, 2)
+    tok, mask, ev, rmask = replay_under(tiny_model_dir, r0["state"], records)
+    r_tok = torch.exp(tok - rec.token_logprobs).double()[mask]
+    r_ev = torch.exp(ev - rec.eviction_logprobs).double()[rmask[:, :, None].expand_as(ev)]
+    for kind, r in (("token", r_tok), ("eviction", r_ev)):
+        w = torch.clamp(r, max=1.05)
+        assert m[f"{kind}/actions"] == r.numel()
+        assert m[f"{kind}/tis_weight_mean"] == pytest.approx(float(w.mean()), rel=2e-5), kind
+        assert m[f"{kind}/tis_weight_min"] == pytest.approx(float(w.min()), rel=2e-5), kind
+        assert m[f"{kind}/tis_clip_frac"] == pytest.approx(float((r > 1.05).double().mean()), abs=1e-9), kind
+        assert 0 < float((r > 1.05).double().mean()) < 1
