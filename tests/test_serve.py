@@ -85,6 +85,8 @@ def test_peak_cache_falls_as_the_per_request_eps_rises(server, client):
         assert r.usage.completion_tokens == NEW
         assert after["rlmem_request_peak_kv_blocks_count"] == before["rlmem_request_peak_kv_blocks_count"] + 1
         peaks.append(after["rlmem_request_peak_kv_blocks_sum"] - before["rlmem_request_peak_kv_blocks_sum"])
+        assert r.kv_transfer_params == {"rlmem": {"peak_kv_blocks": peaks[-1], "eviction_rounds": (
+            after["rlmem_eviction_rounds_total"] - before["rlmem_eviction_rounds_total"])}}   # the response's own
         freed.append(after["rlmem_freed_blocks_total"] - before["rlmem_freed_blocks_total"])
         rounds.append(after["rlmem_eviction_rounds_total"] - before["rlmem_eviction_rounds_total"])
     print(f"peak KV blocks at eps 0/0.5/0.75: {peaks}; freed blocks {freed}; rounds {rounds}")

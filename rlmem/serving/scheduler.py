@@ -31,6 +31,7 @@ class ServingScheduler(NGCScheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rlmem_request_peak: dict[str, int] = {}     # vLLM request id -> most blocks held
+        self.rlmem_request_rounds: dict[str, int] = {}   # vLLM request id -> rounds run
         self._reported = (0, 0)                           # (rounds, freed) already counted
 
     def schedule(self, *args, **kwargs):
@@ -41,6 +42,8 @@ class ServingScheduler(NGCScheduler):
         self._reported = (rounds, freed)
         pool = self.rlmem_vllm.kv_cache_manager.block_pool
         IN_USE.set(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())   # block 0 is vLLM's null block
+        for rid in out.rlmem.rounds:
+            self.rlmem_request_rounds[rid] = self.rlmem_request_rounds.get(rid, 0) + 1
         for r in self.rlmem_vllm.running:
             rid = adapt("Request", r).request_id
             n = len(self.request_blocks(rid))
@@ -49,8 +52,16 @@ class ServingScheduler(NGCScheduler):
         return out
 
     def _free_request(self, request, *args, **kwargs):
+        """Also hands the request's figures to its response: with no KV connector configured, vLLM
+        puts what this returns first into the response's ``kv_transfer_params`` (non-streamed
+        completions and chat completions), so each response carries ``{"rlmem": {"peak_kv_blocks",
+        "eviction_rounds"}}``."""
         out = super()._free_request(request, *args, **kwargs)
-        peak = self.rlmem_request_peak.pop(adapt("Request", request).request_id, None)
+        rid = adapt("Request", request).request_id
+        peak = self.rlmem_request_peak.pop(rid, None)
+        rounds = self.rlmem_request_rounds.pop(rid, 0)
         if peak is not None:
             PEAK.observe(peak)
+        if isinstance(out, tuple) and len(out) == 2 and out[0] is None and peak is not None:
+            out = ({"rlmem": {"peak_kv_blocks": peak, "eviction_rounds": rounds}}, out[1])
         return out
