@@ -579,7 +579,9 @@ def test_stale_rollouts_need_clipping_and_tis_settings_reach_the_learner(capsys)
     lc = cfg.learner_config("m")
     assert (lc.tis, lc.tis_cap, lc.loss_config().tis, lc.loss_config().tis_cap) == ("sequence", 3.0, "sequence", 3.0)
     assert _load_tiny().learner_config("m").loss_config().tis is None       # off by default
-    for bad, key in (("algorithm.tis=off", "algorithm.tis"), ("algorithm.tis=tokens", "algorithm.tis"),
+    for off in ("off", "false", "none", "null"):    # YAML reads `off` as false: every spelling of "no TIS"
+        assert _load_tiny(f"algorithm.tis={off}").algorithm.tis is None
+    for bad, key in (("algorithm.tis=tokens", "algorithm.tis"), ("algorithm.tis=on", "algorithm.tis"),
                      ("algorithm.tis_cap=0", "algorithm.tis_cap")):
         with pytest.raises(ConfigError) as ei:
             _load_tiny(bad)

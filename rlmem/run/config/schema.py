@@ -266,6 +266,14 @@ def policy_config(eviction: BaseModel, eps: float | None = None, tau: float | No
     return EvictionConfig(**values)
 
 
+class _AlgorithmBase(Section):
+    @field_validator("tis", mode="before", check_fields=False)
+    @classmethod
+    def _tis_off(cls, v: Any) -> Any:
+        # YAML reads `tis: off` as false; off, none and false all mean "no TIS" (null).
+        return None if v is False or (isinstance(v, str) and v.lower() in ("off", "none", "null")) else v
+
+
 AlgorithmConfig = derived_section(
     "AlgorithmConfig", LearnerConfig, ALGORITHM_FIELDS,
     "Dr. GRPO. One step = ``prompts_per_step`` prompts × ``rollouts_per_prompt`` rollouts. The loss "
@@ -279,7 +287,8 @@ AlgorithmConfig = derived_section(
            # "constant" normaliser; null: rollout.max_new_tokens (becomes LearnerConfig.max_len)
            "loss_constant": (int | None, Field(None, ge=1)),
            "scale_by_std": (bool, Field(False)),
-           "min_length_rule": (bool, Field(False))})
+           "min_length_rule": (bool, Field(False))},
+    base=_AlgorithmBase)
 
 OptimizerConfig = derived_section(
     "OptimizerConfig", LearnerConfig, OPTIMIZER_FIELDS, "AdamW and its learning-rate schedule (LearnerConfig's fields).",
