@@ -150,6 +150,13 @@ def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
             (["--threads", 0], "--threads"),
             (["--scorers", "nope", "--model", d / "nope"], "nope"),
         ],
+        ("bench", "serve"): [
+            ([], "--model"),
+            (["--model", d / "nope"], "nope"),
+            (["--model", m, "--clients", 0], "--clients"),
+            (["--model", m, "--kv-blocks", 3], "--kv-blocks"),
+            (["--model", m, "--eps", 0], "--eps"),
+        ],
         ("bench", "learner"): [
             (["--batch", 0], "--batch"),
             (["--new-tokens", 0], "--new-tokens"),

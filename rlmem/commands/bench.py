@@ -1,4 +1,4 @@
-"""``rlmem bench {rollout,learner,rewards}``: benchmarks that print ratios against a baseline measured in the same run."""
+"""``rlmem bench {rollout,learner,rewards,serve}``: benchmarks that print ratios against a baseline measured in the same run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 # benchmark name -> module under rlmem/bench/ exposing add_arguments(parser) and run(args) -> int
-BENCHMARKS = {"rollout": "rlmem.bench.rollout", "learner": "rlmem.bench.learner", "rewards": "rlmem.bench.rewards"}
+BENCHMARKS = {"rollout": "rlmem.bench.rollout", "learner": "rlmem.bench.learner", "rewards": "rlmem.bench.rewards",
+              "serve": "rlmem.bench.serve"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
