@@ -3,7 +3,8 @@
 What a rollout evicted (:func:`plot_eviction_strip`, :func:`plot_replay_mask`: ``rlmem inspect``,
 the training logger), accuracy against memory (:func:`plot_accuracy_vs_reduction`,
 :func:`plot_pass_at_k`: ``rlmem eval`` and the in-training evaluation, from the same result rows),
-and training curves (:func:`plot_training_curves`: the toy report's scripts).
+training curves (:func:`plot_training_curves`: the toy report's scripts), and where a run's time went
+(:func:`plot_timeline`: the training logger, from ``timeline.jsonl``).
 """
 
 from __future__ import annotations
@@ -225,4 +226,53 @@ def plot_training_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.P
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+TIMELINE_COLORS = {"rollout": "#4c72b0", "reward": "#dd8452", "learner": "#c44e52", "sync": "#55a868",
+                   "eval": "#8172b3", "log": "#bbbbbb", "checkpoint": "#937860"}
+
+
+def _actor_order(actor: str) -> tuple[int, str]:
+    for i, prefix in enumerate(("rollout", "learner", "driver")):
+        if actor.startswith(prefix):
+            return i, actor
+    return 3, actor
+
+
+def plot_timeline(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "timeline") -> Path:
+    """Gantt chart of a run: one lane per actor (rollout workers, learner ranks, the driver), one bar
+    per span coloured by phase, the step number on bars wide enough to hold it. Seconds run from the
+    first span; rollouts under another step's learner bar are the overlap of docs/design.md section 5.
+    ``rows`` are ``timeline.jsonl`` rows (:mod:`rlmem.run.timeline`)."""
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
+    if not rows:
+        raise ValueError("plot_timeline: no spans to draw")
+    t0 = min(r["run_start"] + r["start"] for r in rows)
+    actors = sorted({r["actor"] for r in rows}, key=_actor_order)
+    lane = {a: i for i, a in enumerate(actors)}
+    t_end = max(r["run_start"] + r["end"] for r in rows) - t0
+    fig, ax = plt.subplots(figsize=(min(24, max(8, 4 + t_end / 15)), 1.2 + 0.55 * len(actors)))
+    for phase, color in TIMELINE_COLORS.items():
+        spans = [r for r in rows if r["phase"] == phase]
+        if not spans:
+            continue
+        for r in spans:
+            x, w = r["run_start"] + r["start"] - t0, r["end"] - r["start"]
+            ax.broken_barh([(x, max(w, t_end * 1e-3))], (lane[r["actor"]] - 0.38, 0.76), facecolors=color,
+                           edgecolors="white", linewidth=0.4)
+            if phase in ("rollout", "learner") and w > 0.025 * t_end:
+                ax.text(x + w / 2, lane[r["actor"]], str(r["step"]), ha="center", va="center", fontsize=7,
+                        color="white")
+    ax.set_yticks(range(len(actors)), actors)
+    ax.invert_yaxis()
+    ax.set_xlim(0, t_end * 1.01 or 1)
+    ax.set_xlabel("seconds")
+    ax.set_title(title)
+    present = [p for p in TIMELINE_COLORS if any(r["phase"] == p for r in rows)]
+    ax.legend(handles=[Patch(color=TIMELINE_COLORS[p], label=p) for p in present], ncol=len(present),
+              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(actors) < 4 else -0.12), frameon=False,
+              fontsize=8)
     return save_figure(fig, path)

@@ -1,6 +1,7 @@
 """Chaos over one short run (issue 11): SIGTERM mid-step, resume, kill -9 a rollout worker, resume,
 corrupt the newest checkpoint, resume. Every log holds each step exactly once, the final weights
-equal an uninterrupted run's, and no process the runs started is left behind."""
+equal an uninterrupted run's, and no process the runs started is left behind. Once on-policy and once
+with trainer.max_staleness 1 (rollouts in flight while the run is stopped, carried by checkpoints)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOTAL = 4
 
 
-def _config(tiny_model_dir, out: Path) -> Path:
+def _config(tiny_model_dir, out: Path, staleness: int = 0) -> Path:
+    k = (f"trainer.max_staleness={staleness}", "algorithm.clip_eps=0.2") if staleness else ()
     cfg = tiny_run_config(tiny_model_dir, out, f"trainer.total_steps={TOTAL}", "trainer.keep_last=null",
-                          "logging.mask_image_every=0",
+                          "logging.mask_image_every=0", *k,
                           eval={"source": "countdown-generated", "limit": 2, "num_samples": 1, "k": [1],
                                 "eps": [0.5]},
                           trainer={"eval_every": 2})
@@ -101,9 +103,10 @@ def _manifest(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:06d}" / "manifest.json"
 
 
-def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tmp_path, staleness):
     out = tmp_path / "run"
-    config = _config(tiny_model_dir, out)
+    config = _config(tiny_model_dir, out, staleness)
 
     # 1. SIGTERM in the middle of step 2: the SIGINT path, exit 143, last checkpoint named
     run = Train(config)
@@ -154,7 +157,7 @@ def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tm
 
     # the final weights equal an uninterrupted run's
     straight = tmp_path / "straight"
-    run = Train(_config(tiny_model_dir, straight))
+    run = Train(_config(tiny_model_dir, straight, staleness))
     code, _, err = run.finish()
     assert code == 0, err[-3000:]
     a, b = hf_state(out / "checkpoints" / f"step_{TOTAL:06d}" / "hf"), hf_state(straight / "checkpoints" /
@@ -166,3 +169,8 @@ def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tm
     for s in range(1, TOTAL + 1):
         assert ra[s]["reward/mean"] == pytest.approx(rb[s]["reward/mean"], abs=1e-9), s
     assert yaml.safe_load((out / "config.yaml").read_text())["eviction"]["eps"] == 0.5
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["max_staleness"] == staleness
+    if staleness:   # the resumed legs took steps 3 and 4's rollouts from checkpoints 2 and 3
+        assert all((out / "checkpoints" / f"step_{s:06d}" / "inflight" / f"step_{s + 1:06d}.jsonl").is_file()
+                   for s in (2, 3))
+        assert [ra[s]["rollout/staleness_mean"] for s in range(1, TOTAL + 1)] == [0.0, 1.0, 1.0, 1.0]

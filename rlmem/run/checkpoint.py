@@ -7,6 +7,8 @@ Layout::
         hf/                  HF-format export (config, safetensors, tokenizer): from_pretrained / vLLM
         trainer_state.json   step, RNG states, W&B run id
         config.yaml          the resolved run config this checkpoint was trained with
+        inflight/            trainer.max_staleness >= 1: the rollouts of steps 51..50+k, already sampled
+                             by older weights (step_000051.jsonl ..., and inflight.json: who sampled them)
         manifest.json        written LAST: every file with its size, SHA-256 of the small ones
 
 A checkpoint is written into ``checkpoints/.tmp-step_000050-<pid>/`` and renamed into place only
@@ -37,6 +39,8 @@ CONFIG_FILE = "config.yaml"
 CHECKSUM_MAX_BYTES = 1 << 20
 ENGINE_SUBDIR = "engine"
 HF_SUBDIR = "hf"
+INFLIGHT_SUBDIR = "inflight"
+INFLIGHT_INDEX = "inflight.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -58,6 +62,10 @@ class CheckpointPaths:
     @property
     def state(self) -> Path:
         return self.root / STATE_FILE
+
+    @property
+    def inflight(self) -> Path:
+        return self.root / INFLIGHT_SUBDIR
 
 
 @dataclass
@@ -339,3 +347,36 @@ def _unb64(s: str):
     import torch
 
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# In-flight rollouts (trainer.max_staleness >= 1; docs/design.md section 5)
+
+
+def save_inflight(paths: CheckpointPaths, rollouts: dict[int, tuple[list, dict[str, Any]]]) -> None:
+    """Write the rollouts already generated for later steps: ``inflight/step_NNNNNN.jsonl`` per step
+    (the records, JSON floats round-trip exactly) and ``inflight/inflight.json`` (per step what the
+    driver knows besides the records: ``sampled_by_step``, token count, seconds). Called by the save
+    callback, so the manifest, written after, lists them: a save cut short here never verifies."""
+    from rlmem.eviction.record import write_jsonl
+
+    if not rollouts:
+        return
+    paths.inflight.mkdir(parents=True, exist_ok=True)
+    for step, (records, _) in rollouts.items():
+        write_jsonl(paths.inflight / f"step_{int(step):06d}.jsonl", records)
+    atomic_write_json(paths.inflight / INFLIGHT_INDEX, {str(int(s)): meta for s, (_, meta) in rollouts.items()})
+
+
+def load_inflight(ckpt: str | os.PathLike) -> dict[int, tuple[list, dict[str, Any]]]:
+    """What :func:`save_inflight` wrote into checkpoint ``ckpt``: ``{step: (records, meta)}``; empty
+    when it holds none (a run with ``max_staleness: 0``, or saved at the last step)."""
+    from rlmem.eviction.record import read_jsonl
+
+    root = Path(ckpt) / INFLIGHT_SUBDIR
+    index = root / INFLIGHT_INDEX
+    if not index.is_file():
+        return {}
+    with open(index) as f:
+        metas = json.load(f)
+    return {int(s): (read_jsonl(root / f"step_{int(s):06d}.jsonl"), meta) for s, meta in metas.items()}

@@ -6,7 +6,8 @@ block or kill a run. Mode ``auto`` is online when ``WANDB_API_KEY`` is set and o
 later W&B error is reported once and W&B is switched off for the rest of the run.
 
 Files under ``<output_dir>``: ``metrics.jsonl`` (one object per step, non-finite numbers as null),
-``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``figures/*.png``, ``wandb/``, and
+``samples.jsonl`` (the sample-rollout table), ``eval.jsonl``, ``timeline.jsonl`` (when each actor ran
+which phase: :mod:`rlmem.run.timeline`), ``figures/*.png``, ``wandb/``, and
 with ``logging.records_every`` the full rollout records of every Nth step in
 ``records/step_NNNNNN.jsonl`` (rewards included; what ``rlmem inspect`` reads).
 Every row carries ``step``, the 1-based number of the training step it belongs to. On resume from
@@ -37,7 +38,8 @@ RECORDS_DIR = "records"
 def records_path(output_dir: str | os.PathLike, step: int) -> Path:
     """Where a run keeps the rollout records of ``step`` (``logging.records_every``)."""
     return Path(output_dir) / RECORDS_DIR / f"step_{int(step):06d}.jsonl"
-from rlmem.figures import plot_accuracy_vs_reduction, plot_replay_mask
+from rlmem.figures import plot_accuracy_vs_reduction, plot_replay_mask, plot_timeline
+from rlmem.run.timeline import TIMELINE_FILE
 
 log = logging.getLogger("rlmem.run.logger")
 
@@ -300,12 +302,39 @@ class RunLogger:
 
         Step ``N``'s rollouts are sampled before its update, by the weights after step ``N - 1``
         (``checkpoints/step_{N-1}/hf``, the starting model for step 1): each record says so in
-        ``sampled_by_step``, which ``rlmem replay-check`` reads to name the model to replay with."""
-        for r in records:
-            r.extra["sampled_by_step"] = int(step) - 1
+        ``sampled_by_step``, which ``rlmem replay-check`` reads to name the model to replay with. With
+        ``trainer.max_staleness: k`` the weights are older: those after step ``max(0, N - 1 - k)``
+        (docs/design.md section 5)."""
+        for r in records:   # the driver sets it as the rollout is generated; under max_staleness it is older
+            r.extra.setdefault("sampled_by_step", int(step) - 1)
         path = records_path(self.output_dir, step)
         write_jsonl(path, records)
         return path
+
+    # -- timeline -------------------------------------------------------------------------------
+
+    def log_timeline(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append spans (:func:`rlmem.run.timeline.span` rows) to timeline.jsonl."""
+        if not rows:
+            return
+        with open(self.output_dir / TIMELINE_FILE, "a") as f:
+            for r in rows:
+                f.write(json.dumps(to_jsonable(r), allow_nan=False) + "\n")
+
+    def draw_timeline(self, step: int) -> Path | None:
+        """Draw timeline.jsonl (every step so far) to ``figures/timeline.png`` and W&B; None if empty."""
+        from rlmem.jsonl import iter_json_lines
+
+        path = self.output_dir / TIMELINE_FILE
+        if not path.exists():
+            return None
+        rows = [r for _, r in iter_json_lines(path, objects=False, torn="skip") if isinstance(r, dict)]
+        if not rows:
+            return None
+        out = self.figures_dir / "timeline.png"
+        plot_timeline(rows, out, title=f"timeline: spans per actor, steps 1-{int(step)}")
+        self._log_image("time/timeline", out, step)
+        return out
 
     # -- pictures -------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from rlmem.run.logger import RECORDS_DIR
 
 PREVIOUS_DIR = "previous"
 CONFIG_FILE = "config.yaml"
-LOG_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "timeline.jsonl")
 # Entries that do not make a directory "another run's": ours, or made by any start.
 _OWN_ENTRIES = {LOCK_FILE, PREVIOUS_DIR}
 

@@ -60,11 +60,13 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams,
                  eviction_configs: list[EvictionConfig | None], greedy: bool = False
                  ) -> tuple[list[RolloutRecord], dict[str, float]]:
-        """One rollout per prompt; returns the records and the engine's counters."""
+        """One rollout per prompt; returns the records and the engine's counters, with the call's
+        wall-clock span (``started``, ``ended``: unix seconds) for the run's timeline."""
+        started = time.time()
         records = self.engine.generate(prompt_ids, sampling, eviction_configs, greedy_evictions=greedy)
         s = self.engine.last_stats
         return records, {"new_tokens": float(s.new_tokens), "seconds": s.seconds, "rounds": float(s.rounds),
-                         "peak_cache_bytes": float(s.peak_cache_bytes)}
+                         "peak_cache_bytes": float(s.peak_cache_bytes), "started": started, "ended": time.time()}
 
     def _colocated_memory(self, backend: str, model_path: str, gpu_share: dict | None, options: dict) -> dict:
         """Colocated on a GPU: vLLM's ``gpu_memory_utilization`` from this GPU's memory and the run's
@@ -189,7 +191,11 @@ class LearnerWorker:
 
     def train_step(self, records: list[RolloutRecord], advantages: list[float], global_num_sequences: int
                    ) -> dict[str, float]:
-        return self.learner.train_step(records, advantages, global_num_sequences=global_num_sequences)
+        """The learner's step; its metrics plus this rank's wall-clock span (``timeline/started``,
+        ``timeline/ended``: unix seconds), which the driver takes out for the run's timeline."""
+        started = time.time()
+        m = self.learner.train_step(records, advantages, global_num_sequences=global_num_sequences)
+        return {**m, "timeline/started": started, "timeline/ended": time.time()}
 
     def publish_weights(self, bucket_bytes: int) -> tuple[list[Any], int, int] | None:
         """Put the weights into the object store in buckets (collective); rank 0 returns

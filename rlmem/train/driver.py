@@ -10,6 +10,12 @@ contiguous) → decode → rewards → group advantages → (colocated: engines 
 samples, pictures, evaluation → checkpoint. All randomness of a step is derived from
 ``(seed, step)``, so step N+1 of a resumed run equals step N+1 of an uninterrupted one.
 
+With ``trainer.max_staleness: k ≥ 1`` the rollouts run ahead of the learner (docs/design.md
+section 5, "The pipeline"): step ``m``'s rollouts are launched as soon as the engines hold the
+weights after step ``max(0, m − 1 − k)``, so while the learner trains step ``n`` the engines generate
+steps ``n+1 … n+k``; a checkpoint carries those already generated (:func:`checkpoint_if_due`). Every
+phase's span goes to ``timeline.jsonl`` and ``figures/timeline.png`` (:mod:`rlmem.run.timeline`).
+
 Before Ray starts: the environment checks (:mod:`rlmem.run.preflight`), the run-directory lock
 and start plan (:mod:`rlmem.run.rundir`). SIGINT and SIGTERM (``ray job stop``) take the same
 path: abandon the step, keep the last checkpoint, close W&B, stop Ray, exit 130 / 143.
@@ -92,6 +98,10 @@ class Run:
     row: dict[str, Any] = field(default_factory=dict)
     sync_path: str = "object_store"          # rlmem.train.weight_sync.PATHS
     sleep_note: str | None = None            # why engines did not sleep (printed once)
+    pending: dict[int, "Rollouts"] = field(default_factory=dict)   # later steps' rollouts (max_staleness)
+    run_start: float = field(default_factory=time.time)              # unix time this leg started (timeline)
+    spans: list[dict[str, Any]] = field(default_factory=list)       # the step's timeline rows, not yet logged
+    last_logged: float = field(default_factory=time.perf_counter)   # when the previous step was logged
 
 
 @dataclass
@@ -104,6 +114,24 @@ class Batch:
     prompt_texts: list[str]
     prompt_ids: list[list[int]]           # per sample (group-major)
     eviction: list[Any]                   # per sample EvictionConfig or None
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts: launched (``refs``) or arrived (``records``), and which weights sampled them."""
+
+    batch: Batch
+    sampled_by: int                       # the step whose weights sampled them (0: the starting weights)
+    refs: list | None = None
+    records: list | None = None
+    new_tokens: float = 0.0
+    seconds: float = 0.0                  # generation wall time (first worker start to last worker end)
+    spans: list[tuple[float, float]] = field(default_factory=list)   # per rollout worker, unix seconds
+
+
+def sampler_step(step: int, max_staleness: int) -> int:
+    """The step whose weights sample step ``step``'s rollouts (docs/design.md section 5)."""
+    return max(0, step - 1 - max_staleness)
 
 
 def run_training(cfg: RunConfig, *, rollout_resources: dict[str, float] | None = None,
@@ -186,10 +214,12 @@ def _run_locked(cfg: RunConfig, prepared, lock, rollout_resources, learner_resou
                      f"samples/step on {bs.rollout_workers} rollout + {bs.learner_workers} learner workers; "
                      f"start-up {time.perf_counter() - t0:.1f}s (weight sync {sync0['time/sync']:.2f}s, "
                      f"{path.replace('_', ' ')}; placement {cfg.ray.placement})")
+        start_pipeline(run, plan.step, plan.resume_from)
         for step in range(plan.step + 1, cfg.trainer.total_steps + 1):
             run.current_step = step
             run_step(run, step)
             run.current_step = None
+        logger.draw_timeline(cfg.trainer.total_steps)
     except KeyboardInterrupt as e:
         signum = stop_signal(e)
         where = (f"during step {run.current_step}" if run and run.current_step
@@ -251,22 +281,104 @@ def _logged_past(out: Path, step: int) -> bool:
 
 
 def run_step(run: Run, step: int) -> None:
-    """Step ``step`` (1-based): prompts → rollouts → rewards → learner → weight sync → logs → checkpoint."""
+    """Step ``step`` (1-based): prompts → rollouts → rewards → learner → weight sync → logs → checkpoint.
+
+    With ``max_staleness`` k ≥ 1 the rollouts were launched earlier (:func:`start_pipeline`,
+    :func:`launch_ahead`) and only arrive here; the learner step overlaps the later steps' rollouts."""
     t_step = time.perf_counter()
-    batch = make_batch(run, step)
+    ro = run.pending.pop(step, None)
     t = time.perf_counter()
-    records, gen_tokens = roll_out(run, batch)
-    time_rollout = time.perf_counter() - t
-    t = time.perf_counter()
+    if ro is None:   # on-policy: sampled now, by the weights after the previous step (what the engines hold)
+        ro = launch_rollouts(run, step, step - 1)
+    batch, (records, gen_tokens) = ro.batch, arrive(ro)
+    time_wait = time.perf_counter() - t
+    time_rollout = ro.seconds if run.cfg.trainer.max_staleness else time_wait
+    run.spans += [_span(run, step, name, "rollout", a, b) for name, (a, b) in zip(run.workers.rollout_names, ro.spans)]
+    t, t_wall = time.perf_counter(), time.time()
     texts, rewards, verifier, advantages, zeroed = score(run, batch, records)
     time_reward = time.perf_counter() - t
+    run.spans.append(_span(run, step, "driver", "reward", t_wall, time.time()))
     learner_metrics, sync, times = learn_and_sync(run, records, advantages)
+    times["time/rollout_wait"] = time_wait + times.pop("time/drain", 0.0)
     metrics = step_metrics(run, batch, records, rewards, verifier, zeroed, learner_metrics, sync, gen_tokens,
                            {"time/rollout": time_rollout, "time/reward": time_reward, **times,
                             "time/step_s": time.perf_counter() - t_step})
     eval_results = evaluate_if_due(run, step, metrics)
+    launch_ahead(run, step)
     log_step(run, batch, records, texts, metrics, eval_results)
     checkpoint_if_due(run, step)
+
+
+def launch_rollouts(run: Run, step: int, sampled_by: int) -> Rollouts:
+    """Start step ``step``'s rollouts on the rollout workers (which hold the weights after ``sampled_by``)."""
+    from rlmem.train.rollouts import launch, sampling_params, step_seed
+
+    cfg, batch = run.cfg, make_batch(run, step)
+    refs = launch(run.workers.rollout, batch.prompt_ids, batch.eviction,
+                  lambda i: sampling_params(cfg, step_seed(cfg.seed, step, i)))
+    return Rollouts(batch, sampled_by, refs=refs)
+
+
+def arrive(ro: Rollouts) -> tuple[list, float]:
+    """Wait for launched rollouts (once); each record says which weights sampled it."""
+    from rlmem.train.rollouts import collect
+
+    if ro.records is None:
+        ro.records, ro.new_tokens, ro.spans = collect(ro.refs)
+        ro.refs = None
+        ro.seconds = max(b for _, b in ro.spans) - min(a for a, _ in ro.spans)
+        for r in ro.records:
+            r.extra["sampled_by_step"] = ro.sampled_by
+    return ro.records, ro.new_tokens
+
+
+def start_pipeline(run: Run, done: int, resume_from: Path | None) -> None:
+    """``max_staleness`` k ≥ 1, before the first step of this leg: the rollouts of steps ``done+1 …
+    done+1+k``. A checkpoint carries those sampled by weights older than it (:func:`checkpoint_if_due`);
+    the others are launched now on the weights the engines hold, the weights after step ``done``."""
+    from rlmem.run.checkpoint import load_inflight
+
+    k, total = run.cfg.trainer.max_staleness, run.cfg.trainer.total_steps
+    if not k:
+        return
+    try:
+        saved = load_inflight(resume_from) if resume_from is not None else {}
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{resume_from}: cannot read its in-flight rollouts: {first_line(e)}") from None
+    newer = []
+    for m in range(done + 1, min(done + 1 + k, total) + 1):
+        if m in saved:
+            records, meta = saved[m]
+            run.pending[m] = Rollouts(make_batch(run, m), int(meta["sampled_by_step"]), records=records,
+                                      new_tokens=float(meta["new_tokens"]), seconds=float(meta["seconds"]))
+            for r in records:
+                r.extra["sampled_by_step"] = int(meta["sampled_by_step"])
+        else:
+            newer += [m] if sampler_step(m, k) != done else []
+            run.pending[m] = launch_rollouts(run, m, done)
+    if newer:
+        run.logger.print(f"[rlmem] warning: {resume_from} carries no rollouts for steps {newer} (saved with another "
+                         f"trainer.max_staleness, or at its last step): sampled now by the weights after step {done}, "
+                         f"newer than the rule's (docs/design.md section 5)")
+
+
+def launch_ahead(run: Run, step: int) -> None:
+    """After the weight sync of ``step`` (and its evaluation): launch the rollouts these weights
+    sample, those of step ``step + 1 + k`` (max_staleness k ≥ 1; k = 0 samples at the step's start)."""
+    k = run.cfg.trainer.max_staleness
+    m = step + 1 + k
+    if k and m <= run.cfg.trainer.total_steps and m not in run.pending:
+        run.pending[m] = launch_rollouts(run, m, step)
+
+
+def _span(run: Run, step: int, actor: str, phase: str, start: float, end: float) -> dict[str, Any]:
+    from rlmem.run.timeline import span
+
+    return span(step, actor, phase, start, end, run.run_start)
+
+
+def _learner_names(run: Run) -> list[str]:
+    return [f"learner rank {r}" for r in range(len(run.workers.learners))]
 
 
 def make_batch(run: Run, step: int) -> Batch:
@@ -288,14 +400,6 @@ def make_batch(run: Run, step: int) -> Batch:
     ev = [cfg.eviction_config(e, tau) if e > 0 else None for e in eps]
     return Batch(step, exs, eps, texts, [ids[g] for g in range(P) for _ in range(G)],
                  [ev[g] for g in range(P) for _ in range(G)])
-
-
-def roll_out(run: Run, batch: Batch) -> tuple[list, float]:
-    from rlmem.train.rollouts import generate, sampling_params, step_seed
-
-    cfg = run.cfg
-    return generate(run.workers.rollout, batch.prompt_ids, batch.eviction,
-                    lambda i: sampling_params(cfg, step_seed(cfg.seed, batch.step, i)))
 
 
 def score(run: Run, batch: Batch, records: list):
@@ -336,8 +440,12 @@ def learn(run: Run, records: list, advantages) -> dict[str, float]:
               "(give the vLLM engine more KV blocks or fewer concurrent sequences)")
     parts = len(run.workers.learners)
     shards = split_even(keep, parts) if len(keep) == n else [keep[i::parts] for i in range(parts)]
-    return ray.get([lw.train_step.remote([records[i] for i in s], advantages[s].tolist(), n)
-                    for lw, s in zip(run.workers.learners, shards)])[0]
+    ms = ray.get([lw.train_step.remote([records[i] for i in s], advantages[s].tolist(), n)
+                  for lw, s in zip(run.workers.learners, shards)])
+    for name, m in zip(_learner_names(run), ms):   # each rank's own span, for the timeline
+        run.spans.append(_span(run, run.current_step or 0, name, "learner", m.pop("timeline/started"),
+                               m.pop("timeline/ended")))
+    return ms[0]
 
 
 def learn_and_sync(run: Run, records: list, advantages) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -346,10 +454,15 @@ def learn_and_sync(run: Run, records: list, advantages) -> tuple[dict[str, float
     Colocated (rollout worker i and learner rank i share GPU i): the engines sleep before the
     learner step (vLLM frees its weights and KV cache), the learners hand their freed step memory
     back, the engines wake and load the new weights before the next rollout. Split: learn, sync.
+    With ``max_staleness`` ≥ 1 the rollouts in flight finish before the sync (a sync sent now would
+    queue behind them anyway; ``time/drain`` is the wait), and engines never sleep: the config refuses
+    it on GPUs, and on CPUs a sleep call would queue behind the rollouts and serialise the steps.
     Returns (learner metrics, sync metrics, times)."""
     import ray
 
-    colocated = run.cfg.ray.placement == "colocated"
+    from rlmem.run.timeline import overlap_fraction
+
+    colocated = run.cfg.ray.placement == "colocated" and not run.cfg.trainer.max_staleness
     times: dict[str, float] = {}
     if colocated:
         t = time.perf_counter()
@@ -362,12 +475,24 @@ def learn_and_sync(run: Run, records: list, advantages) -> tuple[dict[str, float
     t = time.perf_counter()
     learner_metrics = learn(run, records, advantages)
     times["time/learner"] = time.perf_counter() - t
+    learner_span = next((r["start"], r["end"]) for r in reversed(run.spans) if r["phase"] == "learner")
     if colocated:
         t = time.perf_counter()
         ray.get([lw.free_cached_memory.remote() for lw in run.workers.learners])
         ray.get([rw.wake_up.remote() for rw in run.workers.rollout])
         times["time/engine_wake"] = time.perf_counter() - t
-    return learner_metrics, sync_rollout_weights(run), times
+    t = time.perf_counter()
+    for ro in run.pending.values():
+        arrive(ro)
+    times["time/drain"] = time.perf_counter() - t
+    beside = [(a - run.run_start, b - run.run_start) for ro in run.pending.values() for a, b in ro.spans]
+    times["time/overlap"] = overlap_fraction(learner_span, beside)
+    t_wall = time.time()
+    sync = sync_rollout_weights(run)
+    step = run.current_step or 0
+    run.spans += [_span(run, step, name, "sync", t_wall, time.time())
+                  for name in _learner_names(run) + run.workers.rollout_names]
+    return learner_metrics, sync, times
 
 
 def prepare_weight_sync(cfg: RunConfig, workers) -> str:
@@ -411,6 +536,9 @@ def step_metrics(run: Run, batch: Batch, records, rewards, verifier, zeroed, lm,
     if taus:
         m["eviction/tau"] = float(taus[0])   # one τ per step (the policy batches one τ: rlmem.eviction.policy)
     m["rollout/preempted_dropped"] = float(sum(bool(r.extra.get("preempted")) for r in records))
+    # updates between the weights that sampled a record and those that train on it (after step N-1)
+    stale = [batch.step - 1 - int(r.extra["sampled_by_step"]) for r in records]
+    m["rollout/staleness_mean"], m["rollout/staleness_max"] = float(sum(stale) / len(stale)), float(max(stale))
     m.update({LEARNER_METRIC_NAMES.get(k, k): v for k, v in lm.items()})
     m.update(times)
     m.update({"time/sync": sync["time/sync"], "sync/bytes": sync["sync/bytes"], "sync/buckets": sync["sync/buckets"],
@@ -430,7 +558,7 @@ def evaluate_if_due(run: Run, step: int, metrics: dict[str, float]) -> list[dict
     t = run.cfg.trainer
     if not run.eval_examples or not ((t.eval_every and step % t.eval_every == 0) or step == t.total_steps):
         return None
-    t0 = time.perf_counter()
+    t0, t_wall = time.perf_counter(), time.time()
     try:
         results = evaluate(eval_plan(run.cfg, step), run.eval_examples, run.tokenizer,
                            WorkerExecutor(run.workers.rollout))
@@ -438,14 +566,19 @@ def evaluate_if_due(run: Run, step: int, metrics: dict[str, float]) -> list[dict
         raise TrainingError(f"evaluation at step {step}: {e}") from None
     metrics.update(eval_metrics(results))
     metrics["time/eval"] = time.perf_counter() - t0
+    names = getattr(run.workers, "rollout_names", None) or [f"rollout worker {i}" for i in range(len(run.workers.rollout))]
+    run.spans += [_span(run, step, name, "eval", t_wall, time.time()) for name in names]
     return results
 
 
 def log_step(run: Run, batch: Batch, records, texts, metrics, eval_results) -> None:
-    """metrics.jsonl / W&B row, eval rows, sample table, replay-mask picture: all tagged ``batch.step``."""
+    """metrics.jsonl / W&B row, eval rows, sample table, replay-mask picture, timeline: all tagged ``batch.step``."""
     from rlmem.eviction.record import evicted_at
 
     lg, step, G = run.logger, batch.step, run.cfg.algorithm.rollouts_per_prompt
+    now, t_wall = time.perf_counter(), time.time()
+    metrics["perf/steps_per_hour"] = 3600.0 / max(now - run.last_logged, 1e-9)
+    run.last_logged = now
     if eval_results is not None:
         lg.log_eval(step, eval_results)
     lg.log_samples(step, records, texts, prompts=[batch.prompt_texts[i // G] for i in range(len(records))],
@@ -458,11 +591,17 @@ def log_step(run: Run, batch: Batch, records, texts, metrics, eval_results) -> N
         lg.log_mask_image(evicted_at(rec, run.num_layers), len(rec.prompt_ids), step,
                           title=f"replay mask, step {step} (eps={eps:g})")
     run.row = lg.log(step, metrics)
+    lg.log_timeline([*run.spans, _span(run, step, "driver", "log", t_wall, time.time())])
+    run.spans = []
+    if lg.should_log_mask(step):
+        lg.draw_timeline(step)
 
 
 def checkpoint_if_due(run: Run, step: int) -> None:
-    """After ``save_every`` steps and at the end: engine state (every rank), HF export, trainer state,
-    the resolved config, then the manifest (:func:`rlmem.run.checkpoint.save_checkpoint`)."""
+    """After ``save_every`` steps and at the end: engine state (every rank), HF export, the rollouts
+    already generated by older weights (max_staleness ≥ 1: steps ``step+1 … step+k``; a resume cannot
+    sample them again), trainer state, the resolved config, then the manifest
+    (:func:`rlmem.run.checkpoint.save_checkpoint`)."""
     import ray
 
     from rlmem.run import checkpoint as ckpt
@@ -474,9 +613,14 @@ def checkpoint_if_due(run: Run, step: int) -> None:
     def parts(paths) -> None:
         ray.get([lw.save_checkpoint.remote(str(paths.root), {"step": step}) for lw in run.workers.learners])
         ray.get([lw.export_hf.remote(str(paths.hf)) for lw in run.workers.learners])
+        ckpt.save_inflight(paths, {m: (ro.records, {"sampled_by_step": ro.sampled_by, "new_tokens": ro.new_tokens,
+                                                    "seconds": ro.seconds})
+                                   for m, ro in sorted(run.pending.items()) if ro.sampled_by < step})
 
     state = ckpt.TrainerState(step=step, rng=ckpt.capture_rng_state(), wandb_run_id=run.logger.run_id,
                               extra={"samples_per_step": cfg.batch_sizes().samples_per_step})
+    t_wall = time.time()
     run.last_ckpt = ckpt.save_checkpoint(cfg.output_path, state, parts, keep_last=t.keep_last,
                                          config_yaml=cfg.to_yaml())
+    run.logger.log_timeline([_span(run, step, name, "checkpoint", t_wall, time.time()) for name in _learner_names(run)])
     run.logger.print(f"[rlmem] checkpoint {run.last_ckpt}")

@@ -3,7 +3,7 @@ the step's rollout metrics, and the rollout workers as the evaluation pipeline's
 
 Prompt text, decoding and grading are the evaluation pipeline's (:mod:`rlmem.evaluation.tasks`),
 so a training reward and an evaluation score of the same completion are the same number. Only
-:func:`generate` and :class:`WorkerExecutor` talk to Ray (the workers' ``generate``).
+:func:`launch`, :func:`collect` and :class:`WorkerExecutor` talk to Ray (the workers' ``generate``).
 """
 
 from __future__ import annotations
@@ -36,17 +36,25 @@ def sampling_params(cfg: RunConfig, seed: int) -> SamplingParams:
     return SamplingParams.from_fields({k: getattr(cfg.rollout, k) for k in SAMPLING_FIELDS}, seed)
 
 
-def generate(workers: list, prompt_ids: list[list[int]], eviction: list[EvictionConfig | None],
-             make_sampling, *, greedy: bool = False) -> tuple[list, float]:
-    """One rollout per prompt, split contiguously over ``workers``; worker ``i`` samples with
-    ``make_sampling(i)``. Returns the records in prompt order and the generated token count."""
+def launch(workers: list, prompt_ids: list[list[int]], eviction: list[EvictionConfig | None],
+           make_sampling, *, greedy: bool = False) -> list:
+    """Start one rollout per prompt, split contiguously over ``workers`` (worker ``i`` samples with
+    ``make_sampling(i)``); returns the Ray object refs without waiting, so the driver can run the
+    learner meanwhile (docs/design.md section 5). A worker runs its calls in order: a weight sync
+    sent after this call lands after these rollouts, so each record is sampled by one weight version."""
+    n = len(workers)
+    return [w.generate.remote(p, make_sampling(i), c, greedy)
+            for i, (w, p, c) in enumerate(zip(workers, split_even(prompt_ids, n), split_even(eviction, n)))]
+
+
+def collect(refs: list) -> tuple[list, float, list[tuple[float, float]]]:
+    """Wait for :func:`launch`'s calls: the records in prompt order, the generated token count, and
+    each worker's generation span (unix seconds, as the worker measured it)."""
     import ray
 
-    n = len(workers)
-    futs = [w.generate.remote(p, make_sampling(i), c, greedy)
-            for i, (w, p, c) in enumerate(zip(workers, split_even(prompt_ids, n), split_even(eviction, n)))]
-    results = ray.get(futs)
-    return [r for recs, _ in results for r in recs], sum(s["new_tokens"] for _, s in results)
+    results = ray.get(refs)
+    return ([r for recs, _ in results for r in recs], sum(s["new_tokens"] for _, s in results),
+            [(s["started"], s["ended"]) for _, s in results])
 
 
 def compute_rewards(cfg: RunConfig, texts: list[str], examples: list[dict], prompts: list[str]

@@ -164,6 +164,11 @@ def placement_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         if cfg.rollout.backend == "vllm" and cfg.rollout.vllm.tensor_parallel_size > 1:
             out.append(("rollout.vllm.tensor_parallel_size", "placement colocated gives each vLLM engine one GPU, "
                                                               "shared with a learner rank: use 1, or placement split"))
+        if cfg.trainer.max_staleness:
+            out.append(("trainer.max_staleness", f"{cfg.trainer.max_staleness} overlaps rollouts with the learner "
+                                                 f"step, but placement colocated on GPUs (ray.num_gpus_per_actor > 0) "
+                                                 f"puts the engines to sleep during it: use 0, or ray.placement: "
+                                                 f"split (docs/design.md section 5)"))
     if r.weight_sync == "cuda_ipc" and (r.placement != "colocated" or not r.num_gpus_per_actor):
         out.append(("ray.weight_sync", "cuda_ipc hands GPU memory to an engine on the same GPU: it needs "
                                        "ray.placement: colocated and ray.num_gpus_per_actor: 1"))
