@@ -59,6 +59,20 @@ def complete(client, server, eps=None, **kw):
 def test_plain_chat_and_streaming_requests(server, client):
     r = complete(client, server, max_tokens=40, temperature=0)
     assert r.usage.completion_tokens == 40 and r.choices[0].text
+    # log-probs are vLLM's own, log_softmax(logits) (a rollout's untruncated log_softmax(logits / T) is not
+    # applied when serving): checked against the HF model on the same tokens (full cache: ε 0)
+    import torch
+
+    from rlmem.models.loading import load_model
+
+    c = client.completions.create(model=server.model, prompt=PROMPT_IDS, max_tokens=20, temperature=0.5, seed=3,
+                                  logprobs=1, extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                          "vllm_xargs": {"eviction_eps": 0}}).choices[0]
+    ids = PROMPT_IDS + list(c.token_ids)
+    with torch.no_grad():
+        logits = load_model(server.model, "float32")(torch.tensor([ids])).logits[0].float()
+    ref = torch.log_softmax(logits, -1)[len(PROMPT_IDS) - 1: -1].gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(c.logprobs.token_logprobs), ref, atol=1e-3), (c.logprobs.token_logprobs, ref)
     chunks = list(client.completions.create(model=server.model, prompt=PROMPT_IDS, max_tokens=40, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True}))
     assert len(chunks) > 1

@@ -159,3 +159,17 @@ def test_the_launcher_runs_vllms_server_with_rlmems_classes():
     assert ns.vllm_args[-2:] == ["--max-num-batched-tokens", "512"]
     with pytest.raises(ValueError, match="multiple of 32"):
         vllm_argv(ServeOptions("/m", EvictionConfig(block_size=16)))
+
+
+def test_a_port_in_use_is_one_error_line(tiny_model_dir, capsys):
+    import socket
+
+    from rlmem.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not (model / "config.json").is_file():
         raise CommandError(f"--model {args.model}: " + ("not found" if not model.exists() else
                                                          "no config.json (a local HF model directory is expected)"))
+    _check_listen(args.host, args.port)
     from rlmem.engine.registry import engine_unavailable_reason
 
     why = engine_unavailable_reason("vllm")
@@ -65,3 +66,22 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CommandError(as_flags(str(e), "eviction")) from None
     return serve(o)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A port already taken is one line here, not vLLM's traceback after the model loaded."""
+    import socket
+
+    from rlmem.commands.common import CommandError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise CommandError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CommandError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None

@@ -312,7 +312,9 @@ class NGCWorkerExtension:
             st.patch_sampler_output(saved, sampling_metadata, out)
             return out
 
-        runner._update_states, runner._prepare_inputs, runner.sampler.forward = _update_states, _prepare_inputs, _sampler_forward
+        runner._update_states, runner._prepare_inputs = _update_states, _prepare_inputs
+        if serve is None:   # rollouts record untruncated log-probs; a served request gets vLLM's own
+            runner.sampler.forward = _sampler_forward
         for i, module in enumerate(st.layers):
             impl_forward = module.impl.forward
 
