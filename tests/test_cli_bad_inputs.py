@@ -140,6 +140,7 @@ def cases(e: dict) -> dict[tuple[str, ...], list[tuple[list, str]]]:
             (["--model", m, "--protect-recent", 0], "--protect-recent"),
             (["--model", m, "--port", 0], "--port"),
             (["--model", m, "stray"], "stray"),
+            (["--model", m, "--dtype", "float64"], "--dtype"),
         ],
         ("bench", "rollout"): [
             (["--batch", 0], "--batch"),

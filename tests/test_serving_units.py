@@ -83,6 +83,7 @@ def test_interoception_tag_goes_where_training_puts_it():
         prepare({"messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions", tagged)
     with pytest.raises(ValueError, match="token ids"):
         prepare({"prompt": [1, 2, 3]}, "/v1/completions", tagged)
+    assert not prepare({"prompt": text}, "/tokenize", tagged)              # no generation there: untouched
 
 
 def _asgi(app, method: str, path: str, body: bytes, extra_config: dict) -> tuple[int, bytes, list]:

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from rlmem.commands.common import DTYPE_CHOICES, add_eviction_args, at_least
+    from rlmem.commands.common import add_eviction_args, at_least
+    from rlmem.engine.registry import engine_traits
 
     p = sub.add_parser("serve", help="serve a model through vLLM's OpenAI-compatible API with NGC eviction",
                        description="vLLM's OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     g.add_argument("--port", type=at_least(1), default=8000)
-    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--dtype", default=None, choices=list(engine_traits("vllm").dtypes), help="default bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--kv-blocks", type=at_least(1), default=None,
                    help="a fixed number of KV blocks (vLLM's --num-gpu-blocks-override)")

@@ -24,6 +24,9 @@ from rlmem.data.templates import interoception_tag
 from rlmem.engine.vllm.served import ServeDefaults, eviction_from_xargs
 
 COMPLETIONS = "/v1/completions"
+# Other routes that generate from a prompt the middleware cannot tag where training did.
+UNTAGGABLE = ("/v1/chat/completions", "/v1/chat/completions/batch", "/v1/responses", "/v1/messages",
+              "/inference/v1/generate")
 
 
 def _defaults(scope) -> ServeDefaults | None:
@@ -57,6 +60,8 @@ def prepare(body: dict, path: str, defaults: ServeDefaults) -> bool:
             return True
         raise ValueError("prompt: this server runs with --interoception, which appends the eviction-rate tag "
                          "to the prompt text; send the prompt as text, not token ids")
+    if not path.rstrip("/").endswith(UNTAGGABLE):
+        return False                       # no generation here (/tokenize, ...)
     raise ValueError(f"{path}: this server runs with --interoception, whose eviction-rate tag goes at the very "
                      f"end of the prompt, after the chat template, as in training; send the templated text to "
                      f"{COMPLETIONS} (or set vllm_xargs.eviction_eps to 0)")
