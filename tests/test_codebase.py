@@ -185,7 +185,7 @@ def test_every_module_imports_first():
 LAYERS = [
     ("core", ("rewards", "rlmem.dtypes", "rlmem.dirlock", "rlmem.jsonl", "rlmem.metrics", "rlmem.figures", "rlmem.eviction",
               "rlmem.models", "rlmem.data", "rlmem.engine", "rlmem.evaluation", "rlmem.toy",
-              "rlmem.devices", "rlmem.collectives")),
+              "rlmem.devices", "rlmem.collectives", "rlmem.ports")),
     ("learner", ("rlmem.learner",)),
     ("run", ("rlmem.run",)),
     ("train", ("rlmem.train",)),

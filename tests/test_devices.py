@@ -5,13 +5,13 @@ a GPU actor would see (Ray's ids, CUDA_VISIBLE_DEVICES, torch's device count), p
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
 from rlmem import collectives
 from rlmem.devices import DevicePlan, DevicePlanError, apply_plan, current_plan, plan_devices
+from rlmem.ports import free_port
 
 
 def plan(**kw) -> DevicePlan:
@@ -202,12 +202,6 @@ def test_without_a_process_group_the_helpers_are_the_identity():
         collectives.all_reduce(torch.zeros(1), "mean")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _collectives_worker(rank: int, world: int, port: int, port2: int, out_dir: str) -> None:
     import datetime
 
@@ -236,7 +230,7 @@ def _collectives_worker(rank: int, world: int, port: int, port2: int, out_dir: s
 
 
 def test_collectives_on_a_gloo_group(tmp_path):
-    torch.multiprocessing.spawn(_collectives_worker, args=(2, _free_port(), _free_port(), str(tmp_path)), nprocs=2,
+    torch.multiprocessing.spawn(_collectives_worker, args=(2, free_port(), free_port(), str(tmp_path)), nprocs=2,
                                 join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")

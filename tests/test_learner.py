@@ -9,7 +9,6 @@ data-parallel bookkeeping changes the weights visibly.
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import pytest
 import torch
@@ -23,15 +22,10 @@ from rlmem.learner.loss import group_advantages, ngc_loss
 from rlmem.learner.replay import replay_forward, rollout_logprobs
 from rlmem.devices import DevicePlan
 from rlmem.learner.learner import Learner, LearnerConfig, kl_reference_device
+from rlmem.ports import free_port
 
 MAX_NEW = 24
 EVICTION = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,16 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from rlmem.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_cli() -> str | None:
@@ -63,11 +57,11 @@ def test_ray_job_submit_runs_a_training_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")     # short: Ray's socket paths have a length limit
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", "--include-dashboard", "true", "--num-cpus", "2",
-         "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port", str(_free_port()),
-         "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+         "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
          "--temp-dir", temp_dir, "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

@@ -9,7 +9,6 @@ fresh HF model, replayed with :func:`rlmem.learner.replay.replay_forward`.
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -21,16 +20,11 @@ from rlmem.eviction.policy import EvictionConfig
 from rlmem.learner.learner import Learner, LearnerConfig
 from rlmem.learner.loss import group_advantages
 from rlmem.learner.replay import replay_forward, rollout_logprobs
+from rlmem.ports import free_port
 
 MAX_NEW = 24
 EVICTION = EvictionConfig(delta=16, eps=0.5, block_size=4, window=4)
 CLIP = 0.2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from rlmem.ports import free_port
 
 # What the doctor's checks and the learner need (import name, distribution name).
 REQUIRED = (("torch", "torch"), ("transformers", "transformers"), ("tokenizers", "tokenizers"),
@@ -167,12 +167,6 @@ def _records(model, tok, n_new: int = 60, seed: int = 1):
         prompts, SamplingParams(max_new_tokens=n_new, seed=seed), cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------- CPU checks
 def check_rollout_replay(ctx: dict, device: str = "cpu") -> dict:
     """Torch-engine rollouts replayed exactly in fp32 (tokens and evictions within the fp32 tolerance)."""
@@ -225,7 +219,7 @@ def check_learner_step_cpu(ctx: dict) -> dict:
     path = _tiny(ctx["workdir"])
     records = _records(load_model(path, "float32"), load_tokenizer(path), n_new=24)[:2]
     adv = group_advantages(torch.tensor([1.0, 0.0]), 2).tolist()
-    learner = Learner(LearnerConfig(model_path=path, max_len=24, lr=1e-3, kl_coef=0.1), master_port=_free_port())
+    learner = Learner(LearnerConfig(model_path=path, max_len=24, lr=1e-3, kl_coef=0.1), master_port=free_port())
     before = {n: t.detach().clone() for n, t in learner.named_parameters_for_sync()}
     m = learner.train_step(records, adv, global_num_sequences=len(records))
     moved = sum(not torch.equal(before[n], t) for n, t in learner.named_parameters_for_sync())

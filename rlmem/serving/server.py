@@ -32,6 +32,7 @@ from pathlib import Path
 from rlmem.engine.vllm.engine import WORKER_EXTENSION, check_block_size, check_eviction, cuda_present, engine_dtype
 from rlmem.engine.vllm.served import ServeDefaults
 from rlmem.eviction.policy import EvictionConfig
+from rlmem.ports import free_port
 
 SCHEDULER = "rlmem.serving.scheduler.ServingScheduler"
 MIDDLEWARE = "rlmem.serving.middleware.EvictionArgs"
@@ -199,14 +200,6 @@ def parse_metrics(text: str, prefix: str = "") -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def start(model: str, *, eviction: EvictionConfig | None = None, interoception: bool = False, port: int | None = None,

@@ -12,7 +12,6 @@ free port on that node (:meth:`LearnerWorker.rendezvous_address`), so the rendez
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -175,10 +174,9 @@ class LearnerWorker:
         """This node's IP and a port free on it right now (rank 0 hosts the process group)."""
         import ray
 
-        ip = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ip, s.getsockname()[1]
+        from rlmem.ports import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> float:
         """Join the process group and build the DeepSpeed engine (collective); return seconds taken."""
