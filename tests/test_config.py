@@ -586,3 +586,14 @@ def test_stale_rollouts_need_clipping_and_tis_settings_reach_the_learner(capsys)
         with pytest.raises(ConfigError) as ei:
             _load_tiny(bad)
         assert _keys(ei.value) == [key], bad
+
+
+def test_actor_threads_share_the_cores_between_roles_that_run_at_once():
+    """k = 0: rollouts and the learner take turns, each gets every core; k >= 1 overlaps them, so
+    they split the cores (two 2-thread actors on 2 cores ran the toy recipe many-fold slower)."""
+    from rlmem.train.workers import actor_threads
+
+    assert actor_threads(_load_tiny(), 2) == 2
+    stale = _load_tiny("trainer.max_staleness=1", "algorithm.clip_eps=0.2")
+    assert actor_threads(stale, 2) == 1 and actor_threads(stale, 16) == 8
+    assert actor_threads(_load_tiny("trainer.max_staleness=1", "algorithm.clip_eps=0.2", "ray.torch_threads=3"), 2) == 3

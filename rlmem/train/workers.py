@@ -198,6 +198,16 @@ def _placement_group(bundles: list[dict], name: str):
     return pg
 
 
+def actor_threads(cfg: RunConfig, cores: int) -> int:
+    """Torch intra-op threads per actor: ``ray.torch_threads``, else the cores shared by the actors
+    that compute at the same time. With ``trainer.max_staleness = 0`` rollouts and the learner take
+    turns, so each role may use every core; with k >= 1 they run at once (docs/design.md section 5),
+    and two roles each using every core slow both many-fold."""
+    n_roll, n_learn = cfg.rollout.num_workers, cfg.learner.num_workers
+    busy = n_roll + n_learn if cfg.trainer.max_staleness else max(n_roll, n_learn)
+    return cfg.ray.torch_threads or max(1, cores // busy)
+
+
 def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[str, float] | None = None,
                   learner_resources: dict[str, float] | None = None) -> Workers:
     """Placement groups, then rollout and learner actors; the learners join their process group.
@@ -220,7 +230,7 @@ def start_workers(cfg: RunConfig, model_path: str, *, rollout_resources: dict[st
                             f"ray.num_cpus_per_actor / ray.*_resources or add nodes that have them", exit_code=2)
     pgs = [_placement_group(bundles, name) for name, bundles in plan]
     roll_pg, learn_pg = (pgs[0], pgs[0]) if len(pgs) == 1 else (pgs[0], pgs[1])
-    threads = r.torch_threads or max(1, (os.cpu_count() or 1) // max(n_roll, n_learn))
+    threads = actor_threads(cfg, os.cpu_count() or 1)
 
     def opts(pg, i: int, res: dict | None, role: str) -> dict:
         o = dict(num_cpus=r.num_cpus_per_actor, resources=res or None, runtime_env={"env_vars": actor_env()},

@@ -320,7 +320,8 @@ class RayConfig(Section):
     weight_sync: Literal["auto", "object_store", "cuda_ipc", "broadcast"] = "auto"
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
-    # torch intra-op threads per actor; null: the node's cores over the larger worker count. Set it
+    # torch intra-op threads per actor; null: the node's cores over the larger worker count (over both
+    # counts summed with trainer.max_staleness >= 1, when rollouts and the learner run at once). Set it
     # when several runs share one machine (two runs at 2 threads each on 2 cores slow both many-fold).
     torch_threads: int | None = Field(None, ge=1)
     weight_sync_timeout_s: float = Field(300, gt=0)
