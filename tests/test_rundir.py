@@ -149,3 +149,17 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_but_another_config_i
     assert _steps(tmp_path / "metrics.jsonl") == []   # trimmed to "nothing done"
     with pytest.raises(TrainingError, match="already holds another run's files"):
         plan_start(tiny_run_config(tiny_model_dir, tmp_path, "eviction.eps=0.75"))
+
+
+def test_a_setting_added_since_the_run_was_saved_is_no_change_at_its_default():
+    """Resuming a run saved by an older rlmem (its config.yaml lacks settings added since) is not a
+    config change while the new settings keep their defaults; a non-default value still is."""
+    old = {"trainer": {"total_steps": 2}, "algorithm": {"clip_eps": None}, "eviction": {"eps": 0.5}}
+    new = {"trainer": {"total_steps": 2, "max_staleness": 0}, "algorithm": {"clip_eps": None, "tis": None,
+                                                                           "tis_cap": 2.0},
+           "eviction": {"eps": 0.5}}
+    assert meaning_differences(old, new) == []
+    new["trainer"]["max_staleness"], new["algorithm"]["tis_cap"] = 1, 3.0
+    assert meaning_differences(old, new) == ["algorithm.tis_cap: None -> 3.0", "trainer.max_staleness: None -> 1"]
+    assert meaning_differences({"eviction": {}}, {"eviction": {"no_such_setting": 1}}) == \
+        ["eviction.no_such_setting: None -> 1"]

@@ -152,16 +152,45 @@ def _resume_plan(cfg: RunConfig, where: Path, notes: list[str]) -> StartPlan:
     return StartPlan(resume_from=where, step=state.step, move_aside=newer, notes=notes)
 
 
+_ABSENT = object()
+
+
+def _default_of(key: str) -> Any:
+    """The schema default of dotted ``key`` (``_ABSENT`` when it has none, e.g. a required field)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    model: Any = RunConfig
+    *parents, leaf = key.split(".")
+    for part in parents:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None or field.default_factory is not None:
+            return _ABSENT
+        model = field.annotation
+    field = model.model_fields.get(leaf) if isinstance(model, type) and issubclass(model, BaseModel) else None
+    if field is None or field.default is PydanticUndefined:
+        return _ABSENT
+    return field.default
+
+
 def meaning_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every leaf that differs, ignoring :data:`OPERATIONAL_KEYS`."""
+    """``key: old -> new`` for every leaf that differs, ignoring :data:`OPERATIONAL_KEYS`.
+
+    A key the old config lacks (a setting added to rlmem since that run was saved) is no change
+    when the new config holds its default: upgrading rlmem must not block resuming a run."""
     out: list[str] = []
 
     def walk(a: Any, b: Any, key: str) -> None:
         if any(key == k or key.startswith(k + ".") for k in OPERATIONAL_KEYS):
             return
+        if a is _ABSENT:
+            d = _default_of(key)
+            if d is not _ABSENT and (b == d or (hasattr(d, "model_dump") and b == d.model_dump(mode="json"))):
+                return
+            a = None
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+                walk(a.get(k, _ABSENT), b.get(k), f"{key}.{k}" if key else str(k))
         elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
             out.append(f"{key}: {a!r} -> {b!r}")
 
