@@ -139,7 +139,9 @@ def _fake_run(tiny_model_dir, tmp_path, placement, log, sleep_result=None):
 
     cfg = tiny_run_config(tiny_model_dir, tmp_path, f"ray.placement={placement}", "rollout.num_workers=2",
                           "learner.num_workers=2", "algorithm.prompts_per_step=2")
-    learner = {"train_step": {"loss": 1.0}, "publish_weights": ([], 0, 0), "free_cached_memory": None}
+    # train_step: a rank's metrics plus its wall-clock span, which the driver takes out for the timeline
+    learner = {"train_step": lambda *a: {"loss": 1.0, "timeline/started": 0.0, "timeline/ended": 1.0},
+               "publish_weights": ([], 0, 0), "free_cached_memory": None}
     rollout = {"sleep": sleep_result, "wake_up": None, "finish_weight_update": 0}
     workers = SimpleNamespace(learners=[_Actor(log, f"learner{i}", learner) for i in range(2)],
                               rollout=[_Actor(log, f"rollout{i}", rollout) for i in range(2)],
@@ -163,7 +165,9 @@ def test_colocated_step_sleeps_engines_before_learning_and_wakes_them_before_the
     run, printed = _fake_run(tiny_model_dir, tmp_path, "colocated", log)
     records = [SimpleRecord() for _ in range(4)]
     lm, sync, times = learn_and_sync(run, records, torch.zeros(4))
-    assert lm == {"loss": 1.0} and set(times) == {"time/engine_sleep", "time/learner", "time/engine_wake"}
+    assert lm == {"loss": 1.0} and set(times) == {"time/engine_sleep", "time/learner", "time/engine_wake",
+                                                 "time/drain", "time/overlap"}
+    assert times["time/overlap"] == 0.0    # k = 0: nothing generates during the learner step
     assert log == [("rollout0", "sleep"), ("rollout1", "sleep"),
                    ("learner0", "train_step"), ("learner1", "train_step"),
                    ("learner0", "free_cached_memory"), ("learner1", "free_cached_memory"),
