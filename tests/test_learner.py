@@ -358,3 +358,19 @@ def test_one_gpu_learner_step_with_the_kl_reference_on_the_device(tiny_model_dir
     m = r["metrics"]
     assert r["moved"] > 0 and m["grad_norm"] > 0 and m["loss/kl"] == 0.0
     assert m["replay/max_abs_logprob_diff"] < 0.15    # fp32 rollouts, bf16 replay (section 4's bf16 bound)
+
+
+def test_a_learner_starts_after_another_library_destroyed_the_process_group(tiny_model_dir, batch):
+    """vLLM's in-process engine destroys torch.distributed's group at shutdown; a learner made in the
+    same process afterwards (the full test suite does this: test_serve, then test_staleness_loss)
+    once failed in deepspeed.initialize on DeepSpeed's stale clone of the old world group."""
+    import torch.distributed as dist
+
+    records, adv = batch
+    Learner(make_cfg(tiny_model_dir), master_port=free_port())
+    dist.destroy_process_group()
+    learner = Learner(make_cfg(tiny_model_dir), master_port=free_port())
+    before = next(learner.policy.parameters()).detach().clone()
+    m = learner.train_step(records, adv, global_num_sequences=len(records))
+    assert m["optimizer_steps"] == 1 and m["replay/max_abs_logprob_diff"] <= 1e-4
+    assert not torch.equal(before, next(learner.policy.parameters()).detach())

@@ -95,6 +95,13 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     if plan.accelerator == "cpu":   # DeepSpeed's CPU collectives leak /dev/shm buffers (cpu_comm)
         from rlmem.learner.deepspeed_shm import tidy_before_init
         tidy_before_init()
+    # DeepSpeed caches its clone of the world group for the life of the process. If another library
+    # destroyed the process group since (vLLM's in-process engine does at shutdown), that clone
+    # belongs to no group: a new learner in this process would fail in deepspeed.initialize with
+    # "Group ... is not registered". A fresh init gets a fresh clone.
+    import deepspeed.utils.groups as ds_groups
+
+    ds_groups._WORLD_GROUP = None
     deepspeed.init_distributed(dist_backend=plan.backend, auto_mpi_discovery=False, rank=rank,
                                world_size=world_size, verbose=False)
 
