@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from rlmem.bench.serve import percentile, sum_samples
+from rlmem.bench.serve import percentile, running_seqs, sum_samples
 from rlmem.cli import main
 from rlmem.engine.registry import engine_unavailable_reason
 
@@ -63,6 +63,25 @@ def test_percentile_and_metric_sums():
     assert sum_samples(samples, "vllm:num_preemptions_total") == 5.0
 
 
+def test_running_seqs_are_the_differences_of_the_schedulers_histogram():
+    """Steps between two /metrics pages: 3 steps ran 2, 4, 4 requests (before them, 5 steps ran 1)."""
+    from rlmem.serving.server import parse_metrics
+
+    def page(counts: dict[int, int]) -> dict[str, float]:
+        lines, cum = [], 0
+        for le in (1, 2, 3, 4, 5):
+            cum += counts.get(le, 0)
+            lines.append(f'rlmem_step_running_seqs_bucket{{le="{float(le)}"}} {float(cum)}')
+        lines += [f'rlmem_step_running_seqs_bucket{{le="+Inf"}} {float(cum)}',
+                  f"rlmem_step_running_seqs_count {float(cum)}",
+                  f"rlmem_step_running_seqs_sum {float(sum(k * v for k, v in counts.items()))}"]
+        return parse_metrics("\n".join(lines))
+
+    before, after = page({1: 5}), page({1: 5, 2: 1, 4: 2})
+    assert running_seqs(before, after) == (pytest.approx(10 / 3), 4.0)
+    assert running_seqs(after, after) == (0.0, 0.0)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(engine_unavailable_reason("vllm") is not None, reason="vllm engine unavailable")
 def test_small_run_loses_nothing_and_reports_ratios(tiny_model_dir, tmp_path):
@@ -80,7 +99,7 @@ def test_small_run_loses_nothing_and_reports_ratios(tiny_model_dir, tmp_path):
         assert p["output_tokens"] == 8 * 192
         assert p["tokens_per_s"] == pytest.approx(p["output_tokens"] / p["seconds"])
         assert 0 < p["ttft_median_s"] <= p["ttft_p99_s"] < p["seconds"]
-        assert 1 <= p["running_max"] <= r["max_num_seqs"]
+        assert 1 <= p["running_mean"] <= p["running_max"] <= r["max_num_seqs"]
     assert r["full_cache_blocks"] == 7 and r["max_num_seqs"] == 4
     assert ngc["freed_blocks"] > 0 and ngc["eviction_rounds"] > 0
     assert full["freed_blocks"] == 0 and full["eviction_rounds"] == 0

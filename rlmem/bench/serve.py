@@ -14,7 +14,8 @@ the full cache runs fewer sequences at once and vLLM preempts (recomputes) the o
 fit, while NGC keeps ``--max-num-seqs`` running. ``--max-num-seqs`` defaults to the number of NGC
 requests the pool holds at their peak (an NGC request that vLLM preempts is recomputed with a full
 cache). Reported per phase: output tokens/s, requests/s, time to first token (median, p99),
-concurrent sequences (vLLM's ``vllm:num_requests_running`` sampled from ``/metrics``), preemptions
+concurrent sequences (per scheduler step, from rlmem's ``rlmem_step_running_seqs`` histogram: the
+mean over steps and the most), preemptions
 (``vllm:num_preemptions_total``) and rlmem's rounds and freed blocks, then the ratios eviction /
 full cache from this one run. A request that fails, gets a non-2xx answer or comes back short is
 lost: the command then exits 1 naming them.
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -36,7 +38,6 @@ from pathlib import Path
 
 from rlmem.commands.common import CommandError, add_eviction_args, at_least, eviction_from_args
 
-SAMPLE_EVERY_S = 0.25   # how often /metrics is read for the concurrent-sequence count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -186,6 +187,26 @@ def sum_samples(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
+def running_seqs(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(mean, most) requests a scheduler step ran between two /metrics pages, from the histogram
+    ``rlmem_step_running_seqs`` (rlmem/serving/scheduler.py): the mean is exact; the most is the
+    upper edge of the highest bucket reached, exact up to 64. (0, 0) when no step ran."""
+    name = "rlmem_step_running_seqs"
+    steps = sum_samples(after, name + "_count") - sum_samples(before, name + "_count")
+    if steps <= 0:
+        return 0.0, 0.0
+    mean = (sum_samples(after, name + "_sum") - sum_samples(before, name + "_sum")) / steps
+    edges = sorted({float(m.group(1)) for k in after
+                    if (m := re.match(name + r'_bucket\{(?:.*,)?le="([^"]+)"', k))})
+    for le in edges:   # cumulative buckets: the first that holds every step holds the most
+        key = f'le="{le}"'
+        reached = sum(v for k, v in after.items() if k.startswith(name + "_bucket{") and key in k) - \
+            sum(v for k, v in before.items() if k.startswith(name + "_bucket{") and key in k)
+        if reached >= steps:
+            return mean, le
+    return mean, math.inf
+
+
 async def _metrics(http, url: str) -> dict[str, float]:
     from rlmem.serving.server import parse_metrics
 
@@ -224,13 +245,13 @@ async def _one(client, model: str, prompt: list[int], new_tokens: int, temperatu
 
 async def run_phase(url: str, model: str, mode: str, prompts: list[list[int]], args,
                     xargs: dict | None) -> Phase:
-    """``len(prompts)`` requests from ``args.clients`` concurrent clients, with /metrics sampled."""
+    """``len(prompts)`` requests from ``args.clients`` concurrent clients; the server's counters are
+    read before and after (the phase's figures are their differences)."""
     import httpx
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                 timeout=float(args.request_timeout))
-    running: list[float] = []
     async with httpx.AsyncClient() as http:
         await _one(client, model, prompts[0][:8], 4, args.temperature, args.seed, xargs)   # warm-up, not timed
         before = await _metrics(http, url)
@@ -249,23 +270,8 @@ async def run_phase(url: str, model: str, mode: str, prompts: list[list[int]], a
                       flush=True)
             return o
 
-        async def sample(stop: asyncio.Event) -> None:
-            while not stop.is_set():
-                try:
-                    running.append(sum_samples(await _metrics(http, url), "vllm:num_requests_running"))
-                except (httpx.HTTPError, OSError):
-                    pass
-                try:
-                    await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-                except asyncio.TimeoutError:
-                    pass
-
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(sample(stop))
         outcomes = await asyncio.gather(*(bounded(i, pr) for i, pr in enumerate(prompts)))
         seconds = time.perf_counter() - t0
-        stop.set()
-        await sampler
         after = await _metrics(http, url)
     await client.close()
 
@@ -275,11 +281,11 @@ async def run_phase(url: str, model: str, mode: str, prompts: list[list[int]], a
     ok = [o for o in outcomes if o.error is None]
     ttfts = [o.ttft for o in ok if o.ttft is not None]
     tokens = sum(o.tokens for o in ok)
-    busy = [x for x in running if x > 0] or [0.0]
+    running_mean, running_max = running_seqs(before, after)
     return Phase(mode, len(prompts), len(ok), len(prompts) - len(ok),
                  [f"request {i}: {o.error}" for i, o in enumerate(outcomes) if o.error], seconds, tokens,
                  tokens / seconds, len(ok) / seconds, statistics.median(ttfts) if ttfts else 0.0,
-                 percentile(ttfts, 0.99), statistics.fmean(busy), max(busy),
+                 percentile(ttfts, 0.99), running_mean, running_max,
                  delta("vllm:num_preemptions_total"), delta("rlmem_eviction_rounds_total"),
                  delta("rlmem_freed_blocks_total"))
 
