@@ -1,7 +1,12 @@
 """Chaos over one short run (issue 11): SIGTERM mid-step, resume, kill -9 a rollout worker, resume,
 corrupt the newest checkpoint, resume. Every log holds each step exactly once, the final weights
-equal an uninterrupted run's, and no process the runs started is left behind. Once on-policy and once
-with trainer.max_staleness 1 (rollouts in flight while the run is stopped, carried by checkpoints)."""
+equal an uninterrupted run's, and no process the runs started is left behind.
+
+It runs with trainer.max_staleness 1, so rollouts are in flight whenever the run is stopped and the
+checkpoints must carry them. The on-policy run (k = 0) takes the same signal, death and corruption
+paths minus the in-flight records; its resume is covered by test_train_e2e (resume equals the
+straight curve) and test_checkpoint (a corrupt checkpoint is skipped). Running it here too cost
+CI about 170 s."""
 
 from __future__ import annotations
 
@@ -103,8 +108,7 @@ def _manifest(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:06d}" / "manifest.json"
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tmp_path, staleness):
+def test_sigterm_kill_and_corruption_leave_one_consistent_run(tiny_model_dir, tmp_path, staleness=1):
     out = tmp_path / "run"
     config = _config(tiny_model_dir, out, staleness)
 
