@@ -152,25 +152,40 @@ def test_bad_eviction_argument_is_400_and_the_server_keeps_serving(server, clien
     assert r.usage.completion_tokens == 8
 
 
-def test_served_tokens_equal_the_offline_vllm_engine(server, client):
-    """ε 0.5, temperature 1, seed 11: the served completion's tokens are the offline engine's
-    (``rlmem rollout --backend vllm --eval``'s engine call) token for token; serving is evaluation,
-    so evictions are top-k on both sides. ε 0 gives other tokens (the evictions matter)."""
-    from rlmem.engine.registry import create_engine
-    from rlmem.engine.sampling import SamplingParams
+def test_served_tokens_equal_rlmem_rollout(server, client, tmp_path):
+    """ε 0.5, temperature 1: ``rlmem rollout --backend vllm --eval --sampling-seed 11`` with the
+    server's eviction settings writes, for its completions 0 and 1, the tokens the server gives
+    requests with seed 11 and 12, token for token. Serving is evaluation, so evictions are top-k on
+    both sides. ε 0 gives other tokens (the evictions matter)."""
+    import contextlib
+    import io
+    import json
 
-    served = complete(client, server, eps=0.5, temperature=1.0, seed=11).choices[0].token_ids
-    full = complete(client, server, eps=0, temperature=1.0, seed=11).choices[0].token_ids
-    eng = create_engine("vllm", server.model, seed=0, num_kv_blocks=64, max_model_len=1024, max_num_seqs=4,
-                        ignore_eos=True)
-    try:
-        [rec] = eng.generate([PROMPT_IDS], SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=11),
-                             DEFAULT, greedy_evictions=True)
-    finally:
-        eng.shutdown()
-    assert rec.num_rounds > 0
-    assert list(served) == rec.completion_ids
-    assert list(full) != rec.completion_ids
+    from transformers import AutoTokenizer
+
+    from rlmem.cli import main
+    from rlmem.eviction.record import read_jsonl
+
+    text = "Use 3, 5 and 7 to make 22. Think step by step, then answer."
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "records.jsonl"
+    prompts.write_text(json.dumps({"prompt": text}) + "\n")
+    argv = ["rollout", "--model", server.model, "--prompts", prompts, "--out", out, "--backend", "vllm", "--eval",
+            "--num-samples", 2, "--sampling-seed", 11, "--temperature", 1.0, "--max-new-tokens", NEW,
+            "--eps", DEFAULT.eps, "--delta", DEFAULT.delta, "--block-size", DEFAULT.block_size,
+            "--window", DEFAULT.window]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
+    offline = read_jsonl(out)
+    ids = AutoTokenizer.from_pretrained(server.model)(text, add_special_tokens=False).input_ids   # as rollout reads it
+    assert offline[0].prompt_ids == ids and all(r.num_rounds > 0 for r in offline)
+
+    def served(eps: float, seed: int) -> list[int]:
+        r = client.completions.create(model=server.model, prompt=ids, max_tokens=NEW, temperature=1.0, seed=seed,
+                                      extra_body={"vllm_xargs": {"eviction_eps": eps}, "return_token_ids": True})
+        return list(r.choices[0].token_ids)
+
+    assert [served(0.5, 11), served(0.5, 12)] == [offline[0].completion_ids, offline[1].completion_ids]
+    assert served(0, 11) != offline[0].completion_ids
 
 
 def test_sigterm_during_a_request_exits_cleanly(server, client):

@@ -149,6 +149,28 @@ def test_a_staged_run_equals_a_resume_with_the_new_settings(straight_run, tiny_m
     assert [x.to_dict() for x in recs] == [x.to_dict() for x in read_jsonl(records_path(tmp_path / "resumed", 2))]
 
 
+def test_resuming_an_on_policy_checkpoint_at_max_staleness_1(straight_run, tiny_model_dir, tmp_path, shared_ray,
+                                                              capsys):
+    """A k = 0 checkpoint carries no rollouts in flight. Resumed after step 1 at k = 1, step 2's rule
+    (sampled by the weights after step 0) cannot be kept: it is sampled by the weights after step 1,
+    with a warning naming the step, which makes its records those of the on-policy run. Step 3 keeps
+    the rule (the weights after step 1)."""
+    from rlmem.train.driver import run_training
+
+    out, _ = straight_run
+    summary = run_training(tiny_run_config(tiny_model_dir, tmp_path, "logging.records_every=1", "trainer.total_steps=3",
+                                           f"trainer.resume={out / 'checkpoints' / 'step_000001'}",
+                                           "trainer.allow_config_change=true", "trainer.max_staleness=1",
+                                           "algorithm.clip_eps=0.2"))
+    assert summary["steps"] == 3 and [r["step"] for r in _rows(tmp_path)] == [2, 3]
+    said = capsys.readouterr().out
+    assert "carries no rollouts for steps [2]" in said and "sampled now by the weights after step 1" in said
+    two, three = read_jsonl(records_path(tmp_path, 2)), read_jsonl(records_path(tmp_path, 3))
+    assert {r.extra["sampled_by_step"] for r in two} == {r.extra["sampled_by_step"] for r in three} == {1}
+    assert [r.completion_ids for r in two] == [r.completion_ids for r in read_jsonl(records_path(out, 2))]
+    assert [r["rollout/staleness_mean"] for r in _rows(tmp_path)] == [0.0, 1.0]
+
+
 def test_two_zero2_learner_actors_equal_one_learner(tiny_model_dir, shared_ray):
     """Data parallelism through the Ray actors: same global batch, same update."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

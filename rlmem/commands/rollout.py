@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p)   # SamplingParams' fields and defaults
     g = p.add_argument_group("samples")
     g.add_argument("--num-samples", type=at_least(1), default=1, help="completions per prompt")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the engine's seed (default 0)")
+    g.add_argument("--sampling-seed", type=at_least(0), default=None, metavar="S",
+                   help="seed completions one by one: on vllm, completion j (prompts in file order, "
+                        "--num-samples each) is sampled with seed S+j, the tokens `rlmem serve` gives a "
+                        "request with \"seed\": S+j and the same settings; on torch, each batch's "
+                        "generator starts at S + its first j (default: the engine's one generator)")
     g.add_argument("--eval", action="store_true", help="evaluation mode: deterministic top-k evictions")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="sequences generated together")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate_and_write(args, cfg, sampling, tokenizer, prompts, out) -> int:
+    import dataclasses
     import os
     import time
 
@@ -74,6 +80,8 @@ def _generate_and_write(args, cfg, sampling, tokenizer, prompts, out) -> int:
         for start in range(0, len(jobs), args.batch_size):
             chunk = jobs[start: start + args.batch_size]
             t0 = time.perf_counter()
+            if args.sampling_seed is not None:   # the engine seeds sequence i of a call with seed + i
+                sampling = dataclasses.replace(sampling, seed=args.sampling_seed + start)
             out_ = generate(engine, [prompts[i][1] for i, _ in chunk], sampling, cfg, greedy_evictions=args.eval)
             seconds += time.perf_counter() - t0
             for (i, s), rec in zip(chunk, out_):
