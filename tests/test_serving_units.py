@@ -86,11 +86,13 @@ def test_interoception_tag_goes_where_training_puts_it():
     assert not prepare({"prompt": text}, "/tokenize", tagged)              # no generation there: untouched
 
 
-def _asgi(app, method: str, path: str, body: bytes, extra_config: dict) -> tuple[int, bytes, list]:
+def _asgi(app, method: str, path: str, body: bytes, extra_config: dict, api_key: list[str] | None = None,
+          auth: str | None = None) -> tuple[int, bytes, list]:
     """One request through ``app``; returns (status, response body, what the inner app received)."""
-    state = SimpleNamespace(args=SimpleNamespace(additional_config=extra_config))
+    state = SimpleNamespace(args=SimpleNamespace(additional_config=extra_config, api_key=api_key))
     scope = {"type": "http", "method": method, "path": path, "app": SimpleNamespace(state=state),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+             + ([(b"authorization", auth.encode())] if auth else [])}
     halves = [{"type": "http.request", "body": body[:5], "more_body": True},
               {"type": "http.request", "body": body[5:], "more_body": False}]
     sent: list = []
@@ -135,6 +137,27 @@ def test_the_middleware_answers_400_or_hands_vllm_the_checked_body():
     assert status == 200 and seen["body"] == b"not json"
     status, _, _ = _asgi(app, "POST", "/v1/completions", bad, {})            # not an rlmem server: untouched
     assert status == 200 and seen["body"] == bad
+
+
+def test_with_an_api_key_an_unauthenticated_request_reaches_vllms_401_unread():
+    """vLLM's authentication runs inside this middleware: a request it will refuse is handed on
+    untouched (so the client gets 401, not a 400 about its eviction settings); with the key, the
+    settings are checked as usual."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = EvictionArgs(AuthenticationMiddleware(ok, ["s3cret"]))
+    cfg = ServeDefaults(SERVER, 32).to_additional_config()
+    bad = json.dumps({"prompt": "x", "vllm_xargs": {"eviction_eps": 1.5}}).encode()
+    assert _asgi(app, "POST", "/v1/completions", bad, cfg, ["s3cret"])[0] == 401
+    assert _asgi(app, "POST", "/v1/completions", bad, cfg, ["s3cret"], "Bearer wrong")[0] == 401
+    assert _asgi(app, "POST", "/v1/completions", bad, cfg, ["s3cret"], "Bearer s3cret")[0] == 400
+    good = json.dumps({"prompt": "x", "vllm_xargs": {"eviction_eps": 0.5}}).encode()
+    assert _asgi(app, "POST", "/v1/completions", good, cfg, ["s3cret"], "Bearer s3cret")[0] == 200
 
 
 def test_the_launcher_runs_vllms_server_with_rlmems_classes():

@@ -14,11 +14,17 @@ refused with the reason, as ``rlmem eval --interoception`` refuses ``messages`` 
 
 The server's defaults come from vLLM's ``additional_config`` (``app.state.args``), the same
 settings the engine reads, so both ends agree.
+
+vLLM adds ``--middleware`` classes outside its own, so this one runs before ``--api-key``
+authentication. A request that authentication will refuse is therefore handed on untouched
+(unread): it gets vLLM's 401, never a 400 that would tell an unauthenticated client anything
+about its eviction settings. The key check is vLLM's own (``AuthenticationMiddleware.verify_token``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from rlmem.data.templates import interoception_tag
 from rlmem.engine.vllm.served import ServeDefaults, eviction_from_xargs
@@ -36,6 +42,20 @@ def _defaults(scope) -> ServeDefaults | None:
     if isinstance(extra, str):
         extra = json.loads(extra)
     return ServeDefaults.from_additional_config(extra)
+
+
+def _refused_by_auth(scope) -> bool:
+    """True when vLLM's ``--api-key`` check (the next layer in) will answer 401."""
+    args = getattr(getattr(scope.get("app"), "state", None), "args", None)
+    # vLLM's rule (vllm/entrypoints/serve/middleware/register.py): --api-key, else VLLM_API_KEY
+    tokens = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+    if not tokens:
+        return False
+    from starlette.datastructures import Headers
+    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
+
+    path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+    return path.startswith(GUARDED_PREFIX) and not AuthenticationMiddleware(None, tokens).verify_token(Headers(scope=scope))
 
 
 def prepare(body: dict, path: str, defaults: ServeDefaults) -> bool:
@@ -77,7 +97,7 @@ class EvictionArgs:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         defaults = _defaults(scope)
-        if defaults is None:
+        if defaults is None or _refused_by_auth(scope):
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
