@@ -187,6 +187,16 @@ def sum_samples(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
+def bucket_counts(samples: dict[str, float], name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper edge (``le``), summed over other labels."""
+    out: dict[float, float] = {}
+    for k, v in samples.items():
+        if m := re.match(re.escape(name) + r'_bucket\{(?:.*,)?le="([^"]+)"', k):
+            le = float(m.group(1))
+            out[le] = out.get(le, 0.0) + v
+    return out
+
+
 def running_seqs(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
     """(mean, most) requests a scheduler step ran between two /metrics pages, from the histogram
     ``rlmem_step_running_seqs`` (rlmem/serving/scheduler.py): the mean is exact; the most is the
@@ -196,13 +206,9 @@ def running_seqs(before: dict[str, float], after: dict[str, float]) -> tuple[flo
     if steps <= 0:
         return 0.0, 0.0
     mean = (sum_samples(after, name + "_sum") - sum_samples(before, name + "_sum")) / steps
-    edges = sorted({float(m.group(1)) for k in after
-                    if (m := re.match(name + r'_bucket\{(?:.*,)?le="([^"]+)"', k))})
-    for le in edges:   # cumulative buckets: the first that holds every step holds the most
-        key = f'le="{le}"'
-        reached = sum(v for k, v in after.items() if k.startswith(name + "_bucket{") and key in k) - \
-            sum(v for k, v in before.items() if k.startswith(name + "_bucket{") and key in k)
-        if reached >= steps:
+    was = bucket_counts(before, name)
+    for le, count in sorted(bucket_counts(after, name).items()):
+        if count - was.get(le, 0.0) >= steps:   # cumulative: the first bucket holding every step holds the most
             return mean, le
     return mean, math.inf
 
