@@ -180,6 +180,7 @@ def test_served_tokens_equal_rlmem_rollout(server, client, tmp_path):
     assert offline[0].prompt_ids == ids and all(r.num_rounds > 0 for r in offline)
 
     def served(eps: float, seed: int) -> list[int]:
+        # not complete(): that sets ignore_eos, and rlmem rollout stops at EOS
         r = client.completions.create(model=server.model, prompt=ids, max_tokens=NEW, temperature=1.0, seed=seed,
                                       extra_body={"vllm_xargs": {"eviction_eps": eps}, "return_token_ids": True})
         return list(r.choices[0].token_ids)
